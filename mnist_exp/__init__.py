@@ -1,0 +1,1 @@
+"""mnist-exp: Hydra-configured MNIST experiments tracked in MLflow."""

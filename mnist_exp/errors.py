@@ -1,0 +1,9 @@
+"""The one exception type for problems the user can fix."""
+
+
+class UserError(Exception):
+    """Bad input (a config value, a missing dataset, an unreachable store).
+
+    The entry point reports it as a single line and exits non-zero; the message must say
+    what was wrong and what to do.
+    """

@@ -1,0 +1,169 @@
+"""The MLflow side of a run: store, run lifecycle, buffered metrics, params, tags, artifacts.
+
+It knows MLflow and nothing of the training loop: it is handed flat values to record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any, SupportsFloat
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mnist_exp.errors import UserError
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, str]:
+    """Open (creating if new) the store and the experiment; returns the client and its id.
+
+    A new experiment on a SQLite store keeps its artifacts in `artifacts/` beside the
+    database file, not in MLflow's default of `./mlruns` under whatever the current folder is.
+    """
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        artifact_location = (db.parent / "artifacts").resolve().as_uri()
+    try:
+        if artifact_location:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            try:
+                return client, client.create_experiment(experiment_name, artifact_location)
+            except MlflowException:  # another job created it a moment ago
+                experiment = client.get_experiment_by_name(experiment_name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise UserError(
+                f"MLflow experiment {experiment_name!r} in {tracking_uri} is deleted: restore it "
+                f"in the MLflow UI or choose another mlflow.experiment_name"
+            )
+        return client, experiment.experiment_id
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot open the MLflow tracking store {tracking_uri} ({reason}): "
+            f"fix mlflow.tracking_uri or MLFLOW_TRACKING_URI"
+        ) from exc
+
+
+def source_tags(project_root: Path) -> dict[str, str]:
+    """Where a run came from: git commit and dirtiness, user, host, versions, command line."""
+    tags = {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "mnist_exp.train",
+        "mlflow.user": getpass.getuser(),
+        "mnist_exp.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "mnist_exp.host": platform.node(),
+        "mnist_exp.version.python": platform.python_version(),
+    }
+    for package in ("mnist-exp", "torch", "torchvision", "hydra-core", "mlflow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[f"mnist_exp.version.{package}"] = metadata.version(package)
+    commit = _git(project_root, "rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["mnist_exp.git.dirty"] = str(bool(_git(project_root, "status", "--porcelain")))
+    return tags
+
+
+def _git(cwd: Path, *args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+class Run:
+    """One MLflow run. Metrics are buffered and sent `MAX_METRICS_PER_BATCH` at a time."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        experiment_id: str,
+        *,
+        run_name: str | None,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+    ) -> None:
+        self.client = client
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        self.run_id: str = run.info.run_id
+        self.artifact_uri: str = run.info.artifact_uri
+        self.name: str = run.info.run_name
+        self._pending: list[tuple[str, SupportsFloat, int, int]] = []
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metric(self, key: str, value: SupportsFloat, step: int) -> None:
+        """Queue one value; `value` may be a device tensor, converted only when sent."""
+        self._pending.append((key, value, int(time.time() * 1000), step))
+        if len(self._pending) >= MAX_METRICS_PER_BATCH:
+            self.flush()
+
+    def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None:
+        for key, value in metrics.items():
+            self.log_metric(key, value, step)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
+            chunk = pending[i : i + MAX_METRICS_PER_BATCH]
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), t, s) for k, v, t, s in chunk]
+            )
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def end(self, status: str) -> None:
+        """Send what is buffered, then mark the run FINISHED, FAILED or KILLED."""
+        try:
+            self.flush()
+        finally:
+            self.client.set_terminated(self.run_id, status)
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."

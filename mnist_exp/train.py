@@ -1,0 +1,179 @@
+"""`python -m mnist_exp.train [overrides]` (also `mnist-train`): one experiment, tracked in MLflow.
+
+The one place that turns the config into objects and wires the loop to the tracker.
+Heavy imports (torch, MLflow) wait until Hydra has accepted the command line, so a bad
+override is reported at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_exp.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from mnist_exp.tracking import Run
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+log = logging.getLogger("mnist_exp")
+
+# Override prefixes that say where things are, not what the experiment is; left out of run names.
+_NOT_IN_NAME = ("hydra.", "mlflow.", "data.root", "device", "trainer.print_every_n_steps")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Train, evaluate, record; returns `cfg.optimized_metric` for sweepers."""
+    from mnist_exp.validation import check_config
+
+    try:
+        check_config(cfg)
+        return _run(cfg)
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def _run(cfg: DictConfig) -> float:
+    import torch
+    from hydra.utils import get_class, instantiate
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from mnist_exp import data, engine, tracking
+    from mnist_exp.console import Console
+
+    device = engine.resolve_device(cfg.device.type)
+    engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    dataset = data.load(
+        get_class(cfg.data.dataset),
+        cfg.data.root,
+        download=cfg.data.download,
+        val_size=cfg.data.val_size,
+        max_train_samples=cfg.data.max_train_samples,
+        max_test_samples=cfg.data.max_test_samples,
+        seed=cfg.trainer.seed,
+    )
+    model = instantiate(cfg.model).to(device)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    net = torch.compile(model) if cfg.trainer.compile else model
+    precision = str(cfg.trainer.precision)
+
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    client, experiment_id = tracking.open_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
+    run = tracking.Run(
+        client,
+        experiment_id,
+        run_name=cfg.mlflow.run_name or _name_from(overrides),
+        params=tracking.flatten(OmegaConf.to_container(cfg, resolve=True)),
+        tags=tracking.source_tags(PROJECT_ROOT) | {"mnist_exp.overrides": " ".join(overrides)},
+    )
+    log.info(f"MLflow run {run.run_id} ({run.name}) in {cfg.mlflow.tracking_uri}; device {device}")
+    previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run.log_artifacts(out_dir / hydra_cfg.output_subdir, "hydra")
+        console = Console(cfg.trainer.print_every_n_steps)
+        with logging_redirect_tqdm():
+            step = engine.fit(
+                net,
+                optimizer,
+                dataset,
+                epochs=cfg.trainer.epochs,
+                batch_size=cfg.data.batch_size,
+                eval_batch_size=cfg.data.eval_batch_size,
+                seed=cfg.trainer.seed,
+                device=device,
+                precision=precision,
+                callbacks=[_MlflowLogger(run, cfg.trainer.log_every_n_steps), console],
+            )
+        test = engine.evaluate(
+            net, dataset.test.to(device), batch_size=cfg.data.eval_batch_size, precision=precision
+        )
+        log.info(
+            f"Test Accuracy of the model on the {test.total} test images: "
+            f"{100 * test.correct / max(test.total, 1)} %"
+        )
+        run.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy}, step)
+        checkpoint = out_dir / "model.ckpt"
+        torch.save(model.state_dict(), checkpoint)
+        run.log_artifact(checkpoint, "checkpoints")
+        metrics = _latest_metrics(run, cfg.optimized_metric)
+    except KeyboardInterrupt:
+        _end_quietly(run, "KILLED")
+        sys.exit(f"interrupted: MLflow run {run.run_id} marked KILLED")
+    except BaseException as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        _end_quietly(run, "FAILED", {"mnist_exp.error": f"{type(exc).__name__}: {first_line}"})
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    run.end("FINISHED")
+    log.info(
+        f"Run {run.run_id} finished: test_accuracy {test.accuracy:.4f}; checkpoint {checkpoint}\n"
+        f"Open it in the MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
+        f"  (then #/experiments/{experiment_id}/runs/{run.run_id})"
+    )
+    return metrics
+
+
+class _MlflowLogger:
+    """Engine callback that records `train_loss` every `every` steps and the epoch metrics."""
+
+    def __init__(self, run: Run, every: int) -> None:
+        self.run = run
+        self.every = every
+
+    def on_epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
+        pass
+
+    def on_train_step(self, step: int, epoch: int, batch: int, loss: Tensor) -> None:
+        if step % self.every == 0:
+            self.run.log_metric("train_loss", loss, step)
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        self.run.log_metrics({**metrics, "epoch": epoch}, step)
+        self.run.flush()
+
+
+def _latest_metrics(run: Run, key: str) -> float:
+    run.flush()
+    value = run.client.get_run(run.run_id).data.metrics.get(key)
+    if value is None:
+        raise UserError(f"optimized_metric={key!r} was never logged by this run")
+    return value
+
+
+def _end_quietly(run: Run, status: str, tags: dict[str, str] | None = None) -> None:
+    """Record the end of a failed run without hiding the original error behind a new one."""
+    try:
+        if tags:
+            run.set_tags(tags)
+        run.end(status)
+    except Exception as exc:
+        log.error(f"could not mark MLflow run {run.run_id} {status}: {exc}")
+
+
+def _name_from(overrides: list[str]) -> str | None:
+    """`optimizer.lr=0.003 data.batch_size=128` -> `lr=0.003,batch_size=128`."""
+    parts = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if not key.startswith(_NOT_IN_NAME):
+            parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return ",".join(parts) or None
+
+
+if __name__ == "__main__":
+    main()
