@@ -1,0 +1,64 @@
+"""Shared fixtures: a seeded, offline data root and a fresh MLflow store per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`MNIST_EXP_DATA` when set (`.ci/run` seeds it), else a folder seeded from shared/data."""
+    if os.environ.get("MNIST_EXP_DATA"):
+        return Path(os.environ["MNIST_EXP_DATA"])
+    seed = ROOT.parent / "shared" / "data" / "seed.sh"
+    if not seed.is_file():
+        pytest.fail("no MNIST data: set MNIST_EXP_DATA to a folder with MNIST/raw/ in it")
+    dest = tmp_path_factory.mktemp("data")
+    subprocess.run(["bash", str(seed), str(dest)], check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+@pytest.fixture
+def train(tmp_path: Path, data_root: Path, tracking_uri: str):
+    """Run `python -m mnist_exp.train` as a user would, on a fresh store and run folder."""
+
+    def run(*overrides: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "mnist_exp.train",
+            f"data.root={data_root}",
+            f"mlflow.tracking_uri={tracking_uri}",
+            f"hydra.run.dir={tmp_path}/run",
+            *overrides,
+        ]
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    return run
+
+
+def runs_in(tracking_uri: str, experiment: str = "mnist-exp") -> list:
+    """All runs of an experiment, newest first; none when the store or experiment is absent."""
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    if not db.exists():
+        return []
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []

@@ -1,0 +1,75 @@
+"""Datasets load offline from a seeded folder into tensors scaled as the seed's ToTensor."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torchvision.transforms.functional import to_tensor
+
+from mnist_exp.data import batch_indices, load
+from mnist_exp.errors import UserError
+
+MNIST = torchvision.datasets.MNIST
+
+
+def test_mnist_loads_whole_and_scaled_like_to_tensor(data_root: Path) -> None:
+    data = load(MNIST, str(data_root))
+    assert data.train.images.shape == (60000, 1, 28, 28)
+    assert data.test.images.shape == (10000, 1, 28, 28)
+    assert data.train.images.dtype == torch.float32
+    assert data.train.labels.dtype == torch.int64
+    assert data.val is None
+    reference = MNIST(str(data_root), train=True)
+    for i in (0, 123, 59999):
+        image, label = reference[i]
+        torch.testing.assert_close(data.train.images[i], to_tensor(image), rtol=0, atol=0)
+        assert data.train.labels[i] == label
+
+
+def test_fashion_mnist_loads(data_root: Path) -> None:
+    data = load(torchvision.datasets.FashionMNIST, str(data_root), max_test_samples=10)
+    assert len(data.train) == 60000
+    assert len(data.test) == 10
+
+
+def test_validation_split_is_fixed_by_the_seed_and_disjoint(data_root: Path) -> None:
+    a = load(MNIST, str(data_root), val_size=1000, seed=3)
+    b = load(MNIST, str(data_root), val_size=1000, seed=3)
+    c = load(MNIST, str(data_root), val_size=1000, seed=4)
+    assert len(a.val) == 1000 and len(a.train) == 59000
+    assert torch.equal(a.val.images, b.val.images)
+    assert not torch.equal(a.val.images, c.val.images)
+    train_rows = {row.tobytes() for row in a.train.images.flatten(1).numpy()}
+    val_rows = [row.tobytes() for row in a.val.images.flatten(1).numpy()]
+    # MNIST has a handful of duplicate images; all but those must be absent from training.
+    assert sum(row in train_rows for row in val_rows) <= 5
+
+
+def test_max_samples_keep_the_first_images(data_root: Path) -> None:
+    whole = load(MNIST, str(data_root))
+    small = load(MNIST, str(data_root), max_train_samples=100, max_test_samples=50)
+    assert len(small.train) == 100 and len(small.test) == 50
+    assert torch.equal(small.train.labels, whole.train.labels[:100])
+
+
+def test_a_validation_split_as_large_as_the_training_set_is_refused(data_root: Path) -> None:
+    with pytest.raises(UserError, match=r"data.val_size=60000"):
+        load(MNIST, str(data_root), val_size=60000)
+
+
+def test_missing_files_are_named_with_where_and_how(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as info:
+        load(MNIST, str(tmp_path), download=False)
+    message = str(info.value)
+    assert str(tmp_path / "MNIST" / "raw") in message
+    assert "train-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
+    assert "data.root" in message
+    assert "\n" not in message
+
+
+def test_batch_indices_cover_every_sample_once_with_a_short_last_batch() -> None:
+    batches = batch_indices(10, 4, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    assert torch.cat(batch_indices(5, 2, None)).tolist() == [0, 1, 2, 3, 4]

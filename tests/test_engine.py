@@ -1,0 +1,91 @@
+"""The loop on a tiny in-memory set: deterministic, listened to, evaluated without gradients."""
+
+import torch
+
+from mnist_exp.data import Data, Split
+from mnist_exp.engine import Callback, epoch_generator, evaluate, fit, seed_everything
+from mnist_exp.models import ConvNet
+
+
+def _tiny(n: int = 96) -> Data:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 1, 28, 28, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    split = Split(images, labels)
+    return Data(train=split, val=Split(images[:32], labels[:32]), test=split)
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+        self.epochs: list[tuple[int, int, dict]] = []
+
+    def on_train_step(self, step, epoch, batch, loss):
+        assert not loss.requires_grad
+        self.losses.append((step, loss.item()))
+
+    def on_epoch_end(self, epoch, step, metrics):
+        self.epochs.append((epoch, step, metrics))
+
+
+def _fit(seed: int, precision: str = "32") -> tuple[Recorder, ConvNet]:
+    seed_everything(seed)
+    model = ConvNet()
+    recorder = Recorder()
+    fit(
+        model,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        _tiny(),
+        epochs=2,
+        batch_size=32,
+        eval_batch_size=50,
+        seed=seed,
+        device=torch.device("cpu"),
+        precision=precision,
+        callbacks=[recorder],
+    )
+    return recorder, model
+
+
+def test_fit_reports_every_step_and_epoch() -> None:
+    recorder, _ = _fit(0)
+    assert [s for s, _ in recorder.losses] == [1, 2, 3, 4, 5, 6]
+    assert [(e, s) for e, s, _ in recorder.epochs] == [(1, 3), (2, 6)]
+    metrics = recorder.epochs[-1][2]
+    assert set(metrics) == {"train_images_per_s", "val_loss", "val_accuracy"}
+    assert 0 <= metrics["val_accuracy"] <= 1 and metrics["train_images_per_s"] > 0
+
+
+def test_same_seed_same_losses_other_seed_other_losses() -> None:
+    a, model_a = _fit(1)
+    b, model_b = _fit(1)
+    c, _ = _fit(2)
+    assert a.losses == b.losses
+    assert a.losses != c.losses
+    for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_bf16_mixed_trains() -> None:
+    recorder, _ = _fit(0, precision="bf16-mixed")
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in recorder.losses)
+
+
+def test_epoch_generator_depends_on_seed_and_epoch_only() -> None:
+    def perm(seed, epoch):
+        return torch.randperm(100, generator=epoch_generator(seed, epoch)).tolist()
+
+    assert perm(0, 1) == perm(0, 1)
+    assert len({tuple(perm(s, e)) for s in (0, 1) for e in (0, 1)}) == 4
+
+
+def test_evaluate_counts_correct_predictions_in_eval_mode() -> None:
+    data = _tiny(40)
+    model = ConvNet().train()
+    result = evaluate(model, data.test, batch_size=16)
+    assert not model.training
+    assert result.total == 40
+    with torch.no_grad():
+        predicted = model(data.test.images).argmax(1)
+    assert result.correct == int((predicted == data.test.labels).sum())
+    assert result.accuracy == result.correct / 40

@@ -1,0 +1,59 @@
+"""The ConvNet is the seed script's, layer for layer and key for key."""
+
+import torch
+from torch import nn
+
+from mnist_exp.models import ConvNet
+
+
+class SeedConvNet(nn.Module):
+    """Copied verbatim from shared/seed/seed-mnist-convnet.md."""
+
+    def __init__(self, num_classes=10):
+        super(SeedConvNet, self).__init__()  # noqa: UP008 - as the seed wrote it
+        self.layer1 = nn.Sequential(
+            nn.Conv2d(1, 16, kernel_size=5, stride=1, padding=2),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+        self.layer2 = nn.Sequential(
+            nn.Conv2d(16, 32, kernel_size=5, stride=1, padding=2),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+        self.fc = nn.Linear(7 * 7 * 32, num_classes)
+
+    def forward(self, x):
+        out = self.layer1(x)
+        out = self.layer2(out)
+        out = out.reshape(out.size(0), -1)
+        out = self.fc(out)
+        return out
+
+
+def test_layers_match_the_seed() -> None:
+    ours = [(name, repr(m)) for name, m in ConvNet().named_modules() if name]
+    seed = [(name, repr(m)) for name, m in SeedConvNet().named_modules() if name]
+    assert ours == seed
+
+
+def test_state_dict_keys_and_shapes_match_the_seed() -> None:
+    ours = {k: v.shape for k, v in ConvNet().state_dict().items()}
+    seed = {k: v.shape for k, v in SeedConvNet().state_dict().items()}
+    assert list(ours) == list(seed)
+    assert ours == seed
+
+
+def test_a_seed_checkpoint_loads_and_predicts_the_same(tmp_path) -> None:
+    seed = SeedConvNet().eval()
+    torch.save(seed.state_dict(), tmp_path / "model.ckpt")
+    ours = ConvNet()
+    ours.load_state_dict(torch.load(tmp_path / "model.ckpt", weights_only=True))
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(ours.eval()(x), seed(x))
+
+
+def test_num_classes_sets_the_output_width() -> None:
+    assert ConvNet(num_classes=7)(torch.rand(2, 1, 28, 28)).shape == (2, 7)

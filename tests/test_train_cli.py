@@ -1,0 +1,165 @@
+"""`python -m mnist_exp.train` end to end, asserting what a user finds in MLflow afterwards."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, runs_in
+from mlflow.tracking import MlflowClient
+
+from mnist_exp.models import ConvNet
+
+SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
+
+
+def test_a_small_run_records_everything_in_mlflow(train, tracking_uri: str, tmp_path: Path):
+    proc = train(*SMALL, "optimizer.lr=0.002", "trainer.print_every_n_steps=5")
+    assert "Epoch [2/2], Step [10/10], Loss: " in proc.stdout
+    assert "Test Accuracy of the model on the 200 test images: " in proc.stdout
+
+    (run,) = runs_in(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    assert run.info.status == "FINISHED"
+    # Named after what changes the experiment; display-only overrides are left out.
+    assert run.info.run_name == "max_train_samples=640,max_test_samples=200,epochs=2,lr=0.002"
+
+    params = run.data.params
+    assert params["optimizer.lr"] == "0.002"
+    assert params["data.batch_size"] == "64"
+    assert params["model._target_"] == "mnist_exp.models.ConvNet"
+    assert params["trainer.epochs"] == "2"
+    assert params["mlflow.tracking_uri"] == tracking_uri
+
+    tags = run.data.tags
+    assert "optimizer.lr=0.002" in tags["mnist_exp.overrides"]
+    assert tags["mnist_exp.version.torch"] == metadata.version("torch")
+    assert "mnist_exp.version.mnist-exp" in tags
+
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, 21))  # 640 / 64 = 10 steps x 2 epochs
+    assert 0 <= run.data.metrics["test_accuracy"] <= 1
+    assert run.data.metrics["test_loss"] > 0
+    assert len(client.get_metric_history(run.info.run_id, "train_images_per_s")) == 2
+    assert "val_accuracy" not in run.data.metrics
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert artifacts == {"hydra/config.yaml", "hydra/overrides.yaml", "hydra/hydra.yaml"}
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "dl")))
+    model = ConvNet()
+    model.load_state_dict(torch.load(local / "checkpoints" / "model.ckpt", weights_only=True))
+    recorded = yaml.safe_load((local / "hydra" / "config.yaml").read_text())
+    assert recorded["optimizer"]["lr"] == 0.002
+    assert (tmp_path / "run" / "model.ckpt").is_file()
+
+
+def test_log_every_n_steps_and_a_validation_split(train, tracking_uri: str):
+    train(*SMALL, "trainer.log_every_n_steps=3", "data.val_size=500")
+    (run,) = runs_in(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert steps == [3, 6, 9, 12, 15, 18]
+    val = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in val] == [10, 20]
+    assert all(0 <= m.value <= 1 for m in val)
+    assert run.data.params["data.val_size"] == "500"
+
+
+def test_an_exception_during_training_marks_the_run_failed(train, tracking_uri: str):
+    # Ten digit classes into a five-way classifier: cross-entropy fails on the first batch.
+    proc = train(*SMALL, "model.num_classes=5", check=False)
+    assert proc.returncode != 0
+    (run,) = runs_in(tracking_uri)
+    assert run.info.status == "FAILED"
+    assert "out of bounds" in run.data.tags["mnist_exp.error"]
+
+
+def test_sigterm_marks_the_run_killed(data_root: Path, tracking_uri: str, tmp_path: Path):
+    cmd = [
+        sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
+        f"mlflow.tracking_uri={tracking_uri}", f"hydra.run.dir={tmp_path}/run",
+        "data.max_train_samples=2000", "data.batch_size=8", "trainer.epochs=100",
+    ]  # fmt: skip
+    MlflowClient(tracking_uri).search_experiments()  # create the store before polling it
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            runs = runs_in(tracking_uri)
+            if runs and MlflowClient(tracking_uri).get_metric_history(
+                runs[0].info.run_id, "train_loss"
+            ):
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "KILLED" in stderr
+    (run,) = runs_in(tracking_uri)
+    assert run.info.status == "KILLED"
+    assert MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model=resnet999", "Could not find 'model/resnet999'"),
+        ("optimizer.lrr=1", "Could not override 'optimizer.lrr'"),
+    ],
+)
+def test_unknown_option_or_key_fails_in_hydra_without_a_run(
+    train, tracking_uri, override, expected
+):
+    proc = train(override, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert runs_in(tracking_uri) == []
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("trainer.epochs=-1", "trainer.epochs"),
+        ("data.val_size=60000", "data.val_size"),
+    ]
+    + ([] if torch.cuda.is_available() else [("device=cuda", "device=cuda")]),
+)
+def test_impossible_values_are_one_clear_line_without_a_run(train, tracking_uri, override, key):
+    proc = train(override, check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {key}")
+    assert runs_in(tracking_uri) == []
+
+
+def test_missing_dataset_is_one_clear_line(train, tracking_uri, tmp_path: Path):
+    proc = train(f"data.root={tmp_path}/empty", "data.download=false", check=False)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"{tmp_path}/empty/MNIST/raw" in lines[0] and "train-images-idx3-ubyte" in lines[0]
+    assert runs_in(tracking_uri) == []
+
+
+def test_a_store_that_cannot_be_opened_is_named(train, tmp_path: Path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    uri = f"sqlite:///{blocker}/mlflow.db"
+    proc = train(f"mlflow.tracking_uri={uri}", *SMALL, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot open the MLflow tracking store {uri}")

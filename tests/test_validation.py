@@ -1,0 +1,56 @@
+"""Values that cannot work are refused with one line naming the key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import mnist_exp.train  # noqa: F401 - registers the ${project_root:} resolver
+from mnist_exp.errors import UserError
+from mnist_exp.validation import check_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+BAD = [
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("optimizer.lr=-0.1", "optimizer.lr"),
+    ("optimizer.lr=fast", "optimizer.lr"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.batch_size=1.5", "data.batch_size"),
+    ("data.eval_batch_size=0", "data.eval_batch_size"),
+    ("data.val_size=-1", "data.val_size"),
+    ("data.max_train_samples=0", "data.max_train_samples"),
+    ("trainer.epochs=-1", "trainer.epochs"),
+    ("trainer.seed=-3", "trainer.seed"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
+    ("trainer.precision=16", "trainer.precision"),
+    ("device.type=tpu", "device.type"),
+    ("model.num_classes=1", "model.num_classes"),
+]
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(("override", "key"), BAD, ids=[b[0] for b in BAD])
+def test_bad_value_is_refused_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(UserError) as info:
+        check_config(_compose(override))
+    message = str(info.value)
+    assert message.startswith(f"{key}=")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.precision=32",
+        "trainer.precision=bf16-mixed",
+        "device.type=cuda:1",
+        "trainer.epochs=0",
+    ],
+)
+def test_good_values_pass(override: str) -> None:
+    check_config(_compose(override))
