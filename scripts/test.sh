@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up .venv with the test tools, then lint and run the whole test suite.
+# Offline, the tests read MNIST from $MNIST_EXP_DATA; when unset and ../shared/data is
+# beside the project, a temporary copy is seeded from it. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup.sh dev
+if [[ -z ${MNIST_EXP_DATA:-} && -x ../shared/data/seed.sh ]]; then
+  MNIST_EXP_DATA=$(mktemp -d)
+  trap 'rm -rf "$MNIST_EXP_DATA"' EXIT
+  ../shared/data/seed.sh "$MNIST_EXP_DATA" >/dev/null
+  export MNIST_EXP_DATA
+fi
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+# pytest exits 5 when it collects no test: that is a failure here, as any non-zero code.
+.venv/bin/python -m pytest "$@"
