@@ -8,6 +8,7 @@ override is reported at once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,17 +16,16 @@ from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mnist_exp.config import PROJECT_ROOT
 from mnist_exp.errors import UserError
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from mnist_exp.tracking import Run
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 
 log = logging.getLogger("mnist_exp")
 
@@ -38,11 +38,21 @@ def main(cfg: DictConfig) -> float:
     """Train, evaluate, record; returns `cfg.optimized_metric` for sweepers."""
     from mnist_exp.validation import check_config
 
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         check_config(cfg)
         return _run(cfg)
     except UserError as exc:
-        sys.exit(f"error: {exc}")
+        if not in_sweep:
+            sys.exit(f"error: {exc}")
+        log.error(f"error: {exc}")
+    except Exception:
+        if not in_sweep:
+            raise
+        log.exception("this job failed; the sweep goes on")
+    # A failed job in a sweep: its run is FAILED; NaN tells Optuna the trial failed, and
+    # Hydra's sweepers go on with the other jobs instead of stopping at the first failure.
+    return float("nan")
 
 
 def _run(cfg: DictConfig) -> float:
@@ -54,6 +64,7 @@ def _run(cfg: DictConfig) -> float:
     from mnist_exp.console import Console
 
     device = engine.resolve_device(cfg.device.type)
+    torch.set_num_threads(cfg.trainer.num_threads or _share_of_cores())
     engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     dataset = data.load(
         get_class(cfg.data.dataset),
@@ -145,6 +156,18 @@ class _MlflowLogger:
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.run.log_metrics({**metrics, "epoch": epoch}, step)
         self.run.flush()
+
+
+def _share_of_cores() -> int:
+    """All cores, or in a parallel sweep this job's share, so jobs do not oversubscribe them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    hydra_cfg = HydraConfig.get()
+    n_jobs = hydra_cfg.launcher.get("n_jobs") if hydra_cfg.mode == RunMode.MULTIRUN else None
+    if not n_jobs:
+        return cores or 1
+    if n_jobs < 0:  # joblib: -1 is all cores, -2 all but one, ...
+        n_jobs = max(1, (cores or 1) + 1 + n_jobs)
+    return max(1, (cores or 1) // n_jobs)
 
 
 def _latest_metrics(run: Run, key: str) -> float:

@@ -1,29 +1,20 @@
 """Every option of every config group composes, validates and instantiates."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 
-import mnist_exp.train  # noqa: F401 - registers the ${project_root:} resolver
+from mnist_exp.config import CONF_DIR, PROJECT_ROOT, compose_config
 from mnist_exp.engine import resolve_device
 from mnist_exp.errors import UserError
 from mnist_exp.validation import check_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 OPTIONS = sorted(
     (group.name, option.stem)
-    for group in CONF.iterdir()
+    for group in CONF_DIR.iterdir()
     if group.is_dir()
     for option in group.glob("*.yaml")
 )
-
-
-def _compose(*overrides: str):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def test_every_group_of_the_design_has_its_options() -> None:
@@ -44,7 +35,7 @@ def test_every_group_of_the_design_has_its_options() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group: str, option: str) -> None:
-    cfg = _compose(f"{group}={option}")
+    cfg = compose_config([f"{group}={option}"])
     check_config(cfg)
     model = instantiate(cfg.model)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
@@ -59,7 +50,7 @@ def test_option_composes_and_instantiates(group: str, option: str) -> None:
 
 
 def test_defaults_are_the_seed_model_optimizer_and_epochs_at_batch_64() -> None:
-    cfg = _compose()
+    cfg = compose_config()
     assert cfg.model._target_ == "mnist_exp.models.ConvNet"
     assert cfg.optimizer._target_ == "torch.optim.Adam"
     assert cfg.optimizer.lr == 0.001
@@ -70,11 +61,11 @@ def test_defaults_are_the_seed_model_optimizer_and_epochs_at_batch_64() -> None:
 
 
 def test_experiment_seed_is_the_seed_scripts_hyperparameters() -> None:
-    cfg = _compose("experiment=seed", "data.batch_size=32", "trainer.epochs=1")
+    cfg = compose_config(["experiment=seed", "data.batch_size=32", "trainer.epochs=1"])
     # An experiment file is applied last, so it wins over the groups and the primary config.
     assert cfg.optimizer._target_ == "torch.optim.Adam"
     assert cfg.optimizer.lr == 0.001
-    seed = _compose("experiment=seed")
+    seed = compose_config(["experiment=seed"])
     assert seed.trainer.epochs == 5
     assert seed.data.batch_size == 1
     assert seed.data.val_size == 0
@@ -84,7 +75,7 @@ def test_experiment_seed_is_the_seed_scripts_hyperparameters() -> None:
 
 def test_tracking_uri_defaults_to_sqlite_in_the_project_and_env_wins(monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = Path(mnist_exp.train.PROJECT_ROOT)
-    assert _compose().mlflow.tracking_uri == f"sqlite:///{root}/mlruns/mlflow.db"
+    root = PROJECT_ROOT
+    assert compose_config().mlflow.tracking_uri == f"sqlite:///{root}/mlruns/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert _compose().mlflow.tracking_uri == "http://127.0.0.1:5000"
+    assert compose_config().mlflow.tracking_uri == "http://127.0.0.1:5000"
