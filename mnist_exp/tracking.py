@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import os
 import platform
 import subprocess
 import sys
@@ -22,6 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from mnist_exp.errors import UserError
 
+# Set by the sweep callback for the jobs it launches: their runs become children of this run.
+PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
@@ -108,7 +111,10 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 class Run:
-    """One MLflow run. Metrics are buffered and sent `MAX_METRICS_PER_BATCH` at a time."""
+    """One MLflow run. Metrics are buffered and sent `MAX_METRICS_PER_BATCH` at a time.
+
+    Inside a sweep (`PARENT_RUN_ENV` set) the run is a child of the sweep's parent run.
+    """
 
     def __init__(
         self,
@@ -120,7 +126,10 @@ class Run:
         tags: Mapping[str, str],
     ) -> None:
         self.client = client
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        tags = dict(tags)
+        if os.environ.get(PARENT_RUN_ENV):
+            tags.setdefault("mlflow.parentRunId", os.environ[PARENT_RUN_ENV])
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         self.run_id: str = run.info.run_id
         self.artifact_uri: str = run.info.artifact_uri
         self.name: str = run.info.run_name

@@ -10,6 +10,14 @@ from mnist_exp.errors import UserError
 
 PRECISIONS = ("32", "bf16-mixed")
 DEVICES = ("auto", "cpu", "cuda")
+# What `optimized_metric` may name, and whether higher ("max") or lower ("min") is better.
+OPTIMIZABLE_METRICS = {
+    "test_accuracy": "max",
+    "test_loss": "min",
+    "val_accuracy": "max",
+    "val_loss": "min",
+    "train_images_per_s": "max",
+}
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -31,6 +39,29 @@ def check_config(cfg: DictConfig) -> None:
     device = str(_get(cfg, "device.type"))
     if device.split(":")[0] not in DEVICES:
         _refuse("device.type", device, "must be auto, cpu, cuda or cuda:N")
+    _integer(cfg, "trainer.num_threads", low=1, optional=True)
+    metric = _get(cfg, "optimized_metric")
+    if metric not in OPTIMIZABLE_METRICS:
+        _refuse("optimized_metric", metric, f"must be one of {', '.join(OPTIMIZABLE_METRICS)}")
+    if str(metric).startswith("val_") and not _get(cfg, "data.val_size"):
+        _refuse("optimized_metric", metric, "is never logged without a split: set data.val_size")
+
+
+def check_search_space(cfg: DictConfig) -> None:
+    """Refuse a sweep whose `hydra.sweeper.params` names a key or group the config lacks."""
+    groups = set(_get(cfg, "hydra.runtime.choices") or {})
+    for key in _get(cfg, "hydra.sweeper.params") or {}:
+        name = str(key).lstrip("+~")
+        if name in groups or str(key).startswith("+"):
+            continue
+        if OmegaConf.select(cfg, name, default=_ABSENT) is _ABSENT:
+            raise UserError(
+                f"hydra.sweeper.params names {name!r}, which is not a config key or group: "
+                f"fix the search space (see `mnist-train --cfg job` for the keys)"
+            )
+
+
+_ABSENT = object()
 
 
 def _get(cfg: DictConfig, key: str) -> Any:

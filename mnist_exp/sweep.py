@@ -1,0 +1,134 @@
+"""The Hydra callback that owns a sweep's MLflow parent run.
+
+Before any job starts it checks the sweep, creates the store (so parallel jobs never race
+through MLflow's first-use migration) and opens a parent run; each job's run becomes its
+child through an environment variable, so the training code never knows it is in a sweep.
+At the end the parent records how many jobs finished and failed, the best child, and a
+picture of the metric against each swept param.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from mnist_exp import compare, tracking
+from mnist_exp.errors import UserError
+from mnist_exp.validation import OPTIMIZABLE_METRICS, check_config, check_search_space
+
+log = logging.getLogger("mnist_exp")
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self.parent: tracking.Run | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_config(config)
+            check_search_space(config)
+            client, experiment_id = tracking.open_store(
+                config.mlflow.tracking_uri, config.mlflow.experiment_name
+            )
+        except UserError as exc:
+            sys.exit(f"error: {exc}")
+        choices = config.hydra.runtime.choices
+        sweep_dir = Path(config.hydra.sweep.dir)
+        self.parent = tracking.Run(
+            client,
+            experiment_id,
+            run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
+            params={},
+            tags=tracking.source_tags(Path.cwd())
+            | {
+                compare.SWEEP_TAG: "true",
+                compare.METRIC_TAG: config.optimized_metric,
+                "mnist_exp.sweep.overrides": " ".join(config.hydra.overrides.task),
+                "mnist_exp.sweep.params": " ".join(
+                    f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()
+                ),
+                "mnist_exp.sweep.sweeper": str(choices.get("hydra/sweeper")),
+                "mnist_exp.sweep.launcher": str(choices.get("hydra/launcher")),
+                "mnist_exp.sweep.dir": str(sweep_dir),
+            },
+        )
+        os.environ[tracking.PARENT_RUN_ENV] = self.parent.run_id
+        atexit.register(self._abandon)
+        log.info(f"Sweep parent run {self.parent.run_id} in {config.mlflow.tracking_uri}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        parent, self.parent = self.parent, None
+        os.environ.pop(tracking.PARENT_RUN_ENV, None)
+        if parent is None:
+            return
+        metric = config.optimized_metric
+        parent_run = parent.client.get_run(parent.run_id)
+        _name_by_swept_overrides(parent.client, compare.sweep_runs(parent.client, parent_run))
+        children = compare.sweep_runs(parent.client, parent_run)
+        # A job that failed before it could open a run left only its folder behind.
+        jobs = max(len(list(Path(config.hydra.sweep.dir).glob("*/.hydra"))), len(children))
+        finished = [r for r in children if r.info.status == "FINISHED"]
+        failed = jobs - len(finished)
+        parent.log_metrics(
+            {
+                "sweep_jobs": jobs,
+                "sweep_finished": len(finished),
+                "sweep_failed": failed,
+            },
+            step=0,
+        )
+        best = next(
+            (
+                r
+                for r in compare.rank(finished, metric)
+                if not math.isnan(r.data.metrics.get(metric, math.nan))
+            ),
+            None,
+        )
+        if best is not None:
+            parent.set_tags(
+                {
+                    "mnist_exp.best_run_id": best.info.run_id,
+                    "mnist_exp.best_run_name": best.info.run_name or "",
+                    "mnist_exp.best_overrides": best.data.tags.get("mnist_exp.overrides", ""),
+                }
+            )
+            parent.log_metrics({f"best_{metric}": best.data.metrics[metric]}, step=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            picture = Path(tmp) / "sweep.png"
+            if compare.plot_sweep(children, metric, picture):
+                parent.log_artifact(picture)
+        parent.end("FINISHED")
+        goal = OPTIMIZABLE_METRICS[metric]
+        summary = f"Sweep {parent.run_id}: {jobs} jobs, {len(finished)} finished, {failed} failed"
+        if best is not None:
+            summary += (
+                f"; best {metric} ({goal}) {best.data.metrics[metric]:.4f} "
+                f"by run {best.info.run_id} ({best.info.run_name})"
+            )
+        log.info(summary + f"\nCompare them: mnist-compare {parent.run_id}")
+
+    def _abandon(self) -> None:
+        """At exit, a parent the sweep never closed (it crashed or was interrupted) is FAILED."""
+        if self.parent is not None:
+            self.parent.end("FAILED")
+
+
+def _name_by_swept_overrides(client: MlflowClient, children: list[Run]) -> None:
+    """Rename each child after the overrides that differ between jobs: `lr=0.003,batch_size=128`."""
+    keys, given = compare.swept_overrides(children)
+    for run, overrides in zip(children, given, strict=True):
+        name = ",".join(f"{k.rsplit('.', 1)[-1]}={overrides[k]}" for k in keys if k in overrides)
+        if name and name != run.info.run_name:
+            client.set_tag(run.info.run_id, "mlflow.runName", name)
