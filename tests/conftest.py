@@ -33,17 +33,24 @@ def tracking_uri(tmp_path: Path) -> str:
 
 @pytest.fixture
 def train(tmp_path: Path, data_root: Path, tracking_uri: str):
-    """Run `python -m mnist_exp.train` as a user would, on a fresh store and run folder."""
+    """Run `python -m mnist_exp.train` as a user would, on a fresh store and run folder.
 
-    def run(*overrides: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    Hydra's flags come first (`-m` puts the jobs' folders under `tmp_path/sweep`), then the
+    fixture's overrides, then the test's, which win.
+    """
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        flags = [a for a in args if "=" not in a]
+        sweep = "-m" in flags
         cmd = [
             sys.executable,
             "-m",
             "mnist_exp.train",
+            *flags,
             f"data.root={data_root}",
             f"mlflow.tracking_uri={tracking_uri}",
-            f"hydra.run.dir={tmp_path}/run",
-            *overrides,
+            f"hydra.sweep.dir={tmp_path}/sweep" if sweep else f"hydra.run.dir={tmp_path}/run",
+            *(a for a in args if "=" in a),
         ]
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

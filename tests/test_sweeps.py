@@ -1,0 +1,126 @@
+"""Sweeps: one MLflow parent per sweep, children per job, failures counted, best run recorded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import ROOT, runs_in
+from mlflow.tracking import MlflowClient
+
+SMALL = (
+    "data.max_train_samples=256",
+    "data.max_test_samples=100",
+    "trainer.epochs=1",
+    "trainer.print_every_n_steps=0",
+)
+
+
+def _sweep(tracking_uri: str):
+    """The one parent run and its children, as a user would find them in MLflow."""
+    runs = runs_in(tracking_uri)
+    (parent,) = [r for r in runs if r.data.tags.get("mnist_exp.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(runs) - 1
+    return parent, children
+
+
+def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri, tmp_path):
+    # A brand-new store, opened by two joblib workers at once.
+    train(
+        "-m", "optimizer.lr=0.001,0.003", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL
+    )
+    parent, children = _sweep(tracking_uri)
+    assert parent.info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == ["lr=0.001", "lr=0.003"]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert "optimizer.lr=0.001,0.003" in parent.data.tags["mnist_exp.sweep.overrides"].split()
+    assert parent.data.tags["mnist_exp.sweep.launcher"] == "joblib"
+    metrics = parent.data.metrics
+    assert (metrics["sweep_jobs"], metrics["sweep_finished"], metrics["sweep_failed"]) == (2, 2, 0)
+    best = max(children, key=lambda c: c.data.metrics["test_accuracy"])
+    assert parent.data.tags["mnist_exp.best_run_id"] == best.info.run_id
+    assert metrics["best_test_accuracy"] == best.data.metrics["test_accuracy"]
+    assert best.data.params["optimizer.lr"] in parent.data.tags["mnist_exp.best_overrides"]
+    artifacts = [a.path for a in MlflowClient(tracking_uri).list_artifacts(parent.info.run_id)]
+    assert "sweep.png" in artifacts
+
+    compare = subprocess.run(
+        [sys.executable, "-m", "mnist_exp.compare", "--tracking-uri", tracking_uri,
+         "--format", "csv"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    header, *rows = compare.stdout.strip().splitlines()[1:]
+    assert header.split(",")[:4] == ["run_id", "run_name", "status", "optimizer.lr"]
+    assert rows[0].split(",")[0] == best.info.run_id
+    assert len(rows) == 2
+
+
+def test_a_failed_job_is_counted_and_the_sweep_goes_on(train, tracking_uri):
+    # Five classes cannot hold MNIST's ten labels: that job fails inside training.
+    proc = train("-m", "model.num_classes=5,10", *SMALL)
+    assert "this job failed; the sweep goes on" in proc.stdout + proc.stderr
+    parent, children = _sweep(tracking_uri)
+    statuses = {c.data.params["model.num_classes"]: c.info.status for c in children}
+    assert statuses == {"5": "FAILED", "10": "FINISHED"}
+    assert parent.data.metrics["sweep_failed"] == 1
+    assert parent.data.metrics["sweep_finished"] == 1
+    assert parent.info.status == "FINISHED"
+
+
+def test_optuna_optimises_the_validation_accuracy(train, tracking_uri, tmp_path):
+    train("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.val_size=200", *SMALL)
+    parent, children = _sweep(tracking_uri)
+    assert len(children) == 3
+    assert parent.data.tags["mnist_exp.optimized_metric"] == "val_accuracy"
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["data.val_size"] == "200"
+        assert child.data.params["optimized_metric"] == "val_accuracy"
+    results = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    best = max(children, key=lambda c: c.data.metrics["val_accuracy"])
+    # What Optuna optimised is each run's validation accuracy, not its test accuracy.
+    assert results["best_value"] == best.data.metrics["val_accuracy"]
+    assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["val_accuracy"]
+    assert parent.data.tags["mnist_exp.best_run_id"] == best.info.run_id
+
+
+def test_a_search_space_with_an_unknown_key_fails_at_the_start(train, tracking_uri, tmp_path):
+    (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
+    space = {
+        "defaults": ["optuna"],
+        "hydra": {"sweeper": {"params": {"optimizer.lrr": "interval(0.001, 0.01)"}}},
+    }
+    text = "# @package _global_\n" + yaml.safe_dump(space)
+    (tmp_path / "conf" / "hparams_search" / "typo.yaml").write_text(text)
+    proc = train("-m", "--config-dir", str(tmp_path / "conf"), "hparams_search=typo", check=False)
+    assert proc.returncode != 0
+    assert (
+        "error: hydra.sweeper.params names 'optimizer.lrr'" in proc.stderr.strip().splitlines()[-1]
+    )
+    assert runs_in(tracking_uri) == []
+
+
+def test_an_optimized_metric_never_logged_fails_at_the_start(train, tracking_uri):
+    for metric, reason in [("val_accuracy", "set data.val_size"), ("accuracy", "must be one of")]:
+        proc = train("-m", f"optimized_metric={metric}", "optimizer.lr=0.001,0.002", check=False)
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: optimized_metric='{metric}'") and reason in last
+    assert runs_in(tracking_uri) == []
+
+
+def test_compare_writes_markdown_for_an_experiment(train, tracking_uri, tmp_path: Path):
+    train("optimizer.lr=0.002", *SMALL)
+    out = tmp_path / "runs.md"
+    subprocess.run(
+        [sys.executable, "-m", "mnist_exp.compare", "--experiment", "--tracking-uri", tracking_uri,
+         "--format", "markdown", "--output", str(out)],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("| run_id | run_name | status | test_accuracy")
+    assert lines[1].startswith("| --- |")
+    assert len(lines) == 3
