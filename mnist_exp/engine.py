@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +61,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python's, NumPy's (when installed) and torch's RNGs; optionally force determinism."""
+    """Seed Python's, NumPy's (when installed) and torch's RNGs; optionally force determinism.
+
+    On the CPU the loop is deterministic as it is; `deterministic` also makes CUDA pick
+    deterministic kernels (and cuBLAS a fixed workspace), at some cost in speed.
+    """
     random.seed(seed)
     torch.manual_seed(seed)
     with contextlib.suppress(ImportError):
@@ -67,8 +73,57 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
         np.random.seed(seed % 2**32)
     if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+def training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int
+) -> dict[str, Any]:
+    """Everything needed to continue after `epoch` exactly: weights, optimizer, RNGs, counters.
+
+    Only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
+    """
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        rng["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
+    return {
+        "epoch": epoch,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": rng,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, int]:
+    """Load a `training_state` into the model, optimizer and RNGs; returns (epoch, step)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_tuples(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    return state["epoch"], state["step"]
+
+
+def _tuples(value: Any) -> Any:
+    """`random.setstate` wants the nested tuples `getstate` gave, which saving may make lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -89,12 +144,17 @@ def fit(
     device: torch.device,
     precision: str = "32",
     callbacks: Sequence[Callback] = (),
+    start_epoch: int = 0,
+    start_step: int = 0,
 ) -> int:
-    """Train for `epochs` epochs; evaluate on the validation split after each. Returns the step."""
+    """Train until epoch `epochs`, after `start_epoch` epochs (and `start_step` steps) done.
+
+    Evaluates on the validation split after each epoch. Returns the global step.
+    """
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None else None
-    step = 0
-    for epoch in range(1, epochs + 1):
+    step = start_step
+    for epoch in range(start_epoch + 1, epochs + 1):
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
         for cb in callbacks:
             cb.on_epoch_start(epoch, epochs, len(batches))

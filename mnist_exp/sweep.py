@@ -45,7 +45,7 @@ class MlflowSweepCallback(Callback):
             sys.exit(f"error: {exc}")
         choices = config.hydra.runtime.choices
         sweep_dir = Path(config.hydra.sweep.dir)
-        self.parent = tracking.Run(
+        self.parent = tracking.Run.start(
             client,
             experiment_id,
             run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
 import os
 import platform
 import subprocess
@@ -17,11 +18,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, SupportsFloat
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunInfo, RunTag
+from mlflow.entities import Run as MlflowRun
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.errors import UserError
+
+# MLflow draws a progress bar for every artifact download and announces each new SQLite
+# store's schema migration; a run's output has no room for either.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 # Set by the sweep callback for the jobs it launches: their runs become children of this run.
 PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"
@@ -100,6 +108,23 @@ def source_tags(project_root: Path) -> dict[str, str]:
     return tags
 
 
+def installed_requirements() -> str:
+    """`name==version` of every installed distribution, sorted: the run's environment."""
+    dists = {d.metadata["Name"]: d.version for d in metadata.distributions() if d.metadata["Name"]}
+    return "".join(f"{name}=={dists[name]}\n" for name in sorted(dists, key=str.lower))
+
+
+def get_run(client: MlflowClient, run_id: str, tracking_uri: str) -> MlflowRun:
+    """The run with this id, or a `UserError` saying there is none in this store."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise UserError(
+            f"no MLflow run {run_id!r} in {tracking_uri}: pass a run id shown by mnist-compare "
+            f"or the MLflow UI (or set mlflow.tracking_uri to the store that holds it)"
+        ) from exc
+
+
 def _git(cwd: Path, *args: str) -> str:
     try:
         out = subprocess.run(
@@ -113,36 +138,54 @@ def _git(cwd: Path, *args: str) -> str:
 class Run:
     """One MLflow run. Metrics are buffered and sent `MAX_METRICS_PER_BATCH` at a time.
 
-    Inside a sweep (`PARENT_RUN_ENV` set) the run is a child of the sweep's parent run.
+    Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the sweep's parent run.
     """
 
-    def __init__(
-        self,
+    def __init__(self, client: MlflowClient, info: RunInfo, recorded: dict[str, int]) -> None:
+        self.client = client
+        self.run_id: str = info.run_id
+        self.artifact_uri: str = info.artifact_uri
+        self.name: str = info.run_name
+        self._recorded = recorded  # the last step already in MLflow, by metric key
+        self._pending: list[tuple[str, SupportsFloat, int, int]] = []
+
+    @classmethod
+    def start(
+        cls,
         client: MlflowClient,
         experiment_id: str,
         *,
         run_name: str | None,
         params: Mapping[str, Any],
         tags: Mapping[str, str],
-    ) -> None:
-        self.client = client
+    ) -> Run:
         tags = dict(tags)
         if os.environ.get(PARENT_RUN_ENV):
             tags.setdefault("mlflow.parentRunId", os.environ[PARENT_RUN_ENV])
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-        self.run_id: str = run.info.run_id
-        self.artifact_uri: str = run.info.artifact_uri
-        self.name: str = run.info.run_name
-        self._pending: list[tuple[str, SupportsFloat, int, int]] = []
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        run = cls(client, client.create_run(experiment_id, run_name=run_name, tags=tags).info, {})
+        items = [Param(k, param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+            client.log_batch(run.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+        return run
+
+    @classmethod
+    def reopen(cls, client: MlflowClient, run_id: str) -> Run:
+        """Continue a stopped run: RUNNING again, and steps it already holds are not re-sent."""
+        info = client.get_run(run_id)
+        recorded = {
+            key: max(m.step for m in client.get_metric_history(run_id, key))
+            for key in info.data.metrics
+        }
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, info.info, recorded)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metric(self, key: str, value: SupportsFloat, step: int) -> None:
         """Queue one value; `value` may be a device tensor, converted only when sent."""
+        if step <= self._recorded.get(key, -1):
+            return
         self._pending.append((key, value, int(time.time() * 1000), step))
         if len(self._pending) >= MAX_METRICS_PER_BATCH:
             self.flush()
@@ -165,6 +208,9 @@ class Run:
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def end(self, status: str) -> None:
         """Send what is buffered, then mark the run FINISHED, FAILED or KILLED."""
         try:
@@ -173,6 +219,7 @@ class Run:
             self.client.set_terminated(self.run_id, status)
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
+    """A value as MLflow stores it as a param: text, cut to MLflow's length limit."""
     text = str(value)
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."

@@ -19,12 +19,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_exp.config import PROJECT_ROOT
+from mnist_exp.config import CONF_DIR, PROJECT_ROOT
 from mnist_exp.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
+    from torch.nn import Module
+    from torch.optim import Optimizer
 
+    from mnist_exp.data import Data
+    from mnist_exp.engine import EvalResult
     from mnist_exp.tracking import Run
 
 log = logging.getLogger("mnist_exp")
@@ -33,7 +38,7 @@ log = logging.getLogger("mnist_exp")
 _NOT_IN_NAME = ("hydra.", "mlflow.", "data.root", "device", "trainer.print_every_n_steps")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train, evaluate, record; returns `cfg.optimized_metric` for sweepers."""
     from mnist_exp.validation import check_config
@@ -58,12 +63,20 @@ def main(cfg: DictConfig) -> float:
 def _run(cfg: DictConfig) -> float:
     import torch
     from hydra.utils import get_class, instantiate
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from mnist_exp import data, engine, tracking
-    from mnist_exp.console import Console
+    from mnist_exp import data, engine, resume, tracking
 
     device = engine.resolve_device(cfg.device.type)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    uri = cfg.mlflow.tracking_uri
+    client, experiment_id = tracking.open_store(uri, cfg.mlflow.experiment_name)
+    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
+    if cfg.trainer.resume:  # checked before the slow part, so a bad source is refused at once
+        state, run_id = resume.find(str(cfg.trainer.resume), client, uri)
+        resume.check_resumable(run_id, state, client, params)
+
     torch.set_num_threads(cfg.trainer.num_threads or _share_of_cores())
     engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     dataset = data.load(
@@ -77,53 +90,41 @@ def _run(cfg: DictConfig) -> float:
     )
     model = instantiate(cfg.model).to(device)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
-    net = torch.compile(model) if cfg.trainer.compile else model
-    precision = str(cfg.trainer.precision)
 
-    hydra_cfg = HydraConfig.get()
-    out_dir = Path(hydra_cfg.runtime.output_dir)
-    overrides = list(hydra_cfg.overrides.task)
-    client, experiment_id = tracking.open_store(cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name)
-    run = tracking.Run(
-        client,
-        experiment_id,
-        run_name=cfg.mlflow.run_name or _name_from(overrides),
-        params=tracking.flatten(OmegaConf.to_container(cfg, resolve=True)),
-        tags=tracking.source_tags(PROJECT_ROOT) | {"mnist_exp.overrides": " ".join(overrides)},
-    )
-    log.info(f"MLflow run {run.run_id} ({run.name}) in {cfg.mlflow.tracking_uri}; device {device}")
+    tags = tracking.source_tags(PROJECT_ROOT) | {
+        "mnist_exp.overrides": " ".join(overrides),
+        resume.OUTPUT_DIR_TAG: str(out_dir),
+        **{str(k): str(v) for k, v in cfg.mlflow.tags.items()},
+    }
+    start = (0, 0)
+    if cfg.trainer.resume:
+        try:
+            start = engine.restore_training_state(state, model, optimizer)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(
+                f"trainer.resume: the checkpoint of run {run_id} does not fit this model and "
+                f"optimizer ({str(exc).strip().splitlines()[0][:160]})"
+            ) from exc
+        run = tracking.Run.reopen(client, run_id)
+        run.set_tags(tags | {"mnist_exp.resumed_from_epoch": str(start[0])})
+        log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
+    else:
+        name = cfg.mlflow.run_name or _name_from(overrides)
+        run = tracking.Run.start(client, experiment_id, run_name=name, params=params, tags=tags)
+        log.info(f"MLflow run {run.run_id} ({run.name}) in {uri}; device {device}")
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        run.log_artifacts(out_dir / hydra_cfg.output_subdir, "hydra")
-        console = Console(cfg.trainer.print_every_n_steps)
-        with logging_redirect_tqdm():
-            step = engine.fit(
-                net,
-                optimizer,
-                dataset,
-                epochs=cfg.trainer.epochs,
-                batch_size=cfg.data.batch_size,
-                eval_batch_size=cfg.data.eval_batch_size,
-                seed=cfg.trainer.seed,
-                device=device,
-                precision=precision,
-                callbacks=[_MlflowLogger(run, cfg.trainer.log_every_n_steps), console],
-            )
-        test = engine.evaluate(
-            net, dataset.test.to(device), batch_size=cfg.data.eval_batch_size, precision=precision
-        )
-        log.info(
-            f"Test Accuracy of the model on the {test.total} test images: "
-            f"{100 * test.correct / max(test.total, 1)} %"
-        )
-        run.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy}, step)
-        checkpoint = out_dir / "model.ckpt"
-        torch.save(model.state_dict(), checkpoint)
-        run.log_artifact(checkpoint, "checkpoints")
-        metrics = _latest_metrics(run, cfg.optimized_metric)
+        hydra_files = "hydra" if not cfg.trainer.resume else f"hydra/resumed-{start[0]}"
+        run.log_artifacts(out_dir / hydra_cfg.output_subdir, hydra_files)
+        run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
+        test = _train_and_test(cfg, model, optimizer, dataset, device, run, out_dir, start)
+        metric = _latest_metric(run, cfg.optimized_metric)
     except KeyboardInterrupt:
         _end_quietly(run, "KILLED")
-        sys.exit(f"interrupted: MLflow run {run.run_id} marked KILLED")
+        sys.exit(
+            f"interrupted: MLflow run {run.run_id} marked KILLED; continue it from its last "
+            f"complete epoch with: mnist-rerun {run.run_id} --resume"
+        )
     except BaseException as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         _end_quietly(run, "FAILED", {"mnist_exp.error": f"{type(exc).__name__}: {first_line}"})
@@ -132,11 +133,89 @@ def _run(cfg: DictConfig) -> float:
         signal.signal(signal.SIGTERM, previous_sigterm)
     run.end("FINISHED")
     log.info(
-        f"Run {run.run_id} finished: test_accuracy {test.accuracy:.4f}; checkpoint {checkpoint}\n"
-        f"Open it in the MLflow UI: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"
+        f"Run {run.run_id} finished: test_accuracy {test.accuracy:.4f}; "
+        f"checkpoint {out_dir / 'model.ckpt'}\n"
+        f"Open it in the MLflow UI: mlflow ui --backend-store-uri {uri}"
         f"  (then #/experiments/{experiment_id}/runs/{run.run_id})"
     )
-    return metrics
+    return metric
+
+
+def _train_and_test(
+    cfg: DictConfig,
+    model: Module,
+    optimizer: Optimizer,
+    dataset: Data,
+    device: torch.device,
+    run: Run,
+    out_dir: Path,
+    start: tuple[int, int],
+) -> EvalResult:
+    """Train (checkpointing each epoch), test, and save the final weights as the seed does."""
+    import torch
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from mnist_exp import engine
+    from mnist_exp.console import Console
+
+    net = torch.compile(model) if cfg.trainer.compile else model
+    precision = str(cfg.trainer.precision)
+    callbacks = [
+        _MlflowLogger(run, cfg.trainer.log_every_n_steps),
+        Console(cfg.trainer.print_every_n_steps),
+        _Checkpointer(model, optimizer, run, out_dir / "checkpoints" / "last.ckpt"),
+    ]
+    with logging_redirect_tqdm():
+        step = engine.fit(
+            net,
+            optimizer,
+            dataset,
+            epochs=cfg.trainer.epochs,
+            batch_size=cfg.data.batch_size,
+            eval_batch_size=cfg.data.eval_batch_size,
+            seed=cfg.trainer.seed,
+            device=device,
+            precision=precision,
+            callbacks=callbacks,
+            start_epoch=start[0],
+            start_step=start[1],
+        )
+    test = engine.evaluate(
+        net, dataset.test.to(device), batch_size=cfg.data.eval_batch_size, precision=precision
+    )
+    log.info(
+        f"Test Accuracy of the model on the {test.total} test images: "
+        f"{100 * test.correct / max(test.total, 1)} %"
+    )
+    run.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy}, step)
+    weights = out_dir / "model.ckpt"
+    torch.save(model.state_dict(), weights)
+    run.log_artifact(weights, "checkpoints")
+    return test
+
+
+class _Checkpointer:
+    """Engine callback: after each epoch, an atomic resume checkpoint, kept locally and in MLflow.
+
+    It runs after the MLflow logger has sent the epoch's metrics, so a checkpoint never
+    claims steps whose losses were not recorded.
+    """
+
+    def __init__(self, model: Module, optimizer: Optimizer, run: Run, path: Path) -> None:
+        self.model, self.optimizer, self.run, self.path = model, optimizer, run, path
+
+    def on_epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
+        pass
+
+    def on_train_step(self, step: int, epoch: int, batch: int, loss: Tensor) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        from mnist_exp import checkpoint, engine
+
+        state = engine.training_state(self.model, self.optimizer, epoch, step)
+        checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
+        self.run.log_artifact(self.path, "checkpoints")
 
 
 class _MlflowLogger:
@@ -170,7 +249,7 @@ def _share_of_cores() -> int:
     return max(1, (cores or 1) // n_jobs)
 
 
-def _latest_metrics(run: Run, key: str) -> float:
+def _latest_metric(run: Run, key: str) -> float:
     run.flush()
     value = run.client.get_run(run.run_id).data.metrics.get(key)
     if value is None:

@@ -1,0 +1,83 @@
+"""What `trainer.resume` points at: a run id or a checkpoint file, checked before anything runs.
+
+Everything here only reads; a refusal leaves MLflow and the checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from mnist_exp import checkpoint, tracking
+from mnist_exp.errors import UserError
+
+CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"
+OUTPUT_DIR_TAG = "mnist_exp.output_dir"
+# Keys that may differ from the stopped run's without changing what it computes.
+MAY_DIFFER = (
+    "trainer.resume",
+    "trainer.epochs",
+    "trainer.print_every_n_steps",
+    "trainer.num_threads",
+    "data.root",
+    "data.download",
+    "mlflow.",
+    "device.",
+)
+
+
+def find(resume: str, client: MlflowClient, tracking_uri: str) -> tuple[dict[str, Any], str]:
+    """The checkpoint to continue from and the id of the run it belongs to."""
+    path = Path(resume).expanduser()
+    if path.suffix == ".ckpt" or path.exists() or "/" in resume:
+        state = checkpoint.load(path)
+        tracking.get_run(client, state["run_id"], tracking_uri)
+        return state, state["run_id"]
+    run = tracking.get_run(client, resume, tracking_uri)
+    local = Path(run.data.tags.get(OUTPUT_DIR_TAG, "/nonexistent")) / CHECKPOINT_ARTIFACT
+    if local.is_file():
+        return checkpoint.load(local), resume
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            fetched = client.download_artifacts(resume, CHECKPOINT_ARTIFACT, tmp)
+        except Exception as exc:
+            raise UserError(
+                f"trainer.resume: run {resume} has no {CHECKPOINT_ARTIFACT} (it stopped before "
+                f"its first epoch ended): start it again with mnist-rerun {resume}"
+            ) from exc
+        return checkpoint.load(Path(fetched)), resume
+
+
+def check_resumable(
+    run_id: str, state: Mapping[str, Any], client: MlflowClient, params: Mapping[str, Any]
+) -> None:
+    """Refuse a finished run, a checkpoint past the last epoch, or a config that differs."""
+    run = client.get_run(run_id)
+    if run.info.status == "FINISHED":
+        raise UserError(
+            f"trainer.resume: run {run_id} already FINISHED; nothing to resume "
+            f"(to train again or longer: mnist-rerun {run_id} trainer.epochs=N)"
+        )
+    epochs = params.get("trainer.epochs")
+    if isinstance(epochs, int) and state["epoch"] >= epochs:
+        raise UserError(
+            f"trainer.resume: the checkpoint is at epoch {state['epoch']} and trainer.epochs="
+            f"{epochs}: raise trainer.epochs to train further"
+        )
+    recorded = run.data.params
+    differ = [
+        f"{key} ({tracking.param_value(value)} here, {recorded[key]} in the run)"
+        for key, value in params.items()
+        if key in recorded
+        and not key.startswith(MAY_DIFFER)
+        and tracking.param_value(value) != recorded[key]
+    ]
+    if differ:
+        raise UserError(
+            f"trainer.resume: this config differs from run {run_id}'s in {'; '.join(differ[:3])}: "
+            f"resume with its own config: mnist-rerun {run_id} --resume"
+        )

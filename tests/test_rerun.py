@@ -1,0 +1,245 @@
+"""Reruns repeat a recorded run bit for bit; a killed run resumes to the same end."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, runs_in
+from mlflow.tracking import MlflowClient
+
+from mnist_exp import checkpoint
+from mnist_exp.errors import UserError
+
+SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
+# Long enough to be stopped halfway: 1200 steps an epoch, train_loss sent every 1000 steps.
+LONG = (
+    "data.max_train_samples=2400",
+    "data.batch_size=2",
+    "trainer.epochs=3",
+    "data.max_test_samples=500",
+    "trainer.print_every_n_steps=0",
+)
+
+
+def _history(uri: str, run_id: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train_loss")]
+
+
+def _only_run(uri: str, **tags: str):
+    runs = [r for r in runs_in(uri) if all(r.data.tags.get(k) == v for k, v in tags.items())]
+    assert len(runs) == 1, [r.data.tags for r in runs]
+    return runs[0]
+
+
+def _cli(module: str, *args: str, uri: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, f"mlflow.tracking_uri={uri}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode:
+        raise AssertionError(proc.stdout + proc.stderr)
+    return proc
+
+
+def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
+    train("optimizer=sgd", "optimizer.lr=0.02", *SMALL)
+    (original,) = runs_in(tracking_uri)
+    run_id = original.info.run_id
+    _cli("mnist_exp.rerun", run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
+    again = _only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
+    assert again.info.status == "FINISHED"
+    assert again.info.run_name.startswith("rerun of ")
+    assert again.data.params["optimizer._target_"] == "torch.optim.SGD"
+    same = {k: v for k, v in original.data.params.items() if not k.startswith("mlflow.")}
+    assert {k: again.data.params[k] for k in same} == same
+    assert _history(tracking_uri, again.info.run_id) == _history(tracking_uri, run_id)
+    assert again.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
+    first = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
+    second = torch.load(tmp_path / "rerun" / "model.ckpt", weights_only=True)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_rerun_from_a_run_folder_with_overrides_on_top(train, tracking_uri, tmp_path):
+    train(*SMALL)
+    (original,) = runs_in(tracking_uri)
+    _cli(
+        "mnist_exp.rerun",
+        str(tmp_path / "run"),
+        "trainer.epochs=3",
+        f"hydra.run.dir={tmp_path}/longer",
+        uri=tracking_uri,
+    )
+    longer = _only_run(tracking_uri, **{"mnist_exp.rerun_of": original.info.run_id})
+    assert longer.data.tags["mnist_exp.rerun_overrides"].startswith("trainer.epochs=3")
+    assert longer.data.params["trainer.epochs"] == "3"
+    history = _history(tracking_uri, longer.info.run_id)
+    assert len(history) == 30
+    assert history[:20] == _history(tracking_uri, original.info.run_id)
+
+
+def _start(data_root: Path, uri: str, run_dir: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    MlflowClient(uri).search_experiments()  # the store exists before the test polls it
+    cmd = [
+        sys.executable,
+        "-m",
+        "mnist_exp.train",
+        f"data.root={data_root}",
+        f"mlflow.tracking_uri={uri}",
+        f"hydra.run.dir={run_dir}",
+        *LONG,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _wait_for(condition, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 180
+    while not condition():
+        assert proc.poll() is None, "the run ended before the test could stop it"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, tmp_path_factory):
+    """The LONG config run straight through once, for the resume tests to compare with."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    _cli("mnist_exp.train", f"data.root={data_root}", *LONG, f"hydra.run.dir={tmp}/run", uri=uri)
+    (run,) = runs_in(uri)
+    weights = torch.load(tmp / "run" / "model.ckpt", weights_only=True)
+    return run, _history(uri, run.info.run_id), weights
+
+
+def _resumed_equals(uri: str, run_id: str, run_dir: Path, uninterrupted) -> None:
+    reference, history, weights = uninterrupted
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert _history(uri, run_id) == history
+    assert run.data.metrics["test_accuracy"] == reference.data.metrics["test_accuracy"]
+    resumed = torch.load(run_dir / "model.ckpt", weights_only=True)
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+
+
+def test_sigterm_after_an_epoch_then_resume_ends_as_if_never_stopped(
+    data_root, tracking_uri, tmp_path, uninterrupted
+):
+    proc = _start(data_root, tracking_uri, tmp_path / "stopped")
+    _wait_for((tmp_path / "stopped" / "checkpoints" / "last.ckpt").exists, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "--resume" in stderr.decode().strip().splitlines()[-1]
+    stopped = _only_run(tracking_uri, **{"mnist_exp.output_dir": str(tmp_path / "stopped")})
+    assert stopped.info.status == "KILLED"
+    run_id = stopped.info.run_id
+    _cli(
+        "mnist_exp.rerun", run_id, "--resume", f"hydra.run.dir={tmp_path}/resumed", uri=tracking_uri
+    )
+    _resumed_equals(tracking_uri, run_id, tmp_path / "resumed", uninterrupted)
+    assert MlflowClient(tracking_uri).get_run(run_id).data.tags["mnist_exp.resumed_from_epoch"]
+
+
+def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
+    data_root, tracking_uri, tmp_path, uninterrupted
+):
+    proc = _start(data_root, tracking_uri, tmp_path / "stopped")
+    client = MlflowClient(tracking_uri)
+
+    def in_second_epoch_with_losses_sent() -> bool:
+        runs = runs_in(tracking_uri)
+        mine = [r for r in runs if r.data.tags.get("mnist_exp.output_dir", "").endswith("stopped")]
+        return bool(mine) and any(
+            m.step > 1200 for m in client.get_metric_history(mine[0].info.run_id, "train_loss")
+        )
+
+    _wait_for(in_second_epoch_with_losses_sent, proc)
+    proc.kill()
+    proc.wait()
+    stopped = _only_run(tracking_uri, **{"mnist_exp.output_dir": str(tmp_path / "stopped")})
+    assert stopped.info.status == "RUNNING"  # killed without a word
+    state = checkpoint.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
+    assert state["epoch"] == 1
+    # A user who repeats the command with trainer.resume continues the same run.
+    _cli(
+        "mnist_exp.train",
+        f"data.root={data_root}",
+        *LONG,
+        f"hydra.run.dir={tmp_path}/resumed",
+        f"trainer.resume={stopped.info.run_id}",
+        uri=tracking_uri,
+    )
+    _resumed_equals(tracking_uri, stopped.info.run_id, tmp_path / "resumed", uninterrupted)
+
+
+def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, tmp_path):
+    train(*SMALL, "trainer.epochs=3")
+    (run,) = runs_in(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    client.set_terminated(run.info.run_id, "KILLED")  # as if stopped, so resumable
+    good = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    foreign = tmp_path / "model.ckpt"
+    foreign.write_bytes((tmp_path / "run" / "model.ckpt").read_bytes())  # weights only
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps(_Evil()))
+    before = (_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
+    cases = [
+        (truncated, "is truncated, corrupt or not a safe tensor file"),
+        (foreign, "is not an mnist-exp resume checkpoint"),
+        (evil, "is truncated, corrupt or not a safe tensor file"),
+        ("0123456789abcdef0123456789abcdef", "no MLflow run '0123456789abcdef"),
+    ]
+    for source, message in cases:
+        proc = train(*SMALL, "trainer.epochs=3", f"trainer.resume={source}", check=False)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+    proc = _cli(
+        "mnist_exp.rerun", "0123456789abcdef0123456789abcdef", uri=tracking_uri, check=False
+    )
+    assert proc.returncode != 0 and "no MLflow run" in proc.stderr
+    assert not (tmp_path / "pwned").exists()
+    after = (_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
+    assert after[0] == before[0]
+    assert (after[1].status, after[1].end_time) == (before[1].status, before[1].end_time)
+    assert len(runs_in(tracking_uri)) == 1
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {Path('pwned').resolve()}",))
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    state = {"epoch": 1, "step": 2, "model": {}, "optimizer": {}, "rng": {}, "run_id": "r"}
+    checkpoint.save(state, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save(state | {"epoch": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 1
+    with pytest.raises(UserError, match="no checkpoint file"):
+        checkpoint.load(tmp_path / "absent.ckpt")
