@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
-from torchvision.datasets import VisionDataset
 
 from mnist_exp.errors import UserError
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as float32 `N x 1 x 28 x 28` in [0, 1] (the seed's ToTensor scaling), labels int64."""
+    """Images as uint8 `N x 1 x 28 x 28` (a quarter of float32's memory), labels int64.
+
+    `inputs` turns a batch of them into what the seed's ToTensor gives: float32 in [0, 1].
+    """
 
     images: Tensor
     labels: Tensor
+
+    def inputs(self, index: Tensor, channels_last: bool = False) -> Tensor:
+        batch = self.images[index].to(torch.float32).div_(255)
+        return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -36,7 +44,7 @@ class Data:
 
 
 def load(
-    dataset_cls: type[VisionDataset],
+    dataset: str,
     root: str,
     *,
     download: bool = True,
@@ -45,13 +53,13 @@ def load(
     max_test_samples: int | None = None,
     seed: int = 0,
 ) -> Data:
-    """Load the train and test sets once, carve a validation split off the training set.
+    """Load the train and test sets of `dataset` (a torchvision class path) once.
 
     The validation images are drawn with a generator seeded from `seed`, so one seed always
     holds out the same images; `max_*_samples` then keep the first images of each set.
     """
-    train = _read(dataset_cls, root, train=True, download=download)
-    test = _read(dataset_cls, root, train=False, download=download)
+    train = _read(dataset, root, train=True, download=download)
+    test = _read(dataset, root, train=False, download=download)
     val = None
     if val_size:
         if val_size >= len(train):
@@ -79,13 +87,43 @@ def _take(split: Split, index: Tensor | slice) -> Split:
     return Split(split.images[index], split.labels[index])
 
 
-def _read(dataset_cls: type[VisionDataset], root: str, *, train: bool, download: bool) -> Split:
-    name = dataset_cls.__name__
-    raw_folder = os.path.join(root, name, "raw")
+def _read(dataset: str, root: str, *, train: bool, download: bool) -> Split:
+    """The IDX files torchvision keeps in `root/<Name>/raw/`, read directly when present.
+
+    Importing torchvision costs about 2 s of start-up (it pulls in torch._dynamo), so it is
+    only imported to download missing files; tests check both paths give the same tensors.
+    """
+    raw = Path(root) / dataset.rsplit(".", 1)[-1] / "raw"
+    prefix = "train" if train else "t10k"
+    files = (raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte")
+    if not all(f.is_file() for f in files):
+        _download(dataset, root, train=train, download=download)
+    images, labels = (_idx(f) for f in files)
+    return Split(images.unsqueeze(1), labels.to(torch.int64))
+
+
+def _idx(path: Path) -> Tensor:
+    """An IDX file (big-endian header: zero, zero, dtype 0x08 = uint8, rank; then the sizes)."""
+    data = path.read_bytes()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise UserError(f"{path} is not an IDX file of bytes: replace it with the original file")
+    rank = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank)]
+    body = data[4 + 4 * rank :]
+    if len(body) != math.prod(shape):
+        raise UserError(f"{path} is truncated ({len(body)} of {math.prod(shape)} bytes)")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(shape)
+
+
+def _download(dataset: str, root: str, *, train: bool, download: bool) -> None:
+    from hydra.utils import get_class
+
+    dataset_cls = get_class(dataset)
+    raw_folder = os.path.join(root, dataset_cls.__name__, "raw")
     try:
         # torchvision prints every mirror it tries; only the outcome matters here.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            dataset = dataset_cls(root, train=train, download=download)
+            dataset_cls(root, train=train, download=download)
     except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ...
         missing = [
             os.path.splitext(fname)[0]
@@ -95,8 +133,7 @@ def _read(dataset_cls: type[VisionDataset], root: str, *, train: bool, download:
         what = f"missing {', '.join(missing)}" if missing else f"unreadable: {exc}"
         how = "could not be downloaded" if download else "download is off (data.download=false)"
         raise UserError(
-            f"{name} not found in {raw_folder} ({what}) and {how}: copy the IDX files there "
-            f"(for example with shared/data/seed.sh DIR) or set data.root to a folder that has them"
+            f"{dataset_cls.__name__} not found in {raw_folder} ({what}) and {how}: copy the IDX "
+            f"files there (for example with shared/data/seed.sh DIR) or set data.root to a "
+            f"folder that has them"
         ) from exc
-    images = dataset.data.unsqueeze(1).to(torch.float32).div_(255)
-    return Split(images, torch.as_tensor(dataset.targets, dtype=torch.int64))

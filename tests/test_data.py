@@ -10,27 +10,34 @@ from torchvision.transforms.functional import to_tensor
 from mnist_exp.data import batch_indices, load
 from mnist_exp.errors import UserError
 
-MNIST = torchvision.datasets.MNIST
+MNIST = "torchvision.datasets.MNIST"
 
 
 def test_mnist_loads_whole_and_scaled_like_to_tensor(data_root: Path) -> None:
     data = load(MNIST, str(data_root))
     assert data.train.images.shape == (60000, 1, 28, 28)
     assert data.test.images.shape == (10000, 1, 28, 28)
-    assert data.train.images.dtype == torch.float32
+    assert data.train.images.dtype == torch.uint8
     assert data.train.labels.dtype == torch.int64
     assert data.val is None
-    reference = MNIST(str(data_root), train=True)
+    reference = torchvision.datasets.MNIST(str(data_root), train=True)
     for i in (0, 123, 59999):
         image, label = reference[i]
-        torch.testing.assert_close(data.train.images[i], to_tensor(image), rtol=0, atol=0)
+        scaled = data.train.inputs(torch.tensor([i]))[0]
+        torch.testing.assert_close(scaled, to_tensor(image), rtol=0, atol=0)
         assert data.train.labels[i] == label
 
 
 def test_fashion_mnist_loads(data_root: Path) -> None:
-    data = load(torchvision.datasets.FashionMNIST, str(data_root), max_test_samples=10)
+    data = load("torchvision.datasets.FashionMNIST", str(data_root), max_test_samples=10)
     assert len(data.train) == 60000
     assert len(data.test) == 10
+    reference = torchvision.datasets.FashionMNIST(str(data_root), train=False)
+    image, label = reference[7]
+    torch.testing.assert_close(
+        data.test.inputs(torch.tensor([7]))[0], to_tensor(image), rtol=0, atol=0
+    )
+    assert data.test.labels[7] == label
 
 
 def test_validation_split_is_fixed_by_the_seed_and_disjoint(data_root: Path) -> None:
@@ -66,6 +73,17 @@ def test_missing_files_are_named_with_where_and_how(tmp_path: Path) -> None:
     assert "train-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
     assert "data.root" in message
     assert "\n" not in message
+
+
+def test_a_truncated_idx_file_is_refused(data_root: Path, tmp_path: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (data_root / "MNIST" / "raw").glob("*-ubyte"):
+        (raw / f.name).write_bytes(f.read_bytes())
+    images = raw / "t10k-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte is truncated"):
+        load(MNIST, str(tmp_path), download=False)
 
 
 def test_batch_indices_cover_every_sample_once_with_a_short_last_batch() -> None:
