@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp.data import Data, Split, batch_indices
 from mnist_exp.errors import UserError
@@ -37,7 +38,7 @@ class Callback:
         """
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        """After each epoch with `train_images_per_s` and, with a validation split, `val_*`."""
+        """After each epoch: `train_images_per_s`, `epoch_seconds`, and `val_*` with a split."""
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def training_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    epoch: int,
+    step: int,
 ) -> dict[str, Any]:
-    """Everything needed to continue after `epoch` exactly: weights, optimizer, RNGs, counters.
+    """Everything to continue after `epoch` exactly: weights, optimizer, schedule, RNGs, counters.
 
     Only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
     """
@@ -98,16 +103,24 @@ def training_state(
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng,
     }
 
 
 def restore_training_state(
-    state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
 ) -> tuple[int, int]:
-    """Load a `training_state` into the model, optimizer and RNGs; returns (epoch, step)."""
+    """Load a `training_state` into model, optimizer, scheduler and RNGs; returns (epoch, step)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    if (scheduler is None) != (state.get("scheduler") is None):
+        raise ValueError("the checkpoint and the config disagree on having an LR scheduler")
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(_tuples(rng["python"]))
@@ -143,13 +156,16 @@ def fit(
     seed: int,
     device: torch.device,
     precision: str = "32",
+    channels_last: bool = False,
+    scheduler: LRScheduler | None = None,
     callbacks: Sequence[Callback] = (),
     start_epoch: int = 0,
     start_step: int = 0,
 ) -> int:
     """Train until epoch `epochs`, after `start_epoch` epochs (and `start_step` steps) done.
 
-    Evaluates on the validation split after each epoch. Returns the global step.
+    `scheduler`, if any, steps after every optimizer step. Evaluates on the validation split
+    after each epoch. Returns the global step.
     """
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None else None
@@ -162,19 +178,30 @@ def fit(
         start = time.perf_counter()
         for batch, index in enumerate(_on(device, batches), start=1):
             with _autocast(device, precision):
-                loss = F.cross_entropy(model(train.images[index]), train.labels[index])
+                loss = F.cross_entropy(
+                    model(train.inputs(index, channels_last)), train.labels[index]
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             step += 1
             loss = loss.detach()
             for cb in callbacks:
                 cb.on_train_step(step, epoch, batch, loss)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        metrics = {"train_images_per_s": len(train) / (time.perf_counter() - start)}
+        seconds = time.perf_counter() - start
+        metrics = {"train_images_per_s": len(train) / seconds, "epoch_seconds": seconds}
         if val is not None:
-            result = evaluate(model, val, batch_size=eval_batch_size, precision=precision)
+            result = evaluate(
+                model,
+                val,
+                batch_size=eval_batch_size,
+                precision=precision,
+                channels_last=channels_last,
+            )
             metrics |= {"val_loss": result.loss, "val_accuracy": result.accuracy}
         for cb in callbacks:
             cb.on_epoch_end(epoch, step, metrics)
@@ -182,7 +209,12 @@ def fit(
 
 
 def evaluate(
-    model: nn.Module, split: Split, *, batch_size: int, precision: str = "32"
+    model: nn.Module,
+    split: Split,
+    *,
+    batch_size: int,
+    precision: str = "32",
+    channels_last: bool = False,
 ) -> EvalResult:
     """Mean cross-entropy and accuracy in eval mode (BatchNorm's running statistics), no grad."""
     model.eval()
@@ -192,7 +224,7 @@ def evaluate(
     with torch.inference_mode():
         for index in _on(device, batch_indices(len(split), batch_size, None)):
             with _autocast(device, precision):
-                outputs = model(split.images[index])
+                outputs = model(split.inputs(index, channels_last))
             labels = split.labels[index]
             loss_sum += F.cross_entropy(outputs.float(), labels, reduction="sum")
             correct += (outputs.argmax(1) == labels).sum()

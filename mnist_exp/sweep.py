@@ -16,25 +16,32 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from mnist_exp import compare, tracking
 from mnist_exp.errors import UserError
 from mnist_exp.validation import OPTIMIZABLE_METRICS, check_config, check_search_space
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+    from mnist_exp import tracking
 
 log = logging.getLogger("mnist_exp")
 
 
 class MlflowSweepCallback(Callback):
+    """Hydra instantiates it for every command; MLflow is imported only when a sweep starts."""
+
     def __init__(self) -> None:
         self.parent: tracking.Run | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mnist_exp import compare, tracking
+
         try:
             check_config(config)
             check_search_space(config)
@@ -68,6 +75,8 @@ class MlflowSweepCallback(Callback):
         log.info(f"Sweep parent run {self.parent.run_id} in {config.mlflow.tracking_uri}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mnist_exp import compare, tracking
+
         parent, self.parent = self.parent, None
         os.environ.pop(tracking.PARENT_RUN_ENV, None)
         if parent is None:
@@ -127,6 +136,8 @@ class MlflowSweepCallback(Callback):
 
 def _name_by_swept_overrides(client: MlflowClient, children: list[Run]) -> None:
     """Rename each child after the overrides that differ between jobs: `lr=0.003,batch_size=128`."""
+    from mnist_exp import compare
+
     keys, given = compare.swept_overrides(children)
     for run, overrides in zip(children, given, strict=True):
         name = ",".join(f"{k.rsplit('.', 1)[-1]}={overrides[k]}" for k in keys if k in overrides)

@@ -11,6 +11,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,12 +29,14 @@ if TYPE_CHECKING:
     from torch import Tensor
     from torch.nn import Module
     from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler
 
     from mnist_exp.data import Data
     from mnist_exp.engine import EvalResult
     from mnist_exp.tracking import Run
 
 log = logging.getLogger("mnist_exp")
+_LOADED = time.perf_counter()
 
 # Override prefixes that say where things are, not what the experiment is; left out of run names.
 _NOT_IN_NAME = ("hydra.", "mlflow.", "data.root", "device", "trainer.print_every_n_steps")
@@ -60,11 +64,48 @@ def main(cfg: DictConfig) -> float:
     return float("nan")
 
 
-def _run(cfg: DictConfig) -> float:
-    import torch
-    from hydra.utils import get_class, instantiate
+@dataclass
+class _Setup:
+    """The objects a run trains, built from the config."""
 
-    from mnist_exp import data, engine, resume, tracking
+    model: Module
+    optimizer: Optimizer
+    scheduler: LRScheduler | None
+    data: Data
+    device: torch.device
+
+
+def _build(cfg: DictConfig, device: torch.device) -> _Setup:
+    import torch
+    from hydra.utils import instantiate
+
+    from mnist_exp import data, engine
+
+    torch.set_num_threads(cfg.trainer.num_threads or _share_of_cores())
+    engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    dataset = data.load(
+        cfg.data.dataset,
+        cfg.data.root,
+        download=cfg.data.download,
+        val_size=cfg.data.val_size,
+        max_train_samples=cfg.data.max_train_samples,
+        max_test_samples=cfg.data.max_test_samples,
+        seed=cfg.trainer.seed,
+    )
+    model = instantiate(cfg.model).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = None
+    if cfg.get("scheduler"):
+        steps_per_epoch = -(-len(dataset.train) // cfg.data.batch_size)
+        total_steps = max(1, steps_per_epoch * cfg.trainer.epochs)
+        scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+    return _Setup(model, optimizer, scheduler, dataset, device)
+
+
+def _run(cfg: DictConfig) -> float:
+    from mnist_exp import engine, resume, tracking
 
     device = engine.resolve_device(cfg.device.type)
     hydra_cfg = HydraConfig.get()
@@ -76,20 +117,7 @@ def _run(cfg: DictConfig) -> float:
     if cfg.trainer.resume:  # checked before the slow part, so a bad source is refused at once
         state, run_id = resume.find(str(cfg.trainer.resume), client, uri)
         resume.check_resumable(run_id, state, client, params)
-
-    torch.set_num_threads(cfg.trainer.num_threads or _share_of_cores())
-    engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
-    dataset = data.load(
-        get_class(cfg.data.dataset),
-        cfg.data.root,
-        download=cfg.data.download,
-        val_size=cfg.data.val_size,
-        max_train_samples=cfg.data.max_train_samples,
-        max_test_samples=cfg.data.max_test_samples,
-        seed=cfg.trainer.seed,
-    )
-    model = instantiate(cfg.model).to(device)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    setup = _build(cfg, device)
 
     tags = tracking.source_tags(PROJECT_ROOT) | {
         "mnist_exp.overrides": " ".join(overrides),
@@ -99,11 +127,13 @@ def _run(cfg: DictConfig) -> float:
     start = (0, 0)
     if cfg.trainer.resume:
         try:
-            start = engine.restore_training_state(state, model, optimizer)
+            start = engine.restore_training_state(
+                state, setup.model, setup.optimizer, setup.scheduler
+            )
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
-                f"trainer.resume: the checkpoint of run {run_id} does not fit this model and "
-                f"optimizer ({str(exc).strip().splitlines()[0][:160]})"
+                f"trainer.resume: the checkpoint of run {run_id} does not fit this model, "
+                f"optimizer and scheduler ({str(exc).strip().splitlines()[0][:160]})"
             ) from exc
         run = tracking.Run.reopen(client, run_id)
         run.set_tags(tags | {"mnist_exp.resumed_from_epoch": str(start[0])})
@@ -117,7 +147,7 @@ def _run(cfg: DictConfig) -> float:
         hydra_files = "hydra" if not cfg.trainer.resume else f"hydra/resumed-{start[0]}"
         run.log_artifacts(out_dir / hydra_cfg.output_subdir, hydra_files)
         run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
-        test = _train_and_test(cfg, model, optimizer, dataset, device, run, out_dir, start)
+        test = _train_and_test(cfg, setup, run, out_dir, start)
         metric = _latest_metric(run, cfg.optimized_metric)
     except KeyboardInterrupt:
         _end_quietly(run, "KILLED")
@@ -142,14 +172,7 @@ def _run(cfg: DictConfig) -> float:
 
 
 def _train_and_test(
-    cfg: DictConfig,
-    model: Module,
-    optimizer: Optimizer,
-    dataset: Data,
-    device: torch.device,
-    run: Run,
-    out_dir: Path,
-    start: tuple[int, int],
+    cfg: DictConfig, setup: _Setup, run: Run, out_dir: Path, start: tuple[int, int]
 ) -> EvalResult:
     """Train (checkpointing each epoch), test, and save the final weights as the seed does."""
     import torch
@@ -158,30 +181,37 @@ def _train_and_test(
     from mnist_exp import engine
     from mnist_exp.console import Console
 
-    net = torch.compile(model) if cfg.trainer.compile else model
+    net = torch.compile(setup.model) if cfg.trainer.compile else setup.model
     precision = str(cfg.trainer.precision)
+    channels_last = bool(cfg.trainer.channels_last)
     callbacks = [
-        _MlflowLogger(run, cfg.trainer.log_every_n_steps),
+        MlflowLogger(run, cfg.trainer.log_every_n_steps),
         Console(cfg.trainer.print_every_n_steps),
-        _Checkpointer(model, optimizer, run, out_dir / "checkpoints" / "last.ckpt"),
+        _Checkpointer(setup, run, out_dir / "checkpoints" / "last.ckpt"),
     ]
     with logging_redirect_tqdm():
         step = engine.fit(
             net,
-            optimizer,
-            dataset,
+            setup.optimizer,
+            setup.data,
             epochs=cfg.trainer.epochs,
             batch_size=cfg.data.batch_size,
             eval_batch_size=cfg.data.eval_batch_size,
             seed=cfg.trainer.seed,
-            device=device,
+            device=setup.device,
             precision=precision,
+            channels_last=channels_last,
+            scheduler=setup.scheduler,
             callbacks=callbacks,
             start_epoch=start[0],
             start_step=start[1],
         )
     test = engine.evaluate(
-        net, dataset.test.to(device), batch_size=cfg.data.eval_batch_size, precision=precision
+        net,
+        setup.data.test.to(setup.device),
+        batch_size=cfg.data.eval_batch_size,
+        precision=precision,
+        channels_last=channels_last,
     )
     log.info(
         f"Test Accuracy of the model on the {test.total} test images: "
@@ -189,7 +219,7 @@ def _train_and_test(
     )
     run.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy}, step)
     weights = out_dir / "model.ckpt"
-    torch.save(model.state_dict(), weights)
+    torch.save(setup.model.state_dict(), weights)
     run.log_artifact(weights, "checkpoints")
     return test
 
@@ -201,8 +231,8 @@ class _Checkpointer:
     claims steps whose losses were not recorded.
     """
 
-    def __init__(self, model: Module, optimizer: Optimizer, run: Run, path: Path) -> None:
-        self.model, self.optimizer, self.run, self.path = model, optimizer, run, path
+    def __init__(self, setup: _Setup, run: Run, path: Path) -> None:
+        self.setup, self.run, self.path = setup, run, path
 
     def on_epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
         pass
@@ -213,28 +243,48 @@ class _Checkpointer:
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         from mnist_exp import checkpoint, engine
 
-        state = engine.training_state(self.model, self.optimizer, epoch, step)
+        s = self.setup
+        state = engine.training_state(s.model, s.optimizer, s.scheduler, epoch, step)
         checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
         self.run.log_artifact(self.path, "checkpoints")
 
 
-class _MlflowLogger:
-    """Engine callback that records `train_loss` every `every` steps and the epoch metrics."""
+class MlflowLogger:
+    """Engine callback: `train_loss` every `every` steps, the epoch metrics, and `startup_s`.
+
+    `startup_s` is the time from the start of the process to the first optimizer step.
+    """
 
     def __init__(self, run: Run, every: int) -> None:
         self.run = run
         self.every = every
+        self._started = False
 
     def on_epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
         pass
 
     def on_train_step(self, step: int, epoch: int, batch: int, loss: Tensor) -> None:
+        if not self._started:
+            self._started = True
+            self.run.log_metric("startup_s", _process_age(), step)
         if step % self.every == 0:
             self.run.log_metric("train_loss", loss, step)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.run.log_metrics({**metrics, "epoch": epoch}, step)
         self.run.flush()
+
+
+def _process_age() -> float:
+    """Seconds since this process started (from /proc on Linux; else since this module loaded)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _LOADED
 
 
 def _share_of_cores() -> int:

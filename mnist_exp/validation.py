@@ -40,6 +40,14 @@ def check_config(cfg: DictConfig) -> None:
     if device.split(":")[0] not in DEVICES:
         _refuse("device.type", device, "must be auto, cpu, cuda or cuda:N")
     _integer(cfg, "trainer.num_threads", low=1, optional=True)
+    for key in (
+        "trainer.deterministic",
+        "trainer.channels_last",
+        "trainer.compile",
+        "data.download",
+    ):
+        if not isinstance(_get(cfg, key), bool):
+            _refuse(key, _get(cfg, key), "must be true or false")
     metric = _get(cfg, "optimized_metric")
     if metric not in OPTIMIZABLE_METRICS:
         _refuse("optimized_metric", metric, f"must be one of {', '.join(OPTIMIZABLE_METRICS)}")

@@ -30,6 +30,9 @@ def test_every_group_of_the_design_has_its_options() -> None:
         ("device", "cuda"),
         ("experiment", "seed"),
         ("mlflow", "local"),
+        ("experiment", "fast"),
+        ("scheduler", "onecycle"),
+        ("hparams_search", "optuna"),
     } <= set(OPTIONS)
 
 
@@ -41,7 +44,10 @@ def test_option_composes_and_instantiates(group: str, option: str) -> None:
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     assert isinstance(optimizer, torch.optim.Optimizer)
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
-    assert get_class(cfg.data.dataset).__name__ in {"MNIST", "FashionMNIST"}
+    if cfg.get("scheduler"):
+        scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=10)
+        assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    assert get_class(cfg.data.dataset).__name__ in {"MNIST", "FashionMNIST"}  # torchvision's
     if cfg.device.type == "cuda" and not torch.cuda.is_available():
         with pytest.raises(UserError, match="device=cuda"):
             resolve_device(cfg.device.type)
@@ -71,6 +77,16 @@ def test_experiment_seed_is_the_seed_scripts_hyperparameters() -> None:
     assert seed.data.val_size == 0
     assert seed.data.max_train_samples is None
     assert cfg.data.batch_size == 32  # command-line overrides still win over the experiment
+
+
+def test_experiment_fast_keeps_the_model_and_changes_only_the_recipe() -> None:
+    default, fast = compose_config(), compose_config(["experiment=fast"])
+    assert fast.model == default.model
+    assert fast.trainer.epochs == 1
+    assert fast.trainer.precision == "bf16-mixed"
+    assert fast.scheduler._target_ == "torch.optim.lr_scheduler.OneCycleLR"
+    assert fast.scheduler.max_lr == fast.optimizer.lr
+    assert fast.optimizer.fused is True
 
 
 def test_tracking_uri_defaults_to_sqlite_in_the_project_and_env_wins(monkeypatch) -> None:

@@ -9,7 +9,7 @@ from mnist_exp.models import ConvNet
 
 def _tiny(n: int = 96) -> Data:
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(n, 1, 28, 28, generator=g)
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,), generator=g)
     split = Split(images, labels)
     return Data(train=split, val=Split(images[:32], labels[:32]), test=split)
@@ -52,7 +52,7 @@ def test_fit_reports_every_step_and_epoch() -> None:
     assert [s for s, _ in recorder.losses] == [1, 2, 3, 4, 5, 6]
     assert [(e, s) for e, s, _ in recorder.epochs] == [(1, 3), (2, 6)]
     metrics = recorder.epochs[-1][2]
-    assert set(metrics) == {"train_images_per_s", "val_loss", "val_accuracy"}
+    assert set(metrics) == {"train_images_per_s", "epoch_seconds", "val_loss", "val_accuracy"}
     assert 0 <= metrics["val_accuracy"] <= 1 and metrics["train_images_per_s"] > 0
 
 
@@ -86,6 +86,47 @@ def test_evaluate_counts_correct_predictions_in_eval_mode() -> None:
     assert not model.training
     assert result.total == 40
     with torch.no_grad():
-        predicted = model(data.test.images).argmax(1)
+        predicted = model(data.test.inputs(torch.arange(40))).argmax(1)
     assert result.correct == int((predicted == data.test.labels).sum())
     assert result.accuracy == result.correct / 40
+
+
+def test_resuming_from_a_saved_state_matches_an_uninterrupted_fit(tmp_path) -> None:
+    """Stop after epoch 1, save through a weights-only checkpoint, restore, finish epoch 2."""
+    from mnist_exp import checkpoint
+    from mnist_exp.engine import restore_training_state, training_state
+
+    def setup(seed: int):
+        seed_everything(seed)
+        model = ConvNet().to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=6)
+        return model, optimizer, scheduler
+
+    kwargs = dict(
+        batch_size=32, eval_batch_size=50, seed=5, device=torch.device("cpu"), channels_last=True
+    )
+    straight, recorder = setup(5), Recorder()
+    fit(*straight[:2], _tiny(), epochs=2, scheduler=straight[2], callbacks=[recorder], **kwargs)
+
+    first, stopped = setup(5), Recorder()
+    step = fit(*first[:2], _tiny(), epochs=1, scheduler=first[2], callbacks=[stopped], **kwargs)
+    checkpoint.save(training_state(*first, epoch=1, step=step) | {"run_id": "r"}, tmp_path / "c")
+    torch.manual_seed(123)  # the RNGs must come back from the checkpoint, not from here
+    second = setup(99)
+    epoch, step = restore_training_state(checkpoint.load(tmp_path / "c"), *second)
+    fit(
+        *second[:2],
+        _tiny(),
+        epochs=2,
+        scheduler=second[2],
+        callbacks=[stopped],
+        **kwargs,
+        start_epoch=epoch,
+        start_step=step,
+    )
+    assert stopped.losses == recorder.losses
+    for x, y in zip(
+        straight[0].state_dict().values(), second[0].state_dict().values(), strict=True
+    ):
+        assert torch.equal(x, y)

@@ -21,6 +21,9 @@ BAD = [
     ("trainer.precision=16", "trainer.precision"),
     ("device.type=tpu", "device.type"),
     ("model.num_classes=1", "model.num_classes"),
+    ("trainer.compile=maybe", "trainer.compile"),
+    ("trainer.channels_last=1", "trainer.channels_last"),
+    ("optimized_metric=accuracy", "optimized_metric"),
 ]
 
 
