@@ -1,0 +1,330 @@
+"""Training and evaluation throughput of mnist-exp against the seed script, side by side.
+
+    python scripts/benchmark.py [--batch-sizes 1 64 256] [--json FILE] [--end-to-end] [--accuracy]
+
+For each batch size B, in one process on the same data:
+  a. the seed's loop as written: torchvision MNIST, ToTensor, DataLoader(shuffle), fp32 Adam;
+  b. mnist-exp's loop (engine.fit) logging train_loss to MLflow (SQLite) every step, in the
+     default precision (fp32) and the fastest (bf16 autocast, channels-last, fused Adam);
+  c. the same loop with logging off, and pure compute on synthetic tensors;
+  d. evaluation of the 10,000 test images: the seed's test loop against engine.evaluate.
+It prints images/s, the ratios b/a, b/c and eval b/a, and the peak memory of this process.
+--end-to-end also times whole commands: an invalid override, a default 1-epoch run (peak
+memory, start-up to the first step) and `experiment=fast` for seeds 0, 1, 2 (time to 99%).
+--accuracy runs 5 epochs in fp32 and bf16 for 3 seeds each (about 10 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision import transforms
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mnist_exp import data, engine, tracking  # noqa: E402
+from mnist_exp.config import compose_config  # noqa: E402
+from mnist_exp.models import ConvNet  # noqa: E402
+from mnist_exp.train import MlflowLogger  # noqa: E402
+
+IMAGES = {1: 1000, 64: 12800, 256: 25600}  # images timed per loop, by batch size
+WARMUP = 5  # steps not timed at the start of each loop
+
+
+def _mode(*overrides: str) -> dict:
+    """Precision, layout and fused optimizer of the config these overrides compose."""
+    cfg = compose_config(list(overrides))
+    return {
+        "precision": str(cfg.trainer.precision),
+        "channels_last": cfg.trainer.channels_last,
+        "fused": cfg.optimizer.fused,
+        "eval_batch_size": cfg.data.eval_batch_size,
+    }
+
+
+DEFAULT = _mode()
+FASTEST = _mode("experiment=fast")
+
+
+def seed_train(root: str, batch: int, images: int) -> float:
+    """a: the seed's training loop, images/s over `images` images after a short warm-up."""
+    dataset = torchvision.datasets.MNIST(root, train=True, transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True)
+    model = ConvNet(10)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+    steps = WARMUP + images // batch
+    for i, (x, y) in enumerate(loader):
+        if i == WARMUP:
+            start = time.perf_counter()
+        loss = criterion(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i + 1 == steps:
+            break
+    return (steps - WARMUP) * batch / (time.perf_counter() - start)
+
+
+def seed_eval(root: str, batch: int, model: torch.nn.Module) -> float:
+    """d (seed): the seed's test loop over the 10,000 test images, images/s."""
+    dataset = torchvision.datasets.MNIST(root, train=False, transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        correct = total = 0
+        for x, y in loader:
+            _, predicted = torch.max(model(x).data, 1)
+            total += y.size(0)
+            correct += (predicted == y).sum().item()
+    return total / (time.perf_counter() - start)
+
+
+def ours_train(split: data.Data, batch: int, mode: dict, log_to: str | None) -> float:
+    """b and c: engine.fit for one epoch of `split`, with or without MLflow logging."""
+    engine.seed_everything(0)
+    model = ConvNet()
+    if mode["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001, fused=mode["fused"])
+    warm = data.Data(
+        data.Split(split.train.images[: WARMUP * batch], split.train.labels[: WARMUP * batch]),
+        None,
+        split.test,
+    )
+    kwargs = dict(
+        batch_size=batch,
+        eval_batch_size=mode["eval_batch_size"],
+        seed=0,
+        device=torch.device("cpu"),
+        precision=mode["precision"],
+        channels_last=mode["channels_last"],
+    )
+    engine.fit(model, optimizer, warm, epochs=1, **kwargs)
+    callbacks = []
+    if log_to:
+        client, experiment_id = tracking.open_store(log_to, "benchmark")
+        run = tracking.Run.start(client, experiment_id, run_name="bench", params={}, tags={})
+        callbacks = [MlflowLogger(run, every=1)]
+    start = time.perf_counter()
+    engine.fit(model, optimizer, split, epochs=1, callbacks=callbacks, **kwargs)
+    if log_to:
+        run.end("FINISHED")
+    return len(split.train) / (time.perf_counter() - start)
+
+
+def pure_compute(batch: int, images: int, mode: dict) -> float:
+    """c: forward, backward and step on one synthetic batch, no data handling at all."""
+    model = ConvNet()
+    x = torch.rand(batch, 1, 28, 28)
+    if mode["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001, fused=mode["fused"])
+    dtype = torch.bfloat16 if mode["precision"] == "bf16-mixed" else None
+    steps = WARMUP + images // batch
+    for i in range(steps):
+        if i == WARMUP:
+            start = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (steps - WARMUP) * batch / (time.perf_counter() - start)
+
+
+def ours_eval(test: data.Split, mode: dict) -> float:
+    model = ConvNet()
+    if mode["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    engine.evaluate(
+        model,
+        test,
+        batch_size=mode["eval_batch_size"],
+        precision=mode["precision"],
+        channels_last=mode["channels_last"],
+    )
+    start = time.perf_counter()
+    engine.evaluate(
+        model,
+        test,
+        batch_size=mode["eval_batch_size"],
+        precision=mode["precision"],
+        channels_last=mode["channels_last"],
+    )
+    return len(test) / (time.perf_counter() - start)
+
+
+def _measurements(root: str, batch: int, n: int, split: data.Data, store: str) -> dict:
+    return {
+        "a_seed": lambda: seed_train(root, batch, n),
+        "b_default_logged": lambda: ours_train(split, batch, DEFAULT, store),
+        "b_fastest_logged": lambda: ours_train(split, batch, FASTEST, store),
+        "c_fastest_unlogged": lambda: ours_train(split, batch, FASTEST, None),
+        "c_default_unlogged": lambda: ours_train(split, batch, DEFAULT, None),
+        "c_fastest_pure_compute": lambda: pure_compute(batch, n, FASTEST),
+        "c_default_pure_compute": lambda: pure_compute(batch, n, DEFAULT),
+        "d_seed_eval": lambda: seed_eval(root, batch, ConvNet()),
+        "d_default_eval": lambda: ours_eval(split.test, DEFAULT),
+        "d_fastest_eval": lambda: ours_eval(split.test, FASTEST),
+    }
+
+
+def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
+    """Every measurement `rounds` times, interleaved, keeping each one's best (least disturbed)."""
+    full = data.load("torchvision.datasets.MNIST", root)
+    figures: dict = {}
+    for batch in batch_sizes:
+        n = IMAGES.get(batch, 25600)
+        split = data.Data(data.Split(full.train.images[:n], full.train.labels[:n]), None, full.test)
+        measurements = _measurements(root, batch, n, split, store)
+        f = {key: 0.0 for key in measurements}
+        for _ in range(rounds):
+            for key, measure in measurements.items():
+                f[key] = max(f[key], measure())
+        f["ratio_b_over_a_default"] = f["b_default_logged"] / f["a_seed"]
+        f["ratio_b_over_a_fastest"] = f["b_fastest_logged"] / f["a_seed"]
+        f["overhead_vs_pure_compute_fastest"] = (
+            1 - f["b_fastest_logged"] / f["c_fastest_pure_compute"]
+        )
+        f["overhead_of_logging_fastest"] = 1 - f["b_fastest_logged"] / f["c_fastest_unlogged"]
+        f["overhead_of_logging_default"] = 1 - f["b_default_logged"] / f["c_default_unlogged"]
+        f["ratio_eval_over_seed_default"] = f["d_default_eval"] / f["d_seed_eval"]
+        figures[f"batch_{batch}"] = f
+        print(f"\nbatch size {batch} ({n} training images timed, best of {rounds})", flush=True)
+        for key, value in f.items():
+            unit = "img/s" if not key.startswith(("ratio", "overhead")) else ""
+            shown = f"{value:.0%}" if key.startswith("overhead") else f"{value:,.2f}"
+            print(f"  {key:36s} {shown:>12s} {unit}", flush=True)
+    figures["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return figures
+
+
+def command(args: list[str], store: str, run_dir: str) -> tuple[float, int, int]:
+    """Wall seconds, exit code and the peak memory (KB) of one `mnist-train` command."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "mnist_exp.train",
+        *args,
+        f"mlflow.tracking_uri={store}",
+        f"hydra.run.dir={run_dir}",
+    ]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    return wall, proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+
+
+def end_to_end(root: str, tmp: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    store = f"sqlite:///{tmp}/e2e.db"
+    tracking.open_store(store, "mnist-exp")
+    client = MlflowClient(store)
+    figures: dict = {}
+    wall, code, _ = command(["model=resnet999"], store, f"{tmp}/bad")
+    figures["invalid_override_s"] = wall
+    print(f"\ninvalid override reported in {wall:.2f} s (exit {code})", flush=True)
+
+    def last_run():
+        return client.search_runs(
+            [client.get_experiment_by_name("mnist-exp").experiment_id], max_results=1
+        )[0]
+
+    wall, code, rss = command([f"data.root={root}", "trainer.epochs=1"], store, f"{tmp}/default")
+    run = last_run()
+    figures["default_1_epoch"] = {
+        "wall_s": wall,
+        "peak_rss_mb": rss / 1024,
+        "startup_s": run.data.metrics["startup_s"],
+        "test_accuracy": run.data.metrics["test_accuracy"],
+    }
+    print(f"default run, 1 epoch: {figures['default_1_epoch']}", flush=True)
+    fast = []
+    for seed in (0, 1, 2):
+        wall, code, _ = command(
+            [f"data.root={root}", "experiment=fast", f"trainer.seed={seed}"],
+            store,
+            f"{tmp}/fast{seed}",
+        )
+        run = last_run()
+        fast.append(
+            {
+                "seed": seed,
+                "test_accuracy": run.data.metrics["test_accuracy"],
+                "train_s": run.data.metrics["epoch_seconds"],
+                "startup_s": run.data.metrics["startup_s"],
+                "command_s": wall,
+            }
+        )
+        print(f"experiment=fast: {fast[-1]}", flush=True)
+    figures["fast"] = fast
+    return figures
+
+
+def accuracy(root: str, tmp: str) -> dict:
+    """Mean test accuracy of 5-epoch runs in fp32 and bf16-mixed over seeds 0, 1, 2."""
+    from mlflow.tracking import MlflowClient
+
+    figures = {}
+    for precision in ("32", "bf16-mixed"):
+        store = f"sqlite:///{tmp}/acc-{precision}.db"
+        accs = []
+        for seed in (0, 1, 2):
+            command(
+                [f"data.root={root}", f"trainer.precision={precision}", f"trainer.seed={seed}"],
+                store,
+                f"{tmp}/acc-{precision}-{seed}",
+            )
+            client = MlflowClient(store)
+            exp = client.get_experiment_by_name("mnist-exp").experiment_id
+            accs.append(client.search_runs([exp], max_results=1)[0].data.metrics["test_accuracy"])
+        figures[precision] = {"accuracies": accs, "mean": sum(accs) / 3}
+        print(f"5 epochs, precision {precision}: {figures[precision]}", flush=True)
+    figures["difference_points"] = 100 * (figures["32"]["mean"] - figures["bf16-mixed"]["mean"])
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", default=os.environ.get("MNIST_EXP_DATA", str(ROOT / "data")))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
+    parser.add_argument("--rounds", type=int, default=2, help="repeats; the best is kept")
+    parser.add_argument("--end-to-end", action="store_true")
+    parser.add_argument("--accuracy", action="store_true")
+    args = parser.parse_args()
+    figures = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": torch.backends.cpu.get_cpu_capability(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        store = f"sqlite:///{tmp}/loops.db"
+        figures["loops"] = loops(args.data_root, args.batch_sizes, store, args.rounds)
+        if args.end_to_end:
+            figures["end_to_end"] = end_to_end(args.data_root, tmp)
+        if args.accuracy:
+            figures["accuracy_5_epochs"] = accuracy(args.data_root, tmp)
+    args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
