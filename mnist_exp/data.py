@@ -25,8 +25,18 @@ class Split:
     images: Tensor
     labels: Tensor
 
-    def inputs(self, index: Tensor, channels_last: bool = False) -> Tensor:
-        batch = self.images[index].to(torch.float32).div_(255)
+    def inputs(
+        self,
+        index: Tensor,
+        channels_last: bool = False,
+        max_shift: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Float32 images in [0, 1]; with `max_shift`, each moved by up to that many pixels."""
+        images = self.images[index]
+        if max_shift:
+            images = _shift(images, max_shift, generator)
+        batch = images.to(torch.float32).div_(255)
         return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
     def __len__(self) -> int:
@@ -81,6 +91,17 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) ->
     """Index tensors of one epoch's batches: shuffled when a generator is given, last one short."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     return list(order.split(batch_size))
+
+
+def _shift(images: Tensor, max_shift: int, generator: torch.Generator | None) -> Tensor:
+    """Translate each image by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
+    n, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(images.device)
+    rows = torch.arange(height, device=images.device)[None, :] + offsets[0][:, None]
+    cols = torch.arange(width, device=images.device)[None, :] + offsets[1][:, None]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
 
 
 def _take(split: Split, index: Tensor | slice) -> Split:

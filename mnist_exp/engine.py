@@ -139,9 +139,12 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The shuffling RNG of one epoch, a function of (seed, epoch) only, so resuming is exact."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
+def epoch_generator(seed: int, epoch: int, purpose: str = "order") -> torch.Generator:
+    """An RNG of one epoch (its order, its augmentation) from (seed, epoch, purpose) only.
+
+    No state carries over from earlier epochs, so a resumed run draws exactly the same.
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{purpose}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
@@ -157,6 +160,7 @@ def fit(
     device: torch.device,
     precision: str = "32",
     channels_last: bool = False,
+    max_shift: int = 0,
     scheduler: LRScheduler | None = None,
     callbacks: Sequence[Callback] = (),
     start_epoch: int = 0,
@@ -164,14 +168,16 @@ def fit(
 ) -> int:
     """Train until epoch `epochs`, after `start_epoch` epochs (and `start_step` steps) done.
 
-    `scheduler`, if any, steps after every optimizer step. Evaluates on the validation split
-    after each epoch. Returns the global step.
+    `scheduler`, if any, steps after every optimizer step. `max_shift` augments the training
+    images with random translations (drawn from the epoch's own generator, so resuming stays
+    exact). Evaluates on the validation split after each epoch. Returns the global step.
     """
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None else None
     step = start_step
     for epoch in range(start_epoch + 1, epochs + 1):
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
+        shifts = epoch_generator(seed, epoch, "shift") if max_shift else None
         for cb in callbacks:
             cb.on_epoch_start(epoch, epochs, len(batches))
         model.train()
@@ -179,7 +185,8 @@ def fit(
         for batch, index in enumerate(_on(device, batches), start=1):
             with _autocast(device, precision):
                 loss = F.cross_entropy(
-                    model(train.inputs(index, channels_last)), train.labels[index]
+                    model(train.inputs(index, channels_last, max_shift, shifts)),
+                    train.labels[index],
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

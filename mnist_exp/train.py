@@ -201,6 +201,7 @@ def _train_and_test(
             device=setup.device,
             precision=precision,
             channels_last=channels_last,
+            max_shift=cfg.data.max_shift,
             scheduler=setup.scheduler,
             callbacks=callbacks,
             start_epoch=start[0],

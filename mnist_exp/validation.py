@@ -26,6 +26,7 @@ def check_config(cfg: DictConfig) -> None:
     _integer(cfg, "data.batch_size", low=1)
     _integer(cfg, "data.eval_batch_size", low=1)
     _integer(cfg, "data.val_size", low=0)
+    _integer(cfg, "data.max_shift", low=0)
     _integer(cfg, "data.max_train_samples", low=1, optional=True)
     _integer(cfg, "data.max_test_samples", low=1, optional=True)
     _integer(cfg, "trainer.epochs", low=0)

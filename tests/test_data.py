@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torchvision.transforms.functional import to_tensor
 
-from mnist_exp.data import batch_indices, load
+from mnist_exp.data import Split, batch_indices, load
 from mnist_exp.errors import UserError
 
 MNIST = "torchvision.datasets.MNIST"
@@ -91,3 +91,20 @@ def test_batch_indices_cover_every_sample_once_with_a_short_last_batch() -> None
     assert [len(b) for b in batches] == [4, 4, 2]
     assert sorted(torch.cat(batches).tolist()) == list(range(10))
     assert torch.cat(batch_indices(5, 2, None)).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_shifts_move_each_image_within_bounds_and_repeat_with_the_generator() -> None:
+    images = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 14, 14] = 255
+    split = Split(images, torch.zeros(3, dtype=torch.int64))
+
+    def bright_pixels(seed: int) -> list[tuple[int, int]]:
+        batch = split.inputs(
+            torch.arange(3), max_shift=2, generator=torch.Generator().manual_seed(seed)
+        )
+        return [tuple(int(i) for i in (b[0] == 1).nonzero()[0]) for b in batch]
+
+    moved = bright_pixels(0)
+    assert all(12 <= r <= 16 and 12 <= c <= 16 for r, c in moved)
+    assert moved == bright_pixels(0)
+    assert any(bright_pixels(seed) != moved for seed in range(1, 5))
