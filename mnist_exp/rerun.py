@@ -7,7 +7,6 @@ stopped run itself from its last complete epoch instead.
 
 from __future__ import annotations
 
-import logging
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -18,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_exp.errors import UserError
 
-log = logging.getLogger("mnist_exp")
 USAGE = "usage: mnist-rerun RUN_ID_OR_RUN_DIR [--resume] [key=value ...]"
 # Groups that only matter to a sweep, never replayed into a single run.
 _NOT_REPLAYED = ("hydra/", "hparams_search")
@@ -88,7 +86,7 @@ def _write_rerun_config(source: str, overrides: list[str], resume: bool, conf_di
     if not resume:
         name = recorded_tags.get("mlflow.runName") or run_id
         recorded.mlflow.run_name = f"rerun of {name}" + (
-            f" ({' '.join(overrides)})" * bool(overrides)
+            f" ({' '.join(overrides)})" if overrides else ""
         )
         recorded.mlflow.tags = {
             "mnist_exp.rerun_of": run_id,
