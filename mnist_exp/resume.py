@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from mnist_exp import checkpoint, tracking
 from mnist_exp.errors import UserError
+from mnist_exp.tracker import OUTPUT_DIR_TAG
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"
-OUTPUT_DIR_TAG = "mnist_exp.output_dir"
 # Keys that may differ from the stopped run's without changing what it computes.
 MAY_DIFFER = (
     "trainer.resume",

@@ -144,6 +144,7 @@ class Run:
     def __init__(self, client: MlflowClient, info: RunInfo, recorded: dict[str, int]) -> None:
         self.client = client
         self.run_id: str = info.run_id
+        self.experiment_id: str = info.experiment_id
         self.artifact_uri: str = info.artifact_uri
         self.name: str = info.run_name
         self._recorded = recorded  # the last step already in MLflow, by metric key
@@ -193,6 +194,11 @@ class Run:
     def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None:
         for key, value in metrics.items():
             self.log_metric(key, value, step)
+
+    def log_values(self, values: list[tuple[str, float, int, int]]) -> None:
+        """Record `(key, value, timestamp_ms, step)` items, as a tracker process sends them."""
+        self._pending += [v for v in values if v[3] > self._recorded.get(v[0], -1)]
+        self.flush()
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []

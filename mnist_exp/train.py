@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from mnist_exp.data import Data
     from mnist_exp.engine import EvalResult
-    from mnist_exp.tracking import Run
+    from mnist_exp.tracker import RemoteRun
 
 log = logging.getLogger("mnist_exp")
 _LOADED = time.perf_counter()
@@ -75,12 +75,14 @@ class _Setup:
     device: torch.device
 
 
-def _build(cfg: DictConfig, device: torch.device) -> _Setup:
+def _build(cfg: DictConfig, state: dict | None) -> _Setup:
+    """Data, model, optimizer and scheduler; restored from `state` when resuming."""
     import torch
     from hydra.utils import instantiate
 
     from mnist_exp import data, engine
 
+    device = engine.resolve_device(cfg.device.type)
     torch.set_num_threads(cfg.trainer.num_threads or _share_of_cores())
     engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     dataset = data.load(
@@ -101,63 +103,71 @@ def _build(cfg: DictConfig, device: torch.device) -> _Setup:
         steps_per_epoch = -(-len(dataset.train) // cfg.data.batch_size)
         total_steps = max(1, steps_per_epoch * cfg.trainer.epochs)
         scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+    if state is not None:
+        try:
+            engine.restore_training_state(state, model, optimizer, scheduler)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(
+                f"trainer.resume: the checkpoint of run {state['run_id']} does not fit this "
+                f"model, optimizer and scheduler ({str(exc).strip().splitlines()[0][:160]})"
+            ) from exc
     return _Setup(model, optimizer, scheduler, dataset, device)
 
 
 def _run(cfg: DictConfig) -> float:
-    from mnist_exp import engine, resume, tracking
+    from mnist_exp.tracker import OUTPUT_DIR_TAG, RemoteRun
 
-    device = engine.resolve_device(cfg.device.type)
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     uri = cfg.mlflow.tracking_uri
-    client, experiment_id = tracking.open_store(uri, cfg.mlflow.experiment_name)
-    params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
-    if cfg.trainer.resume:  # checked before the slow part, so a bad source is refused at once
-        state, run_id = resume.find(str(cfg.trainer.resume), client, uri)
-        resume.check_resumable(run_id, state, client, params)
-    setup = _build(cfg, device)
-
-    tags = tracking.source_tags(PROJECT_ROOT) | {
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tags = {
         "mnist_exp.overrides": " ".join(overrides),
-        resume.OUTPUT_DIR_TAG: str(out_dir),
+        OUTPUT_DIR_TAG: str(out_dir),
         **{str(k): str(v) for k, v in cfg.mlflow.tags.items()},
     }
-    start = (0, 0)
+    state, start = None, (0, 0)
     if cfg.trainer.resume:
-        try:
-            start = engine.restore_training_state(
-                state, setup.model, setup.optimizer, setup.scheduler
-            )
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(
-                f"trainer.resume: the checkpoint of run {run_id} does not fit this model, "
-                f"optimizer and scheduler ({str(exc).strip().splitlines()[0][:160]})"
-            ) from exc
-        run = tracking.Run.reopen(client, run_id)
-        run.set_tags(tags | {"mnist_exp.resumed_from_epoch": str(start[0])})
-        log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
+        state, run_id = _resumable(cfg, config)
+        start = (state["epoch"], state["step"])
+    # The tracker process imports MLflow and opens the store while this one imports torch.
+    run = RemoteRun(uri, cfg.mlflow.experiment_name)
+    try:
+        setup = _build(cfg, state)
+    except BaseException:
+        run.close()
+        raise
+    log.info(f"Training on {setup.device}; recording in {uri}")
+    if state is None:
+        files = (out_dir / hydra_cfg.output_subdir, "hydra")
+        run_name = cfg.mlflow.run_name or _name_from(overrides)
+        run.start(
+            run_name=run_name, config=config, tags=tags, project_root=PROJECT_ROOT, files=files
+        )
     else:
-        name = cfg.mlflow.run_name or _name_from(overrides)
-        run = tracking.Run.start(client, experiment_id, run_name=name, params=params, tags=tags)
-        log.info(f"MLflow run {run.run_id} ({run.name}) in {uri}; device {device}")
+        tags["mnist_exp.resumed_from_epoch"] = str(start[0])
+        files = (out_dir / hydra_cfg.output_subdir, f"hydra/resumed-{start[0]}")
+        run.reopen(run_id, tags=tags, files=files)
+        log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        hydra_files = "hydra" if not cfg.trainer.resume else f"hydra/resumed-{start[0]}"
-        run.log_artifacts(out_dir / hydra_cfg.output_subdir, hydra_files)
-        run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
         test = _train_and_test(cfg, setup, run, out_dir, start)
         metric = _latest_metric(run, cfg.optimized_metric)
     except KeyboardInterrupt:
+        # A second Ctrl-C must not cut the recording of the first short; the process exits next.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if not run.opened():
+            raise
         _end_quietly(run, "KILLED")
         sys.exit(
             f"interrupted: MLflow run {run.run_id} marked KILLED; continue it from its last "
             f"complete epoch with: mnist-rerun {run.run_id} --resume"
         )
     except BaseException as exc:
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        _end_quietly(run, "FAILED", {"mnist_exp.error": f"{type(exc).__name__}: {first_line}"})
+        if run.opened():
+            _end_quietly(run, "FAILED", {"mnist_exp.error": _one_line(exc)})
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
@@ -166,13 +176,29 @@ def _run(cfg: DictConfig) -> float:
         f"Run {run.run_id} finished: test_accuracy {test.accuracy:.4f}; "
         f"checkpoint {out_dir / 'model.ckpt'}\n"
         f"Open it in the MLflow UI: mlflow ui --backend-store-uri {uri}"
-        f"  (then #/experiments/{experiment_id}/runs/{run.run_id})"
+        f"  (then #/experiments/{run.experiment_id}/runs/{run.run_id})"
     )
     return metric
 
 
+def _resumable(cfg: DictConfig, config: dict) -> tuple[dict, str]:
+    """The checkpoint `trainer.resume` points at and its run, checked before the slow part."""
+    from mnist_exp import resume, tracking
+
+    uri = cfg.mlflow.tracking_uri
+    client, _ = tracking.open_store(uri, cfg.mlflow.experiment_name)
+    state, run_id = resume.find(str(cfg.trainer.resume), client, uri)
+    resume.check_resumable(run_id, state, client, tracking.flatten(config))
+    return state, run_id
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, as a failed run's `mnist_exp.error` tag shows it."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 def _train_and_test(
-    cfg: DictConfig, setup: _Setup, run: Run, out_dir: Path, start: tuple[int, int]
+    cfg: DictConfig, setup: _Setup, run: RemoteRun, out_dir: Path, start: tuple[int, int]
 ) -> EvalResult:
     """Train (checkpointing each epoch), test, and save the final weights as the seed does."""
     import torch
@@ -232,7 +258,7 @@ class _Checkpointer:
     claims steps whose losses were not recorded.
     """
 
-    def __init__(self, setup: _Setup, run: Run, path: Path) -> None:
+    def __init__(self, setup: _Setup, run: RemoteRun, path: Path) -> None:
         self.setup, self.run, self.path = setup, run, path
 
     def on_epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
@@ -256,7 +282,7 @@ class MlflowLogger:
     `startup_s` is the time from the start of the process to the first optimizer step.
     """
 
-    def __init__(self, run: Run, every: int) -> None:
+    def __init__(self, run: RemoteRun, every: int) -> None:
         self.run = run
         self.every = every
         self._started = False
@@ -273,7 +299,7 @@ class MlflowLogger:
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         self.run.log_metrics({**metrics, "epoch": epoch}, step)
-        self.run.flush()
+        self.run.sync()
 
 
 def _process_age() -> float:
@@ -300,15 +326,14 @@ def _share_of_cores() -> int:
     return max(1, (cores or 1) // n_jobs)
 
 
-def _latest_metric(run: Run, key: str) -> float:
-    run.flush()
-    value = run.client.get_run(run.run_id).data.metrics.get(key)
+def _latest_metric(run: RemoteRun, key: str) -> float:
+    value = run.metric(key)
     if value is None:
         raise UserError(f"optimized_metric={key!r} was never logged by this run")
     return value
 
 
-def _end_quietly(run: Run, status: str, tags: dict[str, str] | None = None) -> None:
+def _end_quietly(run: RemoteRun, status: str, tags: dict[str, str] | None = None) -> None:
     """Record the end of a failed run without hiding the original error behind a new one."""
     try:
         if tags:

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_exp import checkpoint
 from mnist_exp.errors import UserError
+from mnist_exp.tracker import ORPHANED
 
 SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
 # Long enough to be stopped halfway: 1200 steps an epoch, train_loss sent every 1000 steps.
@@ -171,8 +172,14 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
     _wait_for(in_second_epoch_with_losses_sent, proc)
     proc.kill()
     proc.wait()
-    stopped = _only_run(tracking_uri, **{"mnist_exp.output_dir": str(tmp_path / "stopped")})
-    assert stopped.info.status == "RUNNING"  # killed without a word
+    # Killed without a word; its tracker process sees it gone and closes the run.
+    where = {"mnist_exp.output_dir": str(tmp_path / "stopped")}
+    deadline = time.monotonic() + 60
+    while (stopped := _only_run(tracking_uri, **where)).info.status == "RUNNING":
+        assert time.monotonic() < deadline, "the run was left RUNNING"
+        time.sleep(0.2)
+    assert stopped.info.status == "FAILED"
+    assert stopped.data.tags["mnist_exp.error"] == ORPHANED
     state = checkpoint.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
     assert state["epoch"] == 1
     # A user who repeats the command with trainer.resume continues the same run.

@@ -1,0 +1,309 @@
+"""A run's MLflow side in a process of its own, beside training.
+
+Importing MLflow, opening the store and creating the run take seconds of Python work; in a
+second process they run on another core while the training process imports torch and
+starts training, instead of before it. The training process sends what to record over a
+pipe and never imports MLflow. If the training process dies without a word, the tracker
+process sees its end of the pipe close and marks the run FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, SupportsFloat
+
+from mnist_exp.errors import UserError
+
+log = logging.getLogger("mnist_exp")
+
+BATCH = 1000  # metrics per message, as per MLflow log_batch call
+OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are
+ORPHANED = "the training process ended without closing the run (killed or crashed)"
+
+
+class RemoteRun:
+    """One MLflow run, recorded by a tracker process; the methods of `tracking.Run`.
+
+    Creating it starts the tracker, which imports MLflow and opens the store; `start` or
+    `reopen` then opens the run, and `close` instead leaves no run. Metrics are buffered
+    here (values may be device tensors, converted only when sent) and sent without waiting;
+    every other call waits for the tracker's answer. An error in the tracker, such as a
+    store that cannot be opened, is raised by the next call.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(
+            target=_serve,
+            args=(child, tracking_uri, experiment_name),
+            name="mnist-exp-tracker",
+            daemon=True,
+        )
+        self._process.start()
+        child.close()
+        self._unanswered = 0
+        self._pending: list[tuple[str, SupportsFloat, int, int]] = []
+        self._info: tuple[str, str, str] | None = None
+        self._open_error: UserError | None = None
+
+    def start(
+        self,
+        *,
+        run_name: str | None,
+        config: Mapping[str, Any],
+        tags: Mapping[str, str],
+        project_root: Path,
+        files: tuple[Path, str] | None = None,
+    ) -> None:
+        """Open a new run (and its experiment if new); returns at once.
+
+        Its params are `config` flattened to dotted keys; the tracker adds
+        `tracking.source_tags(project_root)` to `tags` and logs the installed packages and
+        the folder `files[0]` as artifacts under `files[1]`.
+        """
+        opening = {"run_name": run_name, "params": dict(config), "project_root": project_root}
+        self._send("open", opening | {"tags": dict(tags), "files": files})
+
+    def reopen(self, run_id: str, *, tags: Mapping[str, str], files: tuple[Path, str]) -> None:
+        """Continue a stopped run (see `tracking.Run.reopen`), adding tags and files as `start`."""
+        self._send("open", {"run_id": run_id, "tags": dict(tags), "files": files})
+
+    def close(self) -> None:
+        """Stop the tracker before any run was opened: nothing is recorded."""
+        self._conn.close()
+        self._process.join(timeout=30)
+
+    @property
+    def run_id(self) -> str:
+        return self._opened()[0]
+
+    @property
+    def name(self) -> str:
+        return self._opened()[1]
+
+    @property
+    def experiment_id(self) -> str:
+        return self._opened()[2]
+
+    def log_metric(self, key: str, value: SupportsFloat, step: int) -> None:
+        if self._info is None and self._unanswered and self._conn.poll():
+            self._answer()  # the opening's answer: a store that cannot be opened stops training
+        self._pending.append((key, value, int(time.time() * 1000), step))
+        if len(self._pending) >= BATCH:
+            self.flush()
+
+    def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None:
+        for key, value in metrics.items():
+            self.log_metric(key, value, step)
+
+    def flush(self) -> None:
+        """Send the buffered metrics; the tracker records them while training goes on."""
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), BATCH):
+            chunk = [(k, float(v), t, s) for k, v, t, s in pending[i : i + BATCH]]
+            self._send("log_values", chunk)
+        while self._unanswered and self._conn.poll():
+            self._answer()
+
+    def sync(self) -> None:
+        """Send the buffered metrics and wait until the tracker has recorded all of them."""
+        self.flush()
+        while self._unanswered:
+            self._answer()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._call("set_tags", {k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", Path(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifacts", Path(folder), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call("log_text", text, artifact_file)
+
+    def metric(self, key: str) -> float | None:
+        """The latest recorded value of `key`, once everything sent before is recorded."""
+        self.sync()
+        return self._call("metric", key)
+
+    def end(self, status: str) -> None:
+        """Send what is buffered, mark the run FINISHED, FAILED or KILLED; the tracker exits."""
+        try:
+            self.flush()
+        finally:
+            self._call("end", status)
+            self._process.join(timeout=30)
+
+    def opened(self) -> bool:
+        """Wait until the tracker has opened the run; False if it could not or was not asked."""
+        if self._info is None and not self._unanswered:
+            return False
+        try:
+            self._opened()
+        except UserError:
+            return False
+        return True
+
+    def _opened(self) -> tuple[str, str, str]:
+        while self._info is None:
+            if self._open_error:
+                raise self._open_error
+            self._answer()
+        return self._info
+
+    def _send(self, method: str, *args: Any) -> None:
+        try:
+            with _signals_held():
+                self._conn.send((method, args))
+        except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
+            raise self._lost() from exc
+        self._unanswered += 1
+
+    def _call(self, method: str, *args: Any) -> Any:
+        self._send(method, *args)
+        value = None
+        while self._unanswered:
+            value = self._answer()
+        return value
+
+    def _answer(self) -> Any:
+        """Read the tracker's oldest unread answer; raise the error it reports."""
+        try:
+            self._conn.poll(None)  # waiting may be interrupted; reading half a message may not
+            with _signals_held():
+                ok, value = self._conn.recv()
+        except (EOFError, ConnectionResetError) as exc:
+            raise self._lost() from exc
+        self._unanswered -= 1
+        opening = self._info is None and self._open_error is None
+        if not ok:
+            error = UserError(value)
+            if opening:
+                self._open_error = error
+            raise error
+        if opening:
+            self._info = value
+            log.info(f"MLflow run {value[0]} ({value[1]})")
+            return None
+        return value
+
+    def _lost(self) -> UserError:
+        self._process.join(timeout=5)
+        return UserError(
+            f"the MLflow tracker process ended unexpectedly (exit code {self._process.exitcode}); "
+            f"see the messages above"
+        )
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Defer Ctrl-C and SIGTERM while a message goes through: half of one garbles the pipe."""
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.signal(s, lambda number, _: caught.append(number)) for s in held]
+    try:
+        yield
+    finally:
+        for number, handler in zip(held, previous, strict=True):
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for number in caught:
+            signal.raise_signal(number)
+
+
+def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
+    """The tracker process: open the store, then the run, then record what it is sent."""
+    # Ctrl-C and a job scheduler's SIGTERM reach the whole process group; the training
+    # process handles them and then tells this one how the run ended.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from mnist_exp import tracking
+
+    try:
+        store = tracking.open_store(tracking_uri, experiment_name)
+    except Exception as exc:
+        store = exc
+    try:
+        _, (opening,) = conn.recv()
+    except (EOFError, OSError):
+        return  # the training process stopped before it began: no run
+    try:
+        if isinstance(store, Exception):
+            raise store
+        run = _open(tracking, *store, opening)
+    except Exception as exc:
+        conn.send((False, _message(exc)))
+        return
+    conn.send((True, (run.run_id, run.name, run.experiment_id)))
+    handlers = {
+        "log_values": run.log_values,
+        "set_tags": run.set_tags,
+        "log_artifact": run.log_artifact,
+        "log_artifacts": run.log_artifacts,
+        "log_text": run.log_text,
+        "metric": lambda key: run.client.get_run(run.run_id).data.metrics.get(key),
+        "end": run.end,
+    }
+    while True:
+        try:
+            method, args = conn.recv()
+        except (EOFError, OSError):
+            break
+        try:
+            answer = (True, handlers[method](*args))
+        except Exception as exc:
+            answer = (False, _message(exc))
+        if method == "end":
+            with contextlib.suppress(OSError):
+                conn.send(answer)
+            return
+        try:
+            conn.send(answer)
+        except OSError:
+            break
+    run.set_tags({"mnist_exp.error": ORPHANED})
+    run.end("FAILED")
+
+
+def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:
+    """Start or reopen the run and record what it was made from; FAILED if that fails."""
+    if "run_id" in opening:
+        run = tracking.Run.reopen(client, opening["run_id"])
+        tags = opening["tags"]
+    else:
+        run = tracking.Run.start(
+            client,
+            experiment_id,
+            run_name=opening["run_name"],
+            params=tracking.flatten(opening["params"]),
+            tags=tracking.source_tags(opening["project_root"]) | opening["tags"],
+        )
+        tags = {}
+    try:
+        if tags:
+            run.set_tags(tags)
+        if opening["files"]:
+            run.log_artifacts(*opening["files"])
+        run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
+    except Exception as exc:
+        run.set_tags({"mnist_exp.error": _message(exc)})
+        run.end("FAILED")
+        raise
+    return run
+
+
+def _message(exc: Exception) -> str:
+    """A `UserError`'s own line; any other error as `Type: first line` for the run to raise."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"MLflow tracking failed ({type(exc).__name__}: {first})"
