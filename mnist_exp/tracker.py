@@ -187,10 +187,9 @@ class RemoteRun:
         self._unanswered -= 1
         opening = self._info is None and self._open_error is None
         if not ok:
-            error = UserError(value)
             if opening:
-                self._open_error = error
-            raise error
+                self._open_error = value
+            raise value
         if opening:
             self._info = value
             log.info(f"MLflow run {value[0]} ({value[1]})")
@@ -241,7 +240,7 @@ def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
             raise store
         run = _open(tracking, *store, opening)
     except Exception as exc:
-        conn.send((False, _message(exc)))
+        conn.send((False, _error(exc)))
         return
     conn.send((True, (run.run_id, run.name, run.experiment_id)))
     handlers = {
@@ -261,7 +260,7 @@ def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
         try:
             answer = (True, handlers[method](*args))
         except Exception as exc:
-            answer = (False, _message(exc))
+            answer = (False, _error(exc))
         if method == "end":
             with contextlib.suppress(OSError):
                 conn.send(answer)
@@ -270,8 +269,11 @@ def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
             conn.send(answer)
         except OSError:
             break
-    run.set_tags({"mnist_exp.error": ORPHANED})
-    run.end("FAILED")
+    try:
+        run.set_tags({"mnist_exp.error": ORPHANED})
+        run.end("FAILED")
+    except Exception as exc:
+        log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
 
 
 def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:
@@ -295,15 +297,15 @@ def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any
             run.log_artifacts(*opening["files"])
         run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
     except Exception as exc:
-        run.set_tags({"mnist_exp.error": _message(exc)})
+        run.set_tags({"mnist_exp.error": str(_error(exc))})
         run.end("FAILED")
         raise
     return run
 
 
-def _message(exc: Exception) -> str:
-    """A `UserError`'s own line; any other error as `Type: first line` for the run to raise."""
+def _error(exc: Exception) -> UserError:
+    """The error to raise in the training process: a `UserError` as it is, others in one line."""
     if isinstance(exc, UserError):
-        return str(exc)
+        return exc
     first = (str(exc).strip().splitlines() or [""])[0]
-    return f"MLflow tracking failed ({type(exc).__name__}: {first})"
+    return UserError(f"MLflow tracking failed ({type(exc).__name__}: {first})")
