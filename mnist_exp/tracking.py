@@ -204,7 +204,7 @@ class Run:
             )
 
     def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
-        """(step, value) of every recorded value of each key, in step order (send first)."""
+        """(step, value) of every value of each key MLflow holds, by step; `flush` first."""
         return {
             key: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
             for key in keys

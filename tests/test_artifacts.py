@@ -139,6 +139,7 @@ def test_without_a_terminal_plain_lines_and_a_summary(trained: Trained):
     assert (trained.run_dir / "model.ckpt").is_file()
     accuracy = MlflowClient(trained.uri).get_run(trained.run_id).data.metrics["test_accuracy"]
     assert f"test accuracy  {accuracy:.2%}" in summary
+    assert f"model          runs:/{trained.run_id}/model" in summary
     assert f"mlflow ui --backend-store-uri {trained.uri}" in summary
     assert re.search(rf"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{trained.run_id}", summary)
 
