@@ -1,30 +1,44 @@
-"""What a run prints: the seed's progress lines, a progress bar on a terminal, the result."""
+"""What a run prints: a progress bar on a terminal, the seed's lines otherwise, a summary."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from pathlib import Path
 
 from torch import Tensor
 from tqdm import tqdm
 
-from mnist_exp.engine import Callback
+from mnist_exp.engine import Callback, EvalResult
 
 log = logging.getLogger("mnist_exp")
 
+_POSTFIX_EVERY_S = 0.25  # how often the bar's loss and images/s are brought up to date
+
+
+def wants_progress_bar(setting: bool | None, in_sweep: bool) -> bool:
+    """`setting` when given; else a bar only for one run whose stdout and stderr are terminals."""
+    if setting is not None:
+        return setting
+    return not in_sweep and sys.stdout.isatty() and sys.stderr.isatty()
+
 
 class Console(Callback):
-    """Logs `Epoch [e/E], Step [s/S], Loss: x` every `every` steps, as the seed prints.
+    """Either a progress bar per epoch (loss, images/s) or the seed's plain lines.
 
-    On a terminal an epoch also gets a progress bar with the latest loss; run the loop inside
-    `tqdm.contrib.logging.logging_redirect_tqdm()` so that log lines print above the bar.
+    Plain: `Epoch [e/E], Step [s/S], Loss: x` every `every` steps, as the seed prints.
+    Both end each epoch with one line of its metrics. With the bar, run the loop inside
+    `tqdm.contrib.logging.logging_redirect_tqdm()` so that log lines print above it.
     """
 
-    def __init__(self, every: int, progress_bar: bool | None = None) -> None:
+    def __init__(self, every: int, batch_size: int, progress_bar: bool) -> None:
         self.every = every
-        self.progress_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
+        self.batch_size = batch_size
+        self.progress_bar = progress_bar
         self._bar: tqdm | None = None
         self._epochs = self._steps = 0
+        self._updated = 0.0
 
     def on_epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
         self._epochs, self._steps = num_epochs, steps
@@ -35,19 +49,24 @@ class Console(Callback):
                 unit="step",
                 leave=False,
                 dynamic_ncols=True,
+                file=sys.stderr,
             )
+            self._updated = time.monotonic()
 
     def on_train_step(self, step: int, epoch: int, batch: int, loss: Tensor) -> None:
-        if self._bar is not None:
-            self._bar.update()
-        if self.every and batch % self.every == 0:
-            value = loss.item()
-            line = (
-                f"Epoch [{epoch}/{self._epochs}], Step [{batch}/{self._steps}], Loss: {value:.4f}"
+        bar = self._bar
+        if bar is not None:
+            bar.update()
+            now = time.monotonic()
+            if now - self._updated >= _POSTFIX_EVERY_S:
+                self._updated = now
+                images_per_s = batch * self.batch_size / max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix_str(f"loss {loss.item():.4f}, {images_per_s:,.0f} images/s")
+        elif self.every and batch % self.every == 0:
+            log.info(
+                f"Epoch [{epoch}/{self._epochs}], Step [{batch}/{self._steps}], "
+                f"Loss: {loss.item():.4f}"
             )
-            if self._bar is not None:
-                self._bar.set_postfix(loss=f"{value:.4f}", refresh=False)
-            log.info(line)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         if self._bar is not None:
@@ -55,3 +74,30 @@ class Console(Callback):
             self._bar = None
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         log.info(f"Epoch [{epoch}/{self._epochs}] done: {shown}")
+
+
+def summary(
+    *,
+    run_id: str,
+    run_name: str | None,
+    test: EvalResult,
+    checkpoint: Path,
+    tracking_uri: str,
+    experiment_id: str,
+    has_model: bool,
+) -> str:
+    """The block a finished run ends with: result, checkpoint, model, the run in the UI."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        ui = f"{tracking_uri.rstrip('/')}/{page}"
+    else:
+        ui = f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+    lines = [
+        f"Run {run_id}" + (f" ({run_name})" if run_name else "") + " finished",
+        f"  test accuracy  {test.accuracy:.2%} ({test.correct} of {test.total} test images)",
+        f"  checkpoint     {checkpoint}",
+    ]
+    if has_model:
+        lines.append(f"  model          runs:/{run_id}/model (try: mnist-predict {run_id} IMAGE)")
+    lines.append(f"  MLflow UI      {ui}")
+    return "\n".join(lines)

@@ -43,10 +43,14 @@ class Callback:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Mean loss and accuracy; with `keep_predictions`, each image's predicted class too."""
+
     loss: float
     accuracy: float
     correct: int
     total: int
+    predictions: Tensor | None = None  # int64, one per image in split order, on the CPU
+    targets: Tensor | None = None  # the split's labels, on the CPU
 
 
 def resolve_device(name: str) -> torch.device:
@@ -222,19 +226,28 @@ def evaluate(
     batch_size: int,
     precision: str = "32",
     channels_last: bool = False,
+    keep_predictions: bool = False,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy in eval mode (BatchNorm's running statistics), no grad."""
+    """Mean cross-entropy and accuracy in eval mode (BatchNorm's running statistics), no grad.
+
+    `keep_predictions` also returns every predicted class (one small tensor per batch, kept
+    on the device until the end), for a confusion matrix or a picture of the mistakes.
+    """
     model.eval()
     device = split.images.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    predicted: list[Tensor] = []
     with torch.inference_mode():
         for index in _on(device, batch_indices(len(split), batch_size, None)):
             with _autocast(device, precision):
                 outputs = model(split.inputs(index, channels_last))
             labels = split.labels[index]
+            classes = outputs.argmax(1)
             loss_sum += F.cross_entropy(outputs.float(), labels, reduction="sum")
-            correct += (outputs.argmax(1) == labels).sum()
+            correct += (classes == labels).sum()
+            if keep_predictions:
+                predicted.append(classes)
     total = len(split)
     n_correct = int(correct)
     return EvalResult(
@@ -242,6 +255,8 @@ def evaluate(
         accuracy=n_correct / max(total, 1),
         correct=n_correct,
         total=total,
+        predictions=torch.cat([*predicted, split.labels[:0]]).cpu() if keep_predictions else None,
+        targets=split.labels.cpu() if keep_predictions else None,
     )
 
 

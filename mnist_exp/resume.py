@@ -22,6 +22,7 @@ MAY_DIFFER = (
     "trainer.resume",
     "trainer.epochs",
     "trainer.print_every_n_steps",
+    "trainer.progress_bar",
     "trainer.num_threads",
     "data.root",
     "data.download",

@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, SupportsFloat
@@ -130,6 +130,25 @@ class RemoteRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call("log_text", text, artifact_file)
+
+    def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+        """(step, value) of every recorded value of each key, by step (all sent first)."""
+        self.sync()
+        return self._call("metric_history", list(keys))
+
+    def log_model(
+        self,
+        folder: Path,
+        weights: Path,
+        model_target: str,
+        model_kwargs: Mapping[str, Any],
+        example: Any,
+    ) -> None:
+        """Build the servable model (see `serving.save`) in `folder` and log it as `model`.
+
+        Returns at once: the tracker builds it while this process goes on.
+        """
+        self._send("log_model", Path(folder), Path(weights), model_target, model_kwargs, example)
 
     def metric(self, key: str) -> float | None:
         """The latest recorded value of `key`, once everything sent before is recorded."""
@@ -250,6 +269,8 @@ def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
         "log_artifacts": run.log_artifacts,
         "log_text": run.log_text,
         "metric": lambda key: run.client.get_run(run.run_id).data.metrics.get(key),
+        "metric_history": run.metric_history,
+        "log_model": lambda *args: _log_model(run, *args),
         "end": run.end,
     }
     while True:
@@ -301,6 +322,17 @@ def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any
         run.end("FAILED")
         raise
     return run
+
+
+def _log_model(run: Any, folder: Path, weights: Path, *model: Any) -> None:
+    """`serving.save` a new model folder (a resumed run writes it again) and log it."""
+    import shutil
+
+    from mnist_exp import serving
+
+    shutil.rmtree(folder, ignore_errors=True)
+    serving.save(folder, weights, *model)
+    run.log_artifacts(folder, "model")
 
 
 def _error(exc: Exception) -> UserError:

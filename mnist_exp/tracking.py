@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, SupportsFloat
@@ -147,6 +147,7 @@ class Run:
         self.experiment_id: str = info.experiment_id
         self.artifact_uri: str = info.artifact_uri
         self.name: str = info.run_name
+        self.experiment_id: str = info.experiment_id
         self._recorded = recorded  # the last step already in MLflow, by metric key
         self._pending: list[tuple[str, SupportsFloat, int, int]] = []
 
@@ -207,6 +208,13 @@ class Run:
             self.client.log_batch(
                 self.run_id, metrics=[Metric(k, float(v), t, s) for k, v, t, s in chunk]
             )
+
+    def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+        """(step, value) of every value of each key MLflow holds, by step; `flush` first."""
+        return {
+            key: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+            for key in keys
+        }
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -25,6 +25,7 @@ from mnist_exp.config import CONF_DIR, PROJECT_ROOT
 from mnist_exp.errors import UserError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import Tensor
     from torch.nn import Module
@@ -39,7 +40,14 @@ log = logging.getLogger("mnist_exp")
 _LOADED = time.perf_counter()
 
 # Override prefixes that say where things are, not what the experiment is; left out of run names.
-_NOT_IN_NAME = ("hydra.", "mlflow.", "data.root", "device", "trainer.print_every_n_steps")
+_NOT_IN_NAME = (
+    "hydra.",
+    "mlflow.",
+    "data.root",
+    "device",
+    "trainer.print_every_n_steps",
+    "trainer.progress_bar",
+)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -172,11 +180,18 @@ def _run(cfg: DictConfig) -> float:
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
     run.end("FINISHED")
+    from mnist_exp.console import summary
+
     log.info(
-        f"Run {run.run_id} finished: test_accuracy {test.accuracy:.4f}; "
-        f"checkpoint {out_dir / 'model.ckpt'}\n"
-        f"Open it in the MLflow UI: mlflow ui --backend-store-uri {uri}"
-        f"  (then #/experiments/{run.experiment_id}/runs/{run.run_id})"
+        summary(
+            run_id=run.run_id,
+            run_name=run.name,
+            test=test,
+            checkpoint=out_dir / "model.ckpt",
+            tracking_uri=uri,
+            experiment_id=run.experiment_id,
+            has_model=cfg.mlflow.log_model,
+        )
     )
     return metric
 
@@ -200,19 +215,29 @@ def _one_line(exc: BaseException) -> str:
 def _train_and_test(
     cfg: DictConfig, setup: _Setup, run: RemoteRun, out_dir: Path, start: tuple[int, int]
 ) -> EvalResult:
-    """Train (checkpointing each epoch), test, and save the final weights as the seed does."""
+    """Train (checkpointing each epoch), test, and save the final weights as the seed does.
+
+    Then record what a user looks at: per-class test accuracy, the pictures
+    (`mlflow.log_plots`) and the servable model (`mlflow.log_model`).
+    """
     import torch
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from mnist_exp import engine
-    from mnist_exp.console import Console
+    from mnist_exp import engine, plots
+    from mnist_exp.console import Console, wants_progress_bar
 
     net = torch.compile(setup.model) if cfg.trainer.compile else setup.model
     precision = str(cfg.trainer.precision)
     channels_last = bool(cfg.trainer.channels_last)
     callbacks = [
         MlflowLogger(run, cfg.trainer.log_every_n_steps),
-        Console(cfg.trainer.print_every_n_steps),
+        Console(
+            cfg.trainer.print_every_n_steps,
+            cfg.data.batch_size,
+            wants_progress_bar(
+                cfg.trainer.progress_bar, HydraConfig.get().mode == RunMode.MULTIRUN
+            ),
+        ),
         _Checkpointer(setup, run, out_dir / "checkpoints" / "last.ckpt"),
     ]
     with logging_redirect_tqdm():
@@ -239,16 +264,49 @@ def _train_and_test(
         batch_size=cfg.data.eval_batch_size,
         precision=precision,
         channels_last=channels_last,
+        keep_predictions=True,
     )
     log.info(
         f"Test Accuracy of the model on the {test.total} test images: "
         f"{100 * test.correct / max(test.total, 1)} %"
     )
-    run.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy}, step)
+    confusion = plots.confusion_matrix(test.targets, test.predictions, cfg.model.num_classes)
+    per_class = {
+        f"test_accuracy_class_{k}": v for k, v in plots.per_class_accuracy(confusion).items()
+    }
+    run.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy, **per_class}, step)
     weights = out_dir / "model.ckpt"
     torch.save(setup.model.state_dict(), weights)
     run.log_artifact(weights, "checkpoints")
+    if cfg.mlflow.log_model:  # the tracker builds the model while this process draws
+        example = setup.data.test.images[:3, 0].numpy()
+        _record_model(cfg, run, weights, example, out_dir / "mlflow_model")
+    if cfg.mlflow.log_plots:
+        _record_plots(run, test, confusion, setup.data.test.images, out_dir / "plots")
     return test
+
+
+def _record_plots(
+    run: RemoteRun, test: EvalResult, confusion: Tensor, images: Tensor, folder: Path
+) -> None:
+    """Learning curves (read back from the run, so a resumed run's too), confusion, mistakes."""
+    from mnist_exp import plots
+
+    history = run.metric_history(plots.CURVES)
+    folder.mkdir(parents=True, exist_ok=True)
+    plots.learning_curves(history, folder / "learning_curves.png")
+    plots.confusion_plot(confusion, folder / "confusion_matrix.png")
+    plots.misclassified_grid(images, test.targets, test.predictions, folder / "misclassified.png")
+    run.log_artifacts(folder, "plots")
+
+
+def _record_model(
+    cfg: DictConfig, run: RemoteRun, weights: Path, example: np.ndarray, folder: Path
+) -> None:
+    """The servable MLflow model of the final weights, as the run's `model` artifact."""
+    kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    target = kwargs.pop("_target_")
+    run.log_model(folder, weights, target, kwargs, example)
 
 
 class _Checkpointer:

@@ -46,9 +46,15 @@ def check_config(cfg: DictConfig) -> None:
         "trainer.channels_last",
         "trainer.compile",
         "data.download",
+        "mlflow.log_plots",
+        "mlflow.log_model",
     ):
         if not isinstance(_get(cfg, key), bool):
             _refuse(key, _get(cfg, key), "must be true or false")
+    if not isinstance(_get(cfg, "trainer.progress_bar"), bool | None):
+        _refuse(
+            "trainer.progress_bar", _get(cfg, "trainer.progress_bar"), "must be true, false or null"
+        )
     metric = _get(cfg, "optimized_metric")
     if metric not in OPTIMIZABLE_METRICS:
         _refuse("optimized_metric", metric, f"must be one of {', '.join(OPTIMIZABLE_METRICS)}")

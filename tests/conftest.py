@@ -36,7 +36,8 @@ def train(tmp_path: Path, data_root: Path, tracking_uri: str):
     """Run `python -m mnist_exp.train` as a user would, on a fresh store and run folder.
 
     Hydra's flags come first (`-m` puts the jobs' folders under `tmp_path/sweep`), then the
-    fixture's overrides, then the test's, which win.
+    fixture's overrides, then the test's, which win. The fixture turns off the plots and the
+    MLflow model (about a second a run); tests/test_artifacts.py checks both.
     """
 
     def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -50,6 +51,8 @@ def train(tmp_path: Path, data_root: Path, tracking_uri: str):
             f"data.root={data_root}",
             f"mlflow.tracking_uri={tracking_uri}",
             f"hydra.sweep.dir={tmp_path}/sweep" if sweep else f"hydra.run.dir={tmp_path}/run",
+            "mlflow.log_plots=false",
+            "mlflow.log_model=false",
             *(a for a in args if "=" in a),
         ]
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}

@@ -1,0 +1,265 @@
+"""What one finished run leaves for its user: pictures, per-class metrics, a servable model.
+
+One short training (2,000 images, one epoch: about 90% test accuracy) is shared by every
+test here; each then looks at it the way a user would: MLflow's client, `mlflow.pyfunc`,
+`mnist-predict` and `mlflow models serve`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, runs_in
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from mnist_exp.data import load
+from mnist_exp.models import ConvNet
+
+TEST_IMAGES = 500
+BIN = Path(sys.executable).parent
+
+
+@dataclass(frozen=True)
+class Trained:
+    run_id: str
+    uri: str
+    stdout: str
+    stderr: str
+    run_dir: Path
+    images: np.ndarray  # the run's test images, uint8 N x 28 x 28
+    labels: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Trained:
+    """`mnist-train` on 2,000 images for one epoch, with a small validation split."""
+    tmp = tmp_path_factory.mktemp("trained")
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    cmd = [
+        sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
+        f"mlflow.tracking_uri={uri}", f"hydra.run.dir={tmp}/run", "trainer.epochs=1",
+        "data.max_train_samples=2000", "data.val_size=300", f"data.max_test_samples={TEST_IMAGES}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = runs_in(uri)
+    test = load("torchvision.datasets.MNIST", str(data_root), max_test_samples=TEST_IMAGES).test
+    return Trained(
+        run.info.run_id,
+        uri,
+        proc.stdout,
+        proc.stderr,
+        tmp / "run",
+        test.images[:, 0].numpy(),
+        test.labels.numpy(),
+    )
+
+
+@pytest.fixture(scope="module")
+def pyfunc(trained: Trained) -> mlflow.pyfunc.PyFuncModel:
+    mlflow.set_tracking_uri(trained.uri)
+    return mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
+
+
+def test_the_run_holds_three_valid_pictures(trained: Trained, tmp_path: Path):
+    client = MlflowClient(trained.uri)
+    listed = {a.path for a in client.list_artifacts(trained.run_id, "plots")}
+    names = ("learning_curves.png", "confusion_matrix.png", "misclassified.png")
+    assert listed == {f"plots/{name}" for name in names}
+    folder = Path(client.download_artifacts(trained.run_id, "plots", str(tmp_path)))
+    for name in names:
+        with Image.open(folder / name) as image:
+            assert image.format == "PNG"
+            assert image.width >= 300 and image.height >= 300, name
+            pixels = np.asarray(image.convert("L"))
+        assert pixels.std() > 10, f"{name} is blank"
+
+
+def test_per_class_accuracy_adds_up_to_the_test_accuracy(trained: Trained):
+    metrics = MlflowClient(trained.uri).get_run(trained.run_id).data.metrics
+    per_class = [metrics[f"test_accuracy_class_{k}"] for k in range(10)]
+    assert all(0 <= a <= 1 for a in per_class)
+    counts = np.bincount(trained.labels, minlength=10)
+    weighted = float(np.dot(per_class, counts)) / counts.sum()
+    assert weighted == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+    assert metrics["test_accuracy"] > 0.8  # the pictures and the CLI tests need a fair model
+
+
+def test_the_logged_model_predicts_raw_pixels_like_the_checkpoint(
+    trained: Trained, pyfunc, tmp_path: Path
+):
+    images = trained.images[:50]
+    result = pyfunc.predict(images.astype(np.float32))
+    assert list(result.columns) == ["label", "probability", "probabilities"]
+    probabilities = np.stack(result["probabilities"])
+    assert probabilities.shape == (50, 10)
+    np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(result["probability"], probabilities.max(1))
+
+    # The same weights through the training code's own normalisation give the same answer.
+    client = MlflowClient(trained.uri)
+    path = client.download_artifacts(trained.run_id, "checkpoints/model.ckpt", str(tmp_path))
+    net = ConvNet().eval()
+    net.load_state_dict(torch.load(path, weights_only=True))
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.from_numpy(images).float()[:, None] / 255), 1)
+    np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-5)
+    assert (result["label"].to_numpy() == trained.labels[:50]).mean() > 0.7
+
+    signature = pyfunc.metadata.signature
+    (spec,) = signature.inputs.inputs
+    assert (spec.type, spec.shape) == (np.dtype("float32"), (-1, 28, 28))
+    assert pyfunc.metadata.saved_input_example_info is not None
+
+
+def test_without_a_terminal_plain_lines_and_a_summary(trained: Trained):
+    out = trained.stdout
+    assert "Test Accuracy of the model on the 500 test images: " in out
+    assert "Epoch [1/1] done: " in out
+    assert "images/s" not in out + trained.stderr  # no progress bar
+    summary = out[out.index(f"Run {trained.run_id}") :]
+    assert f"checkpoint     {trained.run_dir / 'model.ckpt'}" in summary
+    assert (trained.run_dir / "model.ckpt").is_file()
+    accuracy = MlflowClient(trained.uri).get_run(trained.run_id).data.metrics["test_accuracy"]
+    assert f"test accuracy  {accuracy:.2%}" in summary
+    assert f"model          runs:/{trained.run_id}/model" in summary
+    assert f"mlflow ui --backend-store-uri {trained.uri}" in summary
+    assert re.search(rf"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{trained.run_id}", summary)
+
+
+# mnist-predict
+
+
+def _well_classified(trained: Trained, pyfunc, n: int) -> list[int]:
+    """Indices of test images the model gets right with confidence, one per class."""
+    result = pyfunc.predict(trained.images.astype(np.float32))
+    chosen: dict[int, int] = {}
+    for i, (label, p) in enumerate(zip(result["label"], result["probability"], strict=True)):
+        if label == trained.labels[i] and p > 0.9 and label not in chosen:
+            chosen[int(label)] = i
+    assert len(chosen) >= n
+    return list(chosen.values())[:n]
+
+
+def _predict(*args: str, uri: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [str(BIN / "mnist-predict"), *args, "--tracking-uri", uri]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_mnist_predict_reads_digits_of_any_size_and_background(
+    trained: Trained, pyfunc, tmp_path: Path
+):
+    files, digits = [], []
+    for i in _well_classified(trained, pyfunc, 4):
+        raw = tmp_path / f"mnist-{i}.png"
+        Image.fromarray(trained.images[i]).save(raw)
+        # Dark ink on white paper, three times the size, in colour: as a user might draw it.
+        paper = Image.fromarray(255 - trained.images[i]).resize((84, 84), Image.Resampling.BICUBIC)
+        drawn = tmp_path / f"drawn-{i}.png"
+        paper.convert("RGB").save(drawn)
+        files += [raw, drawn]
+        digits += [int(trained.labels[i])] * 2
+    proc = _predict(trained.run_id, *map(str, files), uri=trained.uri)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(files)
+    for line, path, digit in zip(lines, files, digits, strict=True):
+        match = re.fullmatch(rf"{re.escape(str(path))}: (\d) \((\d+\.\d)%\)", line)
+        assert match, line
+        assert int(match[1]) == digit, line
+        assert 10 <= float(match[2]) <= 100
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("unknown-run", "error: no MLflow run '0123456789abcdef' in sqlite:///"),
+        ("missing-file", "error: {tmp}/nothing.png: no such file"),
+        ("not-an-image", "error: {tmp}/notes.png is not an image file"),
+    ],
+)
+def test_mnist_predict_refuses_bad_input_in_one_line(
+    trained: Trained, tmp_path: Path, case: str, expected: str
+):
+    image = tmp_path / "seven.png"
+    Image.fromarray(trained.images[0]).save(image)
+    (tmp_path / "notes.png").write_text("not a picture")
+    run_id, path = {
+        "unknown-run": ("0123456789abcdef", image),
+        "missing-file": (trained.run_id, tmp_path / "nothing.png"),
+        "not-an-image": (trained.run_id, tmp_path / "notes.png"),
+    }[case]
+    proc = _predict(run_id, str(path), uri=trained.uri)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(expected.format(tmp=tmp_path)), lines[0]
+
+
+# mlflow models serve
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_predictions(trained: Trained, pyfunc):
+    port = _free_port()
+    # As in an activated virtual environment: the server runs `uvicorn` from the PATH.
+    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.uri, "PATH": path}
+    cmd = [
+        str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{trained.run_id}/model",
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "the model server did not start in 90 s"
+                time.sleep(0.3)
+        images = trained.images[:5]
+        request = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.load(response)["predictions"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the server and the workers it started
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    expected = pyfunc.predict(images.astype(np.float32))
+    assert [row["label"] for row in answer] == expected["label"].tolist()
+    for row in answer:
+        assert sum(row["probabilities"]) == pytest.approx(1, abs=1e-6)

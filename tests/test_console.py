@@ -1,0 +1,76 @@
+"""What a run prints on a terminal, and what it leaves out when told to."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+from conftest import ROOT, runs_in
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+QUICK = ("trainer.epochs=1", "data.max_train_samples=1500", "data.max_test_samples=200")
+
+
+def test_a_terminal_gets_a_progress_bar_with_loss_and_images_per_second(
+    data_root: Path, tracking_uri: str, tmp_path: Path
+):
+    cmd = [
+        sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
+        f"mlflow.tracking_uri={tracking_uri}", f"hydra.run.dir={tmp_path}/run",
+        *QUICK, "data.max_train_samples=2000", "data.batch_size=32",
+        "mlflow.log_plots=false", "mlflow.log_model=false",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    parent, child = pty.openpty()
+    # A terminal of 120 columns: a pty's size is 0x0 until set, and tqdm then draws nothing.
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=child, stderr=child)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(parent, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(parent)
+    assert proc.wait(timeout=300) == 0
+    out = b"".join(chunks).decode(errors="replace")
+    assert "epoch 1/1" in out, out
+    assert " images/s" in out and "loss " in out, out
+    assert "Epoch [1/1], Step [" not in out  # the bar replaces the seed's step lines
+    assert "Epoch [1/1] done: " in out
+    (run,) = runs_in(tracking_uri)
+    assert f"Run {run.info.run_id} " in out
+
+
+def test_log_plots_and_log_model_off_leave_them_out(train, tracking_uri: str, tmp_path: Path):
+    proc = train(*QUICK, "mlflow.log_plots=false", "mlflow.log_model=false")
+    assert "Epoch [1/1], Step [" not in proc.stdout  # 24 steps, printed every 100
+    (run,) = runs_in(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "checkpoints" in top and "plots" not in top and "model" not in top
+    assert "test_accuracy_class_3" in run.data.metrics  # metrics do not depend on either key
+    assert "mnist-predict" not in proc.stdout
+
+    image = tmp_path / "blank.png"
+    Image.new("L", (28, 28)).save(image)
+    predict = [str(Path(sys.executable).parent / "mnist-predict"), run.info.run_id, str(image)]
+    answer = subprocess.run(
+        [*predict, "--tracking-uri", tracking_uri], capture_output=True, text=True, timeout=120
+    )
+    assert answer.returncode != 0
+    assert answer.stderr.strip() == (
+        f"error: MLflow run {run.info.run_id} has no model (trained with mlflow.log_model=false, "
+        f"or before runs logged one): rerun it with mnist-rerun {run.info.run_id}"
+    )
