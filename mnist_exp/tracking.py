@@ -36,6 +36,9 @@ PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+# The MLflow UI opens an experiment of this kind on its table of training runs (else on
+# its GenAI overview).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 # Which process holds a run open: a RUNNING run whose process is gone is marked FAILED.
 HOST_TAG, PID_TAG, PID_START_TAG = "mnist_exp.host", "mnist_exp.pid", "mnist_exp.pid_start"
 ERROR_TAG = "mnist_exp.error"
@@ -72,7 +75,9 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             try:
-                return client, client.create_experiment(experiment_name, artifact_location)
+                return client, client.create_experiment(
+                    experiment_name, artifact_location, tags=EXPERIMENT_TAGS
+                )
             except MlflowException:  # another job created it a moment ago
                 experiment = client.get_experiment_by_name(experiment_name)
                 if experiment is None:
@@ -82,6 +87,9 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
                 f"MLflow experiment {experiment_name!r} in {tracking_uri} is deleted: restore it "
                 f"in the MLflow UI or choose another mlflow.experiment_name"
             )
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         fail_orphans(client, experiment.experiment_id)
         return client, experiment.experiment_id
     except UserError:
