@@ -213,6 +213,8 @@ def _run(cfg: DictConfig) -> float:
         _end_quietly(run, "FAILED", failure)
         if exc.epoch > start[0] + 1:
             kept = f"{out_dir / CHECKPOINT} keeps epoch {exc.epoch - 1}"
+        elif start[0]:
+            kept = f"the checkpoint of epoch {start[0]} it resumed from is unchanged"
         else:
             kept = "no epoch of this run completed, so it wrote no checkpoint"
         raise UserError(
