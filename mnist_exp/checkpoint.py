@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import warnings
@@ -18,14 +19,31 @@ KEYS = ("epoch", "step", "model", "optimizer", "rng", "run_id")
 
 
 def save(state: dict[str, Any], path: Path) -> None:
-    """Write `state` to `path` through a temporary file and a rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a resume checkpoint `state` to `path` atomically (see `write_atomic`)."""
+    write_atomic({"format": FORMAT, **state}, path)
+
+
+def write_atomic(obj: Any, path: Path) -> None:
+    """`torch.save` to `path` through a temporary file and a rename: never half a file.
+
+    A full disk or an unwritable folder raises a `UserError` naming the folder; the
+    temporary file is removed and an older file at `path` stays as it was.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(
+            f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}): free space "
+            f"there or set hydra.run.dir to a writable folder"
+        ) from exc
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -139,7 +139,13 @@ def _idx(path: Path) -> Tensor:
 def _download(dataset: str, root: str, *, train: bool, download: bool) -> None:
     from hydra.utils import get_class
 
-    dataset_cls = get_class(dataset)
+    try:
+        dataset_cls = get_class(dataset)
+    except (ImportError, ValueError) as exc:
+        raise UserError(
+            f"data.dataset={dataset!r} is not a dataset class that can be imported: name a "
+            f"torchvision dataset such as torchvision.datasets.MNIST, or pick data=mnist"
+        ) from exc
     raw_folder = os.path.join(root, dataset_cls.__name__, "raw")
     try:
         # torchvision prints every mirror it tries; only the outcome matters here.

@@ -41,6 +41,17 @@ class Callback:
         """After each epoch: `train_images_per_s`, `epoch_seconds`, and `val_*` with a split."""
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: the loss (or, at an epoch's end, a weight) became NaN or infinite.
+
+    `step` is the first global step found bad; the weights are unusable from there on.
+    """
+
+    def __init__(self, step: int, epoch: int, value: float, what: str = "loss") -> None:
+        self.step, self.epoch, self.value, self.what = step, epoch, value, what
+        super().__init__(f"non-finite {what} {value} at step {step}")
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """Mean loss and accuracy; with `keep_predictions`, each image's predicted class too."""
@@ -169,16 +180,23 @@ def fit(
     callbacks: Sequence[Callback] = (),
     start_epoch: int = 0,
     start_step: int = 0,
+    check_every: int = 1,
 ) -> int:
     """Train until epoch `epochs`, after `start_epoch` epochs (and `start_step` steps) done.
 
     `scheduler`, if any, steps after every optimizer step. `max_shift` augments the training
     images with random translations (drawn from the epoch's own generator, so resuming stays
     exact). Evaluates on the validation split after each epoch. Returns the global step.
+
+    Every `check_every` steps, and before each epoch's end is reported, the losses since the
+    last check are read in one device sync: a NaN or infinite one raises `NonFiniteLossError`
+    naming the first bad step, before the callbacks see that step. At the epoch's end the
+    weights are checked too, so no listener is ever handed diverged weights to save.
     """
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None else None
     step = start_step
+    unchecked: list[Tensor] = []  # losses not yet read back from the device
     for epoch in range(start_epoch + 1, epochs + 1):
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
         shifts = epoch_generator(seed, epoch, "shift") if max_shift else None
@@ -199,8 +217,13 @@ def fit(
                 scheduler.step()
             step += 1
             loss = loss.detach()
+            unchecked.append(loss)
+            if len(unchecked) >= check_every:
+                _check_losses(unchecked, step, epoch)
             for cb in callbacks:
                 cb.on_train_step(step, epoch, batch, loss)
+        _check_losses(unchecked, step, epoch)
+        _check_weights(model, step, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -217,6 +240,31 @@ def fit(
         for cb in callbacks:
             cb.on_epoch_end(epoch, step, metrics)
     return step
+
+
+def _check_losses(losses: list[Tensor], step: int, epoch: int) -> None:
+    """Raise `NonFiniteLossError` for the first non-finite loss; `step` is the last one's step.
+
+    One sync for all of them; empties `losses`.
+    """
+    if not losses:
+        return
+    finite = torch.isfinite(losses[0] if len(losses) == 1 else torch.stack(losses))
+    if bool(finite.all()):
+        losses.clear()
+        return
+    first = int((~finite.reshape(-1)).nonzero()[0])
+    value = float(losses[first])
+    raise NonFiniteLossError(step - len(losses) + 1 + first, epoch, value)
+
+
+def _check_weights(model: nn.Module, step: int, epoch: int) -> None:
+    """Raise `NonFiniteLossError` when the last update left a NaN or infinite weight."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    bad = next(t for t in tensors if not bool(torch.isfinite(t).all()))
+    raise NonFiniteLossError(step, epoch, float(bad[~torch.isfinite(bad)][0]), what="weights")
 
 
 def evaluate(

@@ -24,6 +24,7 @@ from mnist_exp.errors import UserError
 log = logging.getLogger("mnist_exp")
 
 BATCH = 1000  # metrics per message, as per MLflow log_batch call
+ERROR_TAG = "mnist_exp.error"  # why a run FAILED
 OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are
 ORPHANED = "the training process ended without closing the run (killed or crashed)"
 
@@ -291,7 +292,7 @@ def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
         except OSError:
             break
     try:
-        run.set_tags({"mnist_exp.error": ORPHANED})
+        run.set_tags({ERROR_TAG: ORPHANED})
         run.end("FAILED")
     except Exception as exc:
         log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
@@ -318,7 +319,7 @@ def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any
             run.log_artifacts(*opening["files"])
         run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
     except Exception as exc:
-        run.set_tags({"mnist_exp.error": str(_error(exc))})
+        run.set_tags({ERROR_TAG: str(_error(exc))})
         run.end("FAILED")
         raise
     return run

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.errors import UserError
+from mnist_exp.tracker import ERROR_TAG
 
 # MLflow draws a progress bar for every artifact download and announces each new SQLite
 # store's schema migration; a run's output has no room for either.
@@ -36,6 +37,13 @@ PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+# The MLflow UI opens an experiment of this kind on its table of training runs (else on
+# its GenAI overview).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# Which process holds a run open: a RUNNING run whose process is gone is marked FAILED.
+HOST_TAG, PID_TAG, PID_START_TAG = "mnist_exp.host", "mnist_exp.pid", "mnist_exp.pid_start"
+# Tags saying why a run failed; a run resumed later drops them.
+FAILURE_TAGS = (ERROR_TAG, "mnist_exp.failed_step", "mnist_exp.failed_epoch")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -67,7 +75,9 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             try:
-                return client, client.create_experiment(experiment_name, artifact_location)
+                return client, client.create_experiment(
+                    experiment_name, artifact_location, tags=EXPERIMENT_TAGS
+                )
             except MlflowException:  # another job created it a moment ago
                 experiment = client.get_experiment_by_name(experiment_name)
                 if experiment is None:
@@ -77,6 +87,10 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
                 f"MLflow experiment {experiment_name!r} in {tracking_uri} is deleted: restore it "
                 f"in the MLflow UI or choose another mlflow.experiment_name"
             )
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+        fail_orphans(client, experiment.experiment_id)
         return client, experiment.experiment_id
     except UserError:
         raise
@@ -88,6 +102,62 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
         ) from exc
 
 
+def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this host whose process has ended; returns their ids.
+
+    A process killed without a word (`kill -9`, a power cut) leaves its run RUNNING; the
+    next process to open the store closes it. Runs started on other hosts are left alone:
+    whether their process lives cannot be told from here. One query, filtered by status.
+    """
+    host = platform.node()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    failed = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if not pid.isdigit() or _process_alive(int(pid), run.data.tags.get(PID_START_TAG)):
+            continue
+        reason = f"process {pid} on host {host} ended without closing the run"
+        client.set_tag(run.info.run_id, ERROR_TAG, reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        failed.append(run.info.run_id)
+    return failed
+
+
+def _process_tags() -> dict[str, str]:
+    """This process, as `fail_orphans` recognises it: host, pid and (on Linux) start time."""
+    return {
+        HOST_TAG: platform.node(),
+        PID_TAG: str(os.getpid()),
+        PID_START_TAG: _process_start(os.getpid()) or "",
+    }
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), telling reused pids apart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie has ended
+
+
+def _process_alive(pid: int, started: str | None) -> bool:
+    if Path("/proc/self/stat").is_file():
+        now = _process_start(pid)
+        return now is not None and (not started or now == started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def source_tags(project_root: Path) -> dict[str, str]:
     """Where a run came from: git commit and dirtiness, user, host, versions, command line."""
     tags = {
@@ -95,7 +165,7 @@ def source_tags(project_root: Path) -> dict[str, str]:
         "mlflow.source.name": "mnist_exp.train",
         "mlflow.user": getpass.getuser(),
         "mnist_exp.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "mnist_exp.host": platform.node(),
+        HOST_TAG: platform.node(),
         "mnist_exp.version.python": platform.python_version(),
     }
     for package in ("mnist-exp", "torch", "torchvision", "hydra-core", "mlflow"):
@@ -161,7 +231,7 @@ class Run:
         params: Mapping[str, Any],
         tags: Mapping[str, str],
     ) -> Run:
-        tags = dict(tags)
+        tags = dict(tags) | _process_tags()
         if os.environ.get(PARENT_RUN_ENV):
             tags.setdefault("mlflow.parentRunId", os.environ[PARENT_RUN_ENV])
         run = cls(client, client.create_run(experiment_id, run_name=run_name, tags=tags).info, {})
@@ -172,12 +242,19 @@ class Run:
 
     @classmethod
     def reopen(cls, client: MlflowClient, run_id: str) -> Run:
-        """Continue a stopped run: RUNNING again, and steps it already holds are not re-sent."""
+        """Continue a stopped run: RUNNING again, and steps it already holds are not re-sent.
+
+        The run now belongs to this process, and the tags of an earlier failure are dropped.
+        """
         info = client.get_run(run_id)
         recorded = {
             key: max(m.step for m in client.get_metric_history(run_id, key))
             for key in info.data.metrics
         }
+        for key in FAILURE_TAGS:
+            if key in info.data.tags:
+                client.delete_tag(run_id, key)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _process_tags().items()])
         client.update_run(run_id, status="RUNNING")
         return cls(client, info.info, recorded)
 

@@ -7,17 +7,20 @@ override is reported at once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mnist_exp")
 _LOADED = time.perf_counter()
+CHECKPOINT = Path("checkpoints") / "last.ckpt"  # the resume checkpoint, in the run folder
+# What an OSError says when the disk is full or a folder cannot be written.
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 # Override prefixes that say where things are, not what the experiment is; left out of run names.
 _NOT_IN_NAME = (
@@ -50,8 +56,19 @@ _NOT_IN_NAME = (
 )
 
 
+def main() -> None:
+    """The command: overrides Hydra would answer with a stack trace are refused in one line."""
+    from mnist_exp.validation import check_overrides
+
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    _main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     """Train, evaluate, record; returns `cfg.optimized_metric` for sweepers."""
     from mnist_exp.validation import check_config
 
@@ -70,6 +87,30 @@ def main(cfg: DictConfig) -> float:
     # A failed job in a sweep: its run is FAILED; NaN tells Optuna the trial failed, and
     # Hydra's sweepers go on with the other jobs instead of stopping at the first failure.
     return float("nan")
+
+
+class RunFolderCallback(Callback):
+    """Hydra callback: a run or sweep folder that cannot be written is refused in one line.
+
+    Hydra creates the folder before `main` runs, and would answer with a stack trace.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        sys.exit(
+            f"error: cannot write the run folder {folder} ({exc.strerror or exc}): "
+            f"set {key} to a writable folder, or free space on its disk"
+        )
 
 
 @dataclass
@@ -110,7 +151,14 @@ def _build(cfg: DictConfig, state: dict | None) -> _Setup:
     if cfg.get("scheduler"):
         steps_per_epoch = -(-len(dataset.train) // cfg.data.batch_size)
         total_steps = max(1, steps_per_epoch * cfg.trainer.epochs)
-        scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+        try:
+            scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+        except (ValueError, ZeroDivisionError) as exc:  # e.g. a warm-up of exactly one step
+            raise UserError(
+                f"scheduler: cannot schedule {total_steps} steps with these settings "
+                f"({exc or type(exc).__name__}): change scheduler.pct_start, trainer.epochs or "
+                f"data.batch_size"
+            ) from exc
     if state is not None:
         try:
             engine.restore_training_state(state, model, optimizer, scheduler)
@@ -123,7 +171,7 @@ def _build(cfg: DictConfig, state: dict | None) -> _Setup:
 
 
 def _run(cfg: DictConfig) -> float:
-    from mnist_exp.tracker import OUTPUT_DIR_TAG, RemoteRun
+    from mnist_exp.tracker import ERROR_TAG, OUTPUT_DIR_TAG, RemoteRun
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
@@ -146,6 +194,8 @@ def _run(cfg: DictConfig) -> float:
     except BaseException:
         run.close()
         raise
+    from mnist_exp.engine import NonFiniteLossError
+
     log.info(f"Training on {setup.device}; recording in {uri}")
     if state is None:
         files = (out_dir / hydra_cfg.output_subdir, "hydra")
@@ -168,14 +218,43 @@ def _run(cfg: DictConfig) -> float:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if not run.opened():
             raise
+        _log_again(run, out_dir / CHECKPOINT)
         _end_quietly(run, "KILLED")
         sys.exit(
             f"interrupted: MLflow run {run.run_id} marked KILLED; continue it from its last "
             f"complete epoch with: mnist-rerun {run.run_id} --resume"
         )
+    except NonFiniteLossError as exc:
+        if not run.opened():
+            raise
+        failure = {
+            ERROR_TAG: str(exc),
+            "mnist_exp.failed_step": str(exc.step),
+            "mnist_exp.failed_epoch": str(exc.epoch),
+        }
+        _end_quietly(run, "FAILED", failure)
+        if exc.epoch > start[0] + 1:
+            kept = f"{out_dir / CHECKPOINT} keeps epoch {exc.epoch - 1}"
+        elif start[0]:
+            kept = f"the checkpoint of epoch {start[0]} it resumed from is unchanged"
+        else:
+            kept = "no epoch of this run completed, so it wrote no checkpoint"
+        raise UserError(
+            f"training diverged: {exc} (epoch {exc.epoch}); MLflow run {run.run_id} marked "
+            f"FAILED; {kept}: lower optimizer.lr (or add a warm-up: scheduler=onecycle)"
+        ) from exc
     except BaseException as exc:
-        if run.opened():
-            _end_quietly(run, "FAILED", {"mnist_exp.error": _one_line(exc)})
+        if not run.opened():
+            raise
+        _end_quietly(run, "FAILED", {ERROR_TAG: _one_line(exc)})
+        if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
+            raise UserError(
+                f"cannot write {exc.filename or 'to disk'} ({exc.strerror}): free space there "
+                f"or set hydra.run.dir / mlflow.tracking_uri to a writable folder; MLflow run "
+                f"{run.run_id} marked FAILED"
+            ) from exc
+        if isinstance(exc, UserError):
+            raise UserError(f"{exc}; MLflow run {run.run_id} marked FAILED") from exc
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
@@ -223,7 +302,7 @@ def _train_and_test(
     import torch
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from mnist_exp import engine, plots
+    from mnist_exp import checkpoint, engine, plots
     from mnist_exp.console import Console, wants_progress_bar
 
     net = torch.compile(setup.model) if cfg.trainer.compile else setup.model
@@ -238,7 +317,7 @@ def _train_and_test(
                 cfg.trainer.progress_bar, HydraConfig.get().mode == RunMode.MULTIRUN
             ),
         ),
-        _Checkpointer(setup, run, out_dir / "checkpoints" / "last.ckpt"),
+        _Checkpointer(setup, run, out_dir / CHECKPOINT),
     ]
     with logging_redirect_tqdm():
         step = engine.fit(
@@ -257,6 +336,7 @@ def _train_and_test(
             callbacks=callbacks,
             start_epoch=start[0],
             start_step=start[1],
+            check_every=cfg.trainer.log_every_n_steps,
         )
     test = engine.evaluate(
         net,
@@ -276,7 +356,7 @@ def _train_and_test(
     }
     run.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy, **per_class}, step)
     weights = out_dir / "model.ckpt"
-    torch.save(setup.model.state_dict(), weights)
+    checkpoint.write_atomic(setup.model.state_dict(), weights)
     run.log_artifact(weights, "checkpoints")
     if cfg.mlflow.log_model:  # the tracker builds the model while this process draws
         example = setup.data.test.images[:3, 0].numpy()
@@ -389,6 +469,15 @@ def _latest_metric(run: RemoteRun, key: str) -> float:
     if value is None:
         raise UserError(f"optimized_metric={key!r} was never logged by this run")
     return value
+
+
+def _log_again(run: RemoteRun, path: Path) -> None:
+    """Log the (atomically written) checkpoint again: a stop may have cut its upload short."""
+    if path.is_file():
+        try:
+            run.log_artifact(path, str(CHECKPOINT.parent))
+        except Exception as exc:
+            log.error(f"could not log {path} to MLflow run {run.run_id}: {exc}")
 
 
 def _end_quietly(run: RemoteRun, status: str, tags: dict[str, str] | None = None) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from mnist_exp.config import CONF_DIR
 from mnist_exp.errors import UserError
 
 PRECISIONS = ("32", "bf16-mixed")
@@ -22,25 +26,26 @@ OPTIMIZABLE_METRICS = {
 
 def check_config(cfg: DictConfig) -> None:
     """Raise `UserError` naming the first key whose value cannot work."""
+    _resolve(cfg)
     _number(cfg, "optimizer.lr", low=0.0, strict=True)
     _integer(cfg, "data.batch_size", low=1)
     _integer(cfg, "data.eval_batch_size", low=1)
     _integer(cfg, "data.val_size", low=0)
-    _integer(cfg, "data.max_shift", low=0)
+    _integer(cfg, "data.max_shift", low=0, high=MAX_SHIFT)
     _integer(cfg, "data.max_train_samples", low=1, optional=True)
     _integer(cfg, "data.max_test_samples", low=1, optional=True)
     _integer(cfg, "trainer.epochs", low=0)
-    _integer(cfg, "trainer.seed", low=0)
+    _integer(cfg, "trainer.seed", low=0, high=2**64 - 1)  # what torch.manual_seed takes
     _integer(cfg, "trainer.log_every_n_steps", low=1)
     _integer(cfg, "trainer.print_every_n_steps", low=0)
-    _integer(cfg, "model.num_classes", low=2)
-    precision = str(_get(cfg, "trainer.precision"))
-    if precision not in PRECISIONS:
+    _integer(cfg, "model.num_classes", low=2, high=MAX_CLASSES)
+    precision = _get(cfg, "trainer.precision")
+    if str(precision) not in PRECISIONS:
         _refuse("trainer.precision", precision, f"must be one of {', '.join(PRECISIONS)}")
-    device = str(_get(cfg, "device.type"))
-    if device.split(":")[0] not in DEVICES:
+    device = _get(cfg, "device.type")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         _refuse("device.type", device, "must be auto, cpu, cuda or cuda:N")
-    _integer(cfg, "trainer.num_threads", low=1, optional=True)
+    _integer(cfg, "trainer.num_threads", low=1, high=MAX_THREADS, optional=True)
     for key in (
         "trainer.deterministic",
         "trainer.channels_last",
@@ -56,10 +61,51 @@ def check_config(cfg: DictConfig) -> None:
             "trainer.progress_bar", _get(cfg, "trainer.progress_bar"), "must be true, false or null"
         )
     metric = _get(cfg, "optimized_metric")
-    if metric not in OPTIMIZABLE_METRICS:
+    if not isinstance(metric, str) or metric not in OPTIMIZABLE_METRICS:
         _refuse("optimized_metric", metric, f"must be one of {', '.join(OPTIMIZABLE_METRICS)}")
-    if str(metric).startswith("val_") and not _get(cfg, "data.val_size"):
+    if metric.startswith("val_") and not _get(cfg, "data.val_size"):
         _refuse("optimized_metric", metric, "is never logged without a split: set data.val_size")
+    if _get(cfg, "scheduler"):
+        pct = _get(cfg, "scheduler.pct_start")
+        if pct is not None and not (_is_number(pct) and 0 < pct < 1):
+            _refuse("scheduler.pct_start", pct, "must be a number between 0 and 1")
+    for key in (
+        "data.dataset",
+        "data.root",
+        "mlflow.run_name",
+        "mlflow.experiment_name",
+        "mlflow.tracking_uri",
+    ):
+        value = _get(cfg, key)
+        if not isinstance(value, str | None) or (value is not None and not value.strip()):
+            _refuse(key, value, "must be text" + (" or null" if key.endswith("run_name") else ""))
+
+
+def check_overrides(args: list[str]) -> None:
+    """Refuse a config group set to a non-name (`device=null`, `optimizer=1`) before Hydra.
+
+    Hydra itself answers those with a stack trace. Arguments Hydra cannot parse are left
+    for Hydra to report.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException:
+            continue
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete() or override.is_sweep_override():
+            continue
+        if not isinstance(override.value(), str | list):
+            raise UserError(
+                f"{group}={override.get_value_element_as_str()} is not an option of {group}: "
+                f"name one of {', '.join(GROUPS[group])}"
+            )
 
 
 def check_search_space(cfg: DictConfig) -> None:
@@ -77,27 +123,68 @@ def check_search_space(cfg: DictConfig) -> None:
 
 
 _ABSENT = object()
+# The config groups and their options, as the files in conf/ say.
+GROUPS = {
+    group.name: sorted(f.stem for f in group.glob("*.yaml"))
+    for group in sorted(CONF_DIR.iterdir())
+    if group.is_dir()
+}
+MAX_SHIFT = 27  # pixels: a larger shift moves every 28x28 image out of its frame
+MAX_CLASSES = 10_000
+MAX_THREADS = 1024
+MAX_INT = 2**31 - 1  # counts beyond this are typos, and overflow torch's index arithmetic
+MAX_SHOWN = 80  # characters of a refused value quoted in the message
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, throw_on_missing=False)
 
 
+def _resolve(cfg: DictConfig) -> None:
+    """Refuse an interpolation (`${...}`) that does not resolve, naming its top-level key."""
+    for key in cfg:
+        if key == "hydra":
+            continue
+        try:
+            node = cfg[key]
+            if isinstance(node, DictConfig | ListConfig):
+                OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][: MAX_SHOWN * 2]
+            raise UserError(
+                f"{key}: the config does not resolve ({reason}): fix the ${{...}} value"
+            ) from exc
+
+
 def _refuse(key: str, value: Any, why: str) -> None:
-    raise UserError(f"{key}={value!r} {why}: change it on the command line or in conf/")
+    shown = repr(value)
+    if len(shown) > MAX_SHOWN:
+        shown = shown[: MAX_SHOWN - 3] + "..."
+    raise UserError(f"{key}={shown} {why}: change it on the command line or in conf/")
+
+
+def _is_number(value: Any) -> bool:
+    """A real, finite number (not a bool, nor an int too large to be a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _number(cfg: DictConfig, key: str, *, low: float, strict: bool = False) -> None:
     value = _get(cfg, key)
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or value < low or (strict and value == low):
-        _refuse(key, value, f"must be a number {'>' if strict else '>='} {low:g}")
+    if not _is_number(value) or value < low or (strict and value == low):
+        _refuse(key, value, f"must be a finite number {'>' if strict else '>='} {low:g}")
 
 
-def _integer(cfg: DictConfig, key: str, *, low: int, optional: bool = False) -> None:
+def _integer(
+    cfg: DictConfig, key: str, *, low: int, high: int = MAX_INT, optional: bool = False
+) -> None:
     value = _get(cfg, key)
     if optional and value is None:
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         suffix = " or null" if optional else ""
-        _refuse(key, value, f"must be a whole number >= {low}{suffix}")
+        _refuse(key, value, f"must be a whole number from {low} to {high}{suffix}")

@@ -1,9 +1,19 @@
 """The loop on a tiny in-memory set: deterministic, listened to, evaluated without gradients."""
 
+import math
+
+import pytest
 import torch
 
 from mnist_exp.data import Data, Split
-from mnist_exp.engine import Callback, epoch_generator, evaluate, fit, seed_everything
+from mnist_exp.engine import (
+    Callback,
+    NonFiniteLossError,
+    epoch_generator,
+    evaluate,
+    fit,
+    seed_everything,
+)
 from mnist_exp.models import ConvNet
 
 
@@ -130,3 +140,59 @@ def test_resuming_from_a_saved_state_matches_an_uninterrupted_fit(tmp_path) -> N
         straight[0].state_dict().values(), second[0].state_dict().values(), strict=True
     ):
         assert torch.equal(x, y)
+
+
+class _PoisonedFrom(torch.nn.Module):
+    """The ConvNet, but every output from the `bad`-th training step's forward pass on is NaN."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__()
+        self.net, self.bad, self.calls = ConvNet(), bad, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += self.training
+        out = self.net(x)
+        return out * float("nan") if self.calls >= self.bad else out
+
+
+@pytest.mark.parametrize("check_every", [1, 4, 1000])
+def test_a_nan_loss_stops_training_at_its_first_step(check_every: int) -> None:
+    model, recorder = _PoisonedFrom(bad=5), Recorder()
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.01),
+            _tiny(),  # 3 steps an epoch: the 5th step is in epoch 2
+            epochs=3,
+            batch_size=32,
+            eval_batch_size=50,
+            seed=0,
+            device=torch.device("cpu"),
+            callbacks=[recorder],
+            check_every=check_every,
+        )
+    error = info.value
+    assert (error.step, error.epoch, error.what) == (5, 2, "loss")
+    assert math.isnan(error.value) and str(error) == "non-finite loss nan at step 5"
+    assert model.calls <= 5 + check_every  # stopped within one check window
+    assert [e for e, _, _ in recorder.epochs] == [1]  # epoch 2 never reported as done
+    if check_every == 1:  # checked before the listeners hear of the step
+        assert [s for s, _ in recorder.losses] == [1, 2, 3, 4]
+
+
+def test_weights_diverged_by_an_epochs_last_update_are_never_reported_done() -> None:
+    model, recorder = ConvNet(), Recorder()
+    with pytest.raises(NonFiniteLossError) as info:
+        fit(
+            model,
+            torch.optim.SGD(model.parameters(), lr=float("inf")),
+            _tiny(32),  # one step: its loss is finite, the update it makes is not
+            epochs=2,
+            batch_size=32,
+            eval_batch_size=50,
+            seed=0,
+            device=torch.device("cpu"),
+            callbacks=[recorder],
+        )
+    assert (info.value.step, info.value.epoch, info.value.what) == (1, 1, "weights")
+    assert recorder.epochs == [] and len(recorder.losses) == 1

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_exp import checkpoint
 from mnist_exp.errors import UserError
+from mnist_exp.models import ConvNet
 from mnist_exp.tracker import ORPHANED
 
 SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
@@ -192,6 +193,7 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
         uri=tracking_uri,
     )
     _resumed_equals(tracking_uri, stopped.info.run_id, tmp_path / "resumed", uninterrupted)
+    assert "mnist_exp.error" not in client.get_run(stopped.info.run_id).data.tags
 
 
 def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, tmp_path):
@@ -205,12 +207,17 @@ def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, 
     foreign = tmp_path / "model.ckpt"
     foreign.write_bytes((tmp_path / "run" / "model.ckpt").read_bytes())  # weights only
     evil = tmp_path / "evil.ckpt"
-    evil.write_bytes(pickle.dumps(_Evil()))
+    evil.write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
+    # Another model's resume checkpoint: the run's own, with a 5-way classifier's weights.
+    other = tmp_path / "other-model.ckpt"
+    state = checkpoint.load(good)
+    checkpoint.save(state | {"epoch": 1, "model": ConvNet(num_classes=5).state_dict()}, other)
     before = (_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
     cases = [
         (truncated, "is truncated, corrupt or not a safe tensor file"),
         (foreign, "is not an mnist-exp resume checkpoint"),
         (evil, "is truncated, corrupt or not a safe tensor file"),
+        (other, f"the checkpoint of run {run.info.run_id} does not fit this model"),
         ("0123456789abcdef0123456789abcdef", "no MLflow run '0123456789abcdef"),
     ]
     for source, message in cases:
@@ -222,7 +229,15 @@ def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, 
         "mnist_exp.rerun", "0123456789abcdef0123456789abcdef", uri=tracking_uri, check=False
     )
     assert proc.returncode != 0 and "no MLflow run" in proc.stderr
+    # mnist-rerun --resume reads the run's own checkpoint: one that would run code is refused.
+    good.write_bytes(evil.read_bytes())
+    proc = _cli("mnist_exp.rerun", run.info.run_id, "--resume", uri=tracking_uri, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert f"{good} is truncated, corrupt or not a safe tensor file" in lines[0]
     assert not (tmp_path / "pwned").exists()
+    pickle.loads(evil.read_bytes())  # the payload is real: an unsafe load runs it
+    assert (tmp_path / "pwned").exists()
     after = (_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
     assert after[0] == before[0]
     assert (after[1].status, after[1].end_time) == (before[1].status, before[1].end_time)
@@ -230,8 +245,13 @@ def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, 
 
 
 class _Evil:
+    """Unpickling it runs `touch PATH`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
     def __reduce__(self):
-        return (os.system, (f"touch {Path('pwned').resolve()}",))
+        return (os.system, (f"touch {self.path}",))
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
@@ -244,9 +264,10 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=f"cannot write last.ckpt in {tmp_path} \\(disk full\\)"):
         checkpoint.save(state | {"epoch": 2}, path)
     monkeypatch.undo()
     assert checkpoint.load(path)["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]  # no half-written temporary left
     with pytest.raises(UserError, match="no checkpoint file"):
         checkpoint.load(tmp_path / "absent.ckpt")

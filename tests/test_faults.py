@@ -1,0 +1,161 @@
+"""Faults: each ends in a clear line, a consistent MLflow store and the last good checkpoint."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import ROOT, runs_in
+from mlflow.tracking import MlflowClient
+
+from mnist_exp import checkpoint, tracking
+
+TINY = ("data.max_train_samples=64", "data.max_test_samples=64", "trainer.print_every_n_steps=0")
+
+
+def _ckpt_artifact(uri: str, run_id: str, dest: Path) -> Path:
+    return Path(MlflowClient(uri).download_artifacts(run_id, "checkpoints/last.ckpt", str(dest)))
+
+
+def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
+    data_root, tracking_uri, tmp_path
+):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
+        f"mlflow.tracking_uri={tracking_uri}", f"hydra.run.dir={run_dir}",
+        "data.max_train_samples=640", "trainer.epochs=1000",
+        "trainer.print_every_n_steps=0",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "last.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint came"
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next epoch
+        proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - stopped
+    finally:
+        proc.kill()
+    (run,) = runs_in(tracking_uri)
+    run_id = run.info.run_id
+    assert proc.returncode != 0 and took < 15  # prompt, even on a loaded machine
+    last = stderr.strip().splitlines()[-1]
+    assert "KILLED" in last and f"mnist-rerun {run_id} --resume" in last, stderr
+    assert "Traceback" not in stderr
+    assert run.info.status == "KILLED"
+    on_disk = checkpoint.load(run_dir / "checkpoints" / "last.ckpt")
+    assert on_disk["epoch"] >= 1 and on_disk["run_id"] == run_id
+    logged = _ckpt_artifact(tracking_uri, run_id, tmp_path / "dl")
+    assert logged.read_bytes() == (run_dir / "checkpoints" / "last.ckpt").read_bytes()
+
+
+def test_a_nan_loss_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint(
+    train, tracking_uri, tmp_path
+):
+    # One step an epoch; one-cycle SGD takes its first step at lr 0.01, the next at ~1e38.
+    proc = train(
+        *TINY, "trainer.epochs=5", "optimizer=sgd", "scheduler=onecycle",
+        "optimizer.lr=1e38", "scheduler.div_factor=1e40", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    found = re.match(
+        r"error: training diverged: non-finite (loss|weights) (\S+) at step (\d+)", line
+    )
+    assert found, line
+    (run,) = runs_in(tracking_uri)
+    tags = run.data.tags
+    assert run.info.status == "FAILED" and run.info.run_id in line
+    step = int(tags["mnist_exp.failed_step"])
+    epoch = int(tags["mnist_exp.failed_epoch"])
+    assert step == int(found[3]) and epoch == step  # one step an epoch
+    assert tags["mnist_exp.error"] == f"non-finite {found[1]} {found[2]} at step {step}"
+    assert found[2] in ("nan", "inf", "-inf") and epoch >= 2
+
+    good = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert good["epoch"] == epoch - 1
+    assert all(torch.isfinite(t).all() for t in good["model"].values() if t.is_floating_point())
+    assert f"keeps epoch {epoch - 1}" in line
+    logged = _ckpt_artifact(tracking_uri, run.info.run_id, tmp_path / "dl")
+    assert logged.read_bytes() == (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    assert not (tmp_path / "run" / "model.ckpt").exists()
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, step if found[1] == "loss" else step + 1))
+    assert "test_accuracy" not in run.data.metrics
+
+
+def test_a_full_disk_fails_the_run_with_one_line_naming_the_folder(train, tracking_uri, tmp_path):
+    # The checkpoint's temporary file leads to /dev/full: its writes fail with ENOSPC.
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / ".last.ckpt.tmp").symlink_to("/dev/full")
+    proc = train(*TINY, "trainer.epochs=2", check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot write last.ckpt in {folder} (No space left on device)")
+    assert "free space" in line
+    (run,) = runs_in(tracking_uri)
+    assert run.info.status == "FAILED" and f"MLflow run {run.info.run_id} marked FAILED" in line
+    assert "No space left on device" in run.data.tags["mnist_exp.error"]
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1]  # what was recorded before the fault stays
+    assert os.listdir(folder) == []  # the temporary file is gone
+
+
+def test_an_unwritable_run_folder_is_one_line_and_no_run(train, tracking_uri, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = train(*TINY, f"hydra.run.dir={blocker}/run", check=False)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot write the run folder {blocker}/run (Not a directory)")
+    assert "set hydra.run.dir to a writable folder" in line
+    assert runs_in(tracking_uri) == []
+
+
+def test_runs_left_running_by_a_dead_process_of_this_host_are_failed(tracking_uri):
+    client, experiment_id = tracking.open_store(tracking_uri, "mnist-exp")
+    here = platform.node()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me = tracking._process_tags()
+
+    def running(name: str, **tags: str) -> str:
+        return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+    ids = {
+        "dead": running("dead", **{"mnist_exp.host": here, "mnist_exp.pid": str(dead.pid)}),
+        "alive": running("alive", **me),
+        "pid reused": running("pid reused", **(me | {"mnist_exp.pid_start": "1"})),
+        "other host": running(
+            "other host", **{"mnist_exp.host": f"not-{here}", "mnist_exp.pid": str(dead.pid)}
+        ),
+        "untagged": running("untagged"),
+    }
+    finished = running("finished", **{"mnist_exp.host": here, "mnist_exp.pid": str(dead.pid)})
+    client.set_terminated(finished, "FINISHED")
+
+    tracking.open_store(tracking_uri, "mnist-exp")
+    status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
+    assert status == {
+        "dead": "FAILED",
+        "alive": "RUNNING",
+        "pid reused": "FAILED",
+        "other host": "RUNNING",
+        "untagged": "RUNNING",
+    }
+    error = client.get_run(ids["dead"]).data.tags["mnist_exp.error"]
+    assert error == f"process {dead.pid} on host {here} ended without closing the run"
+    assert client.get_run(finished).info.status == "FINISHED"

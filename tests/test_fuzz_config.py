@@ -1,0 +1,151 @@
+"""Fuzzing the config: any override value is run or refused with a clear line, never a crash.
+
+Most examples go through what `mnist-train` does before it trains (Hydra's composition,
+`check_config`, building the model, optimizer and schedule), in this process for speed;
+a few go through the real command on a tiny data set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, runs_in
+from hydra.errors import CompactHydraException
+from hydra.utils import instantiate
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mnist_exp import engine
+from mnist_exp.config import compose_config
+from mnist_exp.errors import UserError
+from mnist_exp.validation import check_config, check_overrides
+
+# Keys a quick run can take any value of (a huge trainer.epochs would be valid, and slow).
+QUICK_KEYS = [
+    "optimizer.lr",
+    "optimizer.momentum",
+    "optimizer.weight_decay",
+    "data.batch_size",
+    "data.eval_batch_size",
+    "data.max_shift",
+    "trainer.seed",
+    "trainer.log_every_n_steps",
+    "trainer.print_every_n_steps",
+    "trainer.precision",
+    "trainer.channels_last",
+    "trainer.deterministic",
+    "trainer.num_threads",
+    "model.num_classes",
+    "device",
+    "device.type",
+    "optimizer",
+    "scheduler",
+    "scheduler.pct_start",
+    "optimized_metric",
+    "data.dataset",
+    "data.download",
+    "mlflow.run_name",
+]
+KEYS = QUICK_KEYS + [
+    "data.val_size",
+    "data.max_train_samples",
+    "data.max_test_samples",
+    "trainer.epochs",
+    "trainer.compile",
+    "trainer.resume",
+    "data.root",
+    "mlflow.experiment_name",
+    "mlflow.tracking_uri",
+    "experiment",
+]
+SPECIAL = [
+    "null", "true", "false", "[]", "[1,2]", "{}", "{a: 1}", "''", "???", "nan", "inf", "-inf",
+    "1e400", "-0.0", "0", "-1", "2147483648", "18446744073709551616", "${oc.env:NO_SUCH_VAR}",
+    "${nope}", "${optimizer.lr}", "cuda:x", "cuda:0", "bf16-mixed", "32", "16", "sgd",
+    "adamw", "onecycle", "fast", "seed", "val_accuracy", "'a b'", "'x=y'", "\\'", "%", "~",
+]  # fmt: skip
+VALUES = st.one_of(
+    st.sampled_from(SPECIAL),
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(st.characters(codec="ascii", exclude_categories=("Cc",)), max_size=10),
+)
+
+
+def _overrides(keys: list[str]) -> st.SearchStrategy[list[str]]:
+    pair = st.tuples(st.sampled_from(keys), VALUES).map(lambda kv: f"{kv[0]}={kv[1]}")
+    return st.lists(pair, min_size=1, max_size=3)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(_overrides(KEYS))
+def test_any_override_is_accepted_or_refused_in_one_line(overrides: list[str]) -> None:
+    try:
+        check_overrides(overrides)
+        cfg = compose_config(overrides)
+    except CompactHydraException:
+        return  # the command prints Hydra's own message (no stack trace) and exits 1
+    except UserError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 400, str(exc)
+        return
+    try:
+        check_config(cfg)
+        device = engine.resolve_device(cfg.device.type)
+    except UserError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 400, str(exc)
+        return
+    # Accepted: what the command builds next must then work.
+    engine.seed_everything(cfg.trainer.seed, deterministic=False)
+    model = instantiate(cfg.model)
+    model(torch.zeros(2, 1, 28, 28))
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    if cfg.get("scheduler"):
+        instantiate(cfg.scheduler)(optimizer, total_steps=10)
+    assert device.type in ("cpu", "cuda")
+
+
+@pytest.fixture(scope="module")
+def cli(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`mnist-train` on 64 images for one epoch, fuzzed overrides last; one store for all."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    count = itertools.count()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+    def run(overrides: list[str]) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
+            f"mlflow.tracking_uri={uri}", f"hydra.run.dir={tmp}/run{next(count)}",
+            "data.max_train_samples=64", "data.max_test_samples=64", "trainer.epochs=1",
+            *overrides,
+        ]  # fmt: skip
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    yield run
+    assert [r.info.run_id for r in runs_in(uri) if r.info.status == "RUNNING"] == []
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(_overrides(QUICK_KEYS))
+def test_the_command_runs_or_says_why_in_one_line(cli, overrides: list[str]) -> None:
+    proc = cli(overrides)
+    if proc.returncode == 0:
+        return
+    assert proc.returncode in (1, 2), proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines, proc.stdout
+    # Ours: one line. Hydra's own: its message, then where to get a stack trace.
+    assert len(lines) == 1 and lines[0].startswith("error: ") or "HYDRA_FULL_ERROR" in lines[-1]
