@@ -112,7 +112,11 @@ def _run(cfg: DictConfig) -> float:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     uri = cfg.mlflow.tracking_uri
+    tracking.configure_requests(
+        cfg.mlflow.get("request_max_retries"), cfg.mlflow.get("request_timeout_s")
+    )
     client, experiment_id = tracking.open_store(uri, cfg.mlflow.experiment_name)
+    retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0)
     params = tracking.flatten(OmegaConf.to_container(cfg, resolve=True))
     if cfg.trainer.resume:  # checked before the slow part, so a bad source is refused at once
         state, run_id = resume.find(str(cfg.trainer.resume), client, uri)
@@ -135,17 +139,19 @@ def _run(cfg: DictConfig) -> float:
                 f"trainer.resume: the checkpoint of run {run_id} does not fit this model, "
                 f"optimizer and scheduler ({str(exc).strip().splitlines()[0][:160]})"
             ) from exc
-        run = tracking.Run.reopen(client, run_id)
+        run = tracking.Run.reopen(client, run_id, retry_for_s)
         run.set_tags(tags | {"mnist_exp.resumed_from_epoch": str(start[0])})
         log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
     else:
         name = cfg.mlflow.run_name or _name_from(overrides)
-        run = tracking.Run.start(client, experiment_id, run_name=name, params=params, tags=tags)
-        log.info(f"MLflow run {run.run_id} ({run.name}) in {uri}; device {device}")
+        run = tracking.Run.start(
+            client, experiment_id, run_name=name, params=params, tags=tags, retry_for_s=retry_for_s
+        )
+        log.info(f"MLflow run {run.run_id} ({run.name}) in {tracking.redact(uri)}; device {device}")
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         hydra_files = "hydra" if not cfg.trainer.resume else f"hydra/resumed-{start[0]}"
-        run.log_artifacts(out_dir / hydra_cfg.output_subdir, hydra_files)
+        run.log_config_files(out_dir / hydra_cfg.output_subdir, hydra_files)
         run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
         test = _train_and_test(cfg, setup, run, out_dir, start)
         metric = _latest_metric(run, cfg.optimized_metric)
@@ -158,15 +164,29 @@ def _run(cfg: DictConfig) -> float:
     except BaseException as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         _end_quietly(run, "FAILED", {"mnist_exp.error": f"{type(exc).__name__}: {first_line}"})
+        if isinstance(exc, tracking.TrackingUnavailable):
+            last = out_dir / "checkpoints" / "last.ckpt"
+            kept = (
+                f"the checkpoint of the last complete epoch is {last} (continue with "
+                f"trainer.resume={last} once the server is back)"
+                if last.is_file()
+                else "no epoch was complete, so there is no checkpoint"
+            )
+            raise tracking.TrackingUnavailable(f"{exc}; {kept}") from exc
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
     run.end("FINISHED")
+    where = (
+        f"{tracking.redact(uri)}/#/experiments/{experiment_id}/runs/{run.run_id}"
+        if uri.startswith(("http://", "https://"))
+        else f"mlflow ui --backend-store-uri {uri}"
+        f"  (then #/experiments/{experiment_id}/runs/{run.run_id})"
+    )
     log.info(
         f"Run {run.run_id} finished: test_accuracy {test.accuracy:.4f}; "
         f"checkpoint {out_dir / 'model.ckpt'}\n"
-        f"Open it in the MLflow UI: mlflow ui --backend-store-uri {uri}"
-        f"  (then #/experiments/{experiment_id}/runs/{run.run_id})"
+        f"Open it in the MLflow UI: {where}"
     )
     return metric
 
@@ -228,8 +248,9 @@ def _train_and_test(
 class _Checkpointer:
     """Engine callback: after each epoch, an atomic resume checkpoint, kept locally and in MLflow.
 
-    It runs after the MLflow logger has sent the epoch's metrics, so a checkpoint never
-    claims steps whose losses were not recorded.
+    It runs after the MLflow logger has flushed the epoch's metrics; the upload is queued
+    behind them, so MLflow's copy never claims steps whose losses MLflow does not hold.
+    While the tracking server is unreachable the local copy is written all the same.
     """
 
     def __init__(self, setup: _Setup, run: Run, path: Path) -> None:
@@ -247,7 +268,7 @@ class _Checkpointer:
         s = self.setup
         state = engine.training_state(s.model, s.optimizer, s.scheduler, epoch, step)
         checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
-        self.run.log_artifact(self.path, "checkpoints")
+        self.run.log_artifact(self.path, "checkpoints", defer=True)
 
 
 class MlflowLogger:
@@ -292,17 +313,18 @@ def _share_of_cores() -> int:
     """All cores, or in a parallel sweep this job's share, so jobs do not oversubscribe them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     hydra_cfg = HydraConfig.get()
-    n_jobs = hydra_cfg.launcher.get("n_jobs") if hydra_cfg.mode == RunMode.MULTIRUN else None
-    if not n_jobs:
+    if hydra_cfg.mode != RunMode.MULTIRUN:
         return cores or 1
+    n_jobs = hydra_cfg.launcher.get("n_jobs")
+    if not n_jobs:  # submitit: each job is given cpus_per_task cores (SLURM also pins them)
+        return min(cores or 1, hydra_cfg.launcher.get("cpus_per_task") or cores or 1)
     if n_jobs < 0:  # joblib: -1 is all cores, -2 all but one, ...
         n_jobs = max(1, (cores or 1) + 1 + n_jobs)
     return max(1, (cores or 1) // n_jobs)
 
 
 def _latest_metric(run: Run, key: str) -> float:
-    run.flush()
-    value = run.client.get_run(run.run_id).data.metrics.get(key)
+    value = run.metrics().get(key)
     if value is None:
         raise UserError(f"optimized_metric={key!r} was never logged by this run")
     return value
@@ -315,7 +337,8 @@ def _end_quietly(run: Run, status: str, tags: dict[str, str] | None = None) -> N
             run.set_tags(tags)
         run.end(status)
     except Exception as exc:
-        log.error(f"could not mark MLflow run {run.run_id} {status}: {exc}")
+        if not run.gave_up:  # else the error that follows says the server is gone
+            log.error(f"could not mark MLflow run {run.run_id} {status}: {exc}")
 
 
 def _name_from(overrides: list[str]) -> str | None:
