@@ -316,8 +316,10 @@ def _share_of_cores() -> int:
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return cores or 1
     n_jobs = hydra_cfg.launcher.get("n_jobs")
-    if not n_jobs:  # submitit: each job is given cpus_per_task cores (SLURM also pins them)
-        return min(cores or 1, hydra_cfg.launcher.get("cpus_per_task") or cores or 1)
+    if not n_jobs:  # submitit and Ray reserve cores per job (SLURM also pins them)
+        launcher = hydra_cfg.launcher
+        per_job = launcher.get("cpus_per_task") or OmegaConf.select(launcher, "ray.remote.num_cpus")
+        return min(cores or 1, per_job or cores or 1)
     if n_jobs < 0:  # joblib: -1 is all cores, -2 all but one, ...
         n_jobs = max(1, (cores or 1) + 1 + n_jobs)
     return max(1, (cores or 1) // n_jobs)
