@@ -71,6 +71,15 @@ def configure_requests(max_retries: int | None, timeout_s: int | None) -> None:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
 
 
+def reason(exc: BaseException) -> str:
+    """A short, redacted why: `[Errno 111] Connection refused` rather than urllib3's paragraph."""
+    text = redact(str(exc).strip())
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text) if unreachable(exc) else None
+    if errno:
+        return errno.group(0).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:200]
+
+
 def unreachable(exc: BaseException) -> bool:
     """Whether an error means the server could not be reached or briefly could not answer."""
     import requests
@@ -134,9 +143,8 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
     except UserError:
         raise
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"cannot open the MLflow tracking store {redact(tracking_uri)} ({redact(reason)}): "
+            f"cannot open the MLflow tracking store {redact(tracking_uri)} ({reason(exc)}): "
             f"fix mlflow.tracking_uri or MLFLOW_TRACKING_URI"
         ) from exc
 
@@ -221,9 +229,8 @@ class _Outage:
         self.next_try = now + RETRY_PAUSE_S
         if self.since is None:
             self.since = now
-            reason = redact((str(exc).strip().splitlines() or [type(exc).__name__])[0])[:200]
             log.warning(
-                f"MLflow tracking server unreachable ({reason}); training goes on, metrics "
+                f"MLflow tracking server unreachable ({reason(exc)}); training goes on, metrics "
                 f"are kept and retried for up to {self.retry_for_s:g} s"
             )
         if now - self.since > self.retry_for_s:
