@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.errors import UserError
+from mnist_exp.redaction import redact
 
 # MLflow draws a progress bar for every artifact download, prints a link to each run it
 # ends (its URI unredacted; the run prints its own), and announces each new SQLite store's
@@ -45,18 +46,11 @@ MAX_PARAM_LENGTH = 6000
 RETRY_PAUSE_S = 2.0  # while the server is unreachable, the least time between two attempts
 # HTTP statuses that say "try again": overloaded, restarting, or behind a proxy that is.
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-# The user:password@ (or token@) part of a URI such as http://user:pass@host:5000.
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _T = TypeVar("_T")
 
 
 class TrackingUnavailable(UserError):
     """The tracking server stayed unreachable longer than the run was told to wait."""
-
-
-def redact(text: str) -> str:
-    """`http://user:secret@host` -> `http://***@host`: what may be shown or logged of a URI."""
-    return _USERINFO.sub("***@", text)
 
 
 def configure_requests(max_retries: int | None, timeout_s: int | None) -> None:

@@ -9,6 +9,8 @@
 #                                 0.0.0.0 for every interface, behind a proxy that authenticates)
 #   MLFLOW_SERVER_PORT            default 5000
 #   MLFLOW_SERVER_WORKERS         server processes (default 4)
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's GenAI job runner (default false here: tracking
+#                                 does not use it, and it adds 8 processes of ~240 MB each)
 # Further arguments go to `mlflow server`, e.g. --allowed-hosts mlflow.lab.example.org
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,6 +44,7 @@ except psycopg2.Error as exc:
              "set MLFLOW_BACKEND_STORE_URI (and PGPASSWORD)")
 PY
 mkdir -p "$artifacts"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 # SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3; the driver installed here is psycopg2.
 exec "$python" -m mlflow server \
   --backend-store-uri "postgresql+psycopg2://${db#*://}" \

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from mnist_exp.config import CONF_DIR, PROJECT_ROOT, compose_config
 from mnist_exp.engine import resolve_device
 from mnist_exp.errors import UserError
-from mnist_exp.tracking import redact
+from mnist_exp.redaction import redact
 from mnist_exp.validation import check_config
 
 OPTIONS = sorted(

@@ -157,7 +157,6 @@ def _assert_complete(client: MlflowClient, run: Run, steps: int, tmp_path: Path)
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     assert 0 <= run.data.metrics["test_accuracy"] <= 1
-    assert run.data.params["mlflow.tracking_uri"] == client.tracking_uri
     files = {
         a.path for folder in ("checkpoints", "hydra") for a in client.list_artifacts(run_id, folder)
     }
@@ -175,12 +174,17 @@ def _assert_complete(client: MlflowClient, run: Run, steps: int, tmp_path: Path)
     ids=["joblib", "submitit_local"],
 )
 def test_a_parallel_sweep_lands_whole_on_the_server(train, tracking_uri, tmp_path, launcher):
+    # Credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD; put in the URI (the test
+    # server ignores them) they must not be recorded or printed anywhere.
+    with_secret = tracking_uri.replace("http://", "http://alice:s3cret@")
     name = launcher[0].rsplit("=", 1)[1]
     proc = train(
-        "-m", "mlflow=server", f"mlflow.experiment_name={name}", "optimizer.lr=0.001,0.003",
-        *launcher, *SMALL,
+        "-m", "mlflow=server", f"mlflow.tracking_uri={with_secret}",
+        f"mlflow.experiment_name={name}", "optimizer.lr=0.001,0.003", *launcher, *SMALL,
     )  # fmt: skip
     assert "this job failed" not in proc.stdout + proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert tracking_uri.replace("http://", "http://***@") in proc.stdout + proc.stderr
     client = MlflowClient(tracking_uri)
     runs = _runs(tracking_uri, name)
     (parent,) = [r for r in runs if r.data.tags.get("mnist_exp.sweep") == "true"]
@@ -190,8 +194,16 @@ def test_a_parallel_sweep_lands_whole_on_the_server(train, tracking_uri, tmp_pat
     assert parent.data.tags["mnist_exp.sweep.launcher"] == name
     assert parent.data.metrics["sweep_finished"] == 2
     assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.001", "0.003"]
+    for run in runs:
+        assert "s3cret" not in repr(run.data.params) + repr(run.data.tags)
     for child in children:
+        assert child.data.params["mlflow.tracking_uri"] == "http://***@" + tracking_uri[7:]
         _assert_complete(client, child, STEPS, tmp_path / child.info.run_id)
+        for file in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+            text = Path(
+                client.download_artifacts(child.info.run_id, f"hydra/{file}", str(tmp_path))
+            )
+            assert "s3cret" not in text.read_text()
 
 
 def _first_losses(uri: str, experiment: str, proc: subprocess.Popen[str]) -> Run:
