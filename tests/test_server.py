@@ -206,21 +206,25 @@ def test_a_parallel_sweep_lands_whole_on_the_server(train, tracking_uri, tmp_pat
             assert "s3cret" not in text.read_text()
 
 
-def _first_losses(uri: str, experiment: str, proc: subprocess.Popen[str]) -> Run:
-    """Wait until the run's first train_loss values are on the server."""
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        runs = [r for r in _runs(uri, experiment) if "train_loss" in r.data.metrics]
-        if runs:
-            return runs[0]
-        time.sleep(0.5)
-    out, err = proc.communicate()
-    pytest.fail(f"no train_loss reached the server:\n{out}\n{err}")
+def _first_epoch(run_dir: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait until the run has sent its first epoch's losses and written its first checkpoint.
+
+    The checkpoint is written right after the epoch's metrics are sent, so its file is the
+    earliest sure sign; it is watched closely, so the server dies well before the run ends.
+    """
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not checkpoint.exists():
+        time.sleep(0.02)
+    if not checkpoint.exists() or proc.poll() is not None:
+        out, err = proc.communicate()
+        pytest.fail(f"the run did not finish its first epoch while running:\n{out}\n{err}")
 
 
-# 3 epochs of 2048 images at batch 64: 96 steps, sent to the server at the end of each epoch.
+# 3 epochs of 4096 images at batch 16: 768 steps, sent at the end of each epoch of 256.
 LONGER = (
-    "data.max_train_samples=2048",
+    "data.max_train_samples=4096",
+    "data.batch_size=16",
     "data.max_test_samples=100",
     "data.val_size=0",
     "trainer.epochs=3",
@@ -233,7 +237,7 @@ def test_a_server_restart_mid_run_loses_nothing(train_command, server, tracking_
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    _first_losses(tracking_uri, "restart", proc)
+    _first_epoch(tmp_path / "run", proc)
     server.kill()
     time.sleep(3)
     server.start()
@@ -243,8 +247,8 @@ def test_a_server_restart_mid_run_loses_nothing(train_command, server, tracking_
     assert "MLflow tracking server back after" in out + err
     client = MlflowClient(tracking_uri)
     (run,) = _runs(tracking_uri, "restart")
-    _assert_complete(client, run, 3 * 32, tmp_path)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [32, 64, 96]
+    _assert_complete(client, run, 3 * 256, tmp_path)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [256, 512, 768]
 
 
 def test_a_server_that_never_returns_ends_the_run_keeping_its_checkpoint(
@@ -256,7 +260,7 @@ def test_a_server_that_never_returns_ends_the_run_keeping_its_checkpoint(
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    _first_losses(tracking_uri, "gone", proc)
+    _first_epoch(tmp_path / "run", proc)
     server.kill()  # the next test's tracking_uri fixture starts it again
     out, err = proc.communicate(timeout=600)
     assert proc.returncode != 0
@@ -268,4 +272,4 @@ def test_a_server_that_never_returns_ends_the_run_keeping_its_checkpoint(
     assert f"trainer.resume={checkpoint}" in last
     assert "Traceback" not in err
     state = torch.load(checkpoint, weights_only=True)
-    assert state["step"] > 0 and state["step"] % 32 == 0  # a whole epoch, on disk
+    assert state["step"] in (256, 512, 768)  # a whole epoch, on disk
