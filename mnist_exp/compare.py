@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from mnist_exp.config import compose_config
     from mnist_exp.errors import UserError
-    from mnist_exp.tracking import open_store
+    from mnist_exp.tracking import open_store, redact
 
     cfg = compose_config()
     uri = args.tracking_uri or cfg.mlflow.tracking_uri
@@ -178,10 +178,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                 client.get_run(args.parent) if args.parent else latest_sweep(client, experiment_id)
             )
         except Exception:
-            sys.exit(f"error: no run {args.parent!r} in {uri}: pass a sweep's parent run id")
+            sys.exit(
+                f"error: no run {args.parent!r} in {redact(uri)}: pass a sweep's parent run id"
+            )
         if parent is None:
             sys.exit(
-                f"error: no sweep in {uri}: run one with `mnist-train -m ...` or use --experiment"
+                f"error: no sweep in {redact(uri)}: run one with `mnist-train -m ...` "
+                f"or use --experiment"
             )
         runs = sweep_runs(client, parent)
     metric = args.metric or (parent and parent.data.tags.get(METRIC_TAG)) or cfg.optimized_metric

@@ -7,3 +7,7 @@ class UserError(Exception):
     The entry point reports it as a single line and exits non-zero; the message must say
     what was wrong and what to do.
     """
+
+
+class TrackingUnavailable(UserError):
+    """The tracking server stayed unreachable longer than the run was told to wait."""

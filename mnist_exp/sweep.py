@@ -40,11 +40,14 @@ class MlflowSweepCallback(Callback):
         self.parent: tracking.Run | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mnist_exp import compare, tracking
+        from mnist_exp import compare, tracker, tracking
 
         try:
             check_config(config)
             check_search_space(config)
+            tracker.configure_requests(
+                config.mlflow.get("request_max_retries"), config.mlflow.get("request_timeout_s")
+            )
             client, experiment_id = tracking.open_store(
                 config.mlflow.tracking_uri, config.mlflow.experiment_name
             )
@@ -69,10 +72,12 @@ class MlflowSweepCallback(Callback):
                 "mnist_exp.sweep.launcher": str(choices.get("hydra/launcher")),
                 "mnist_exp.sweep.dir": str(sweep_dir),
             },
+            retry_for_s=float(config.mlflow.get("retry_for_s") or 0),
         )
         os.environ[tracking.PARENT_RUN_ENV] = self.parent.run_id
         atexit.register(self._abandon)
-        log.info(f"Sweep parent run {self.parent.run_id} in {config.mlflow.tracking_uri}")
+        uri = tracking.redact(config.mlflow.tracking_uri)
+        log.info(f"Sweep parent run {self.parent.run_id} in {uri}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mnist_exp import compare, tracking

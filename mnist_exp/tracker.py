@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, SupportsFloat
 
-from mnist_exp.errors import UserError
+from mnist_exp.errors import TrackingUnavailable, UserError
 
 log = logging.getLogger("mnist_exp")
 
@@ -27,6 +30,18 @@ BATCH = 1000  # metrics per message, as per MLflow log_batch call
 ERROR_TAG = "mnist_exp.error"  # why a run FAILED
 OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are
 ORPHANED = "the training process ended without closing the run (killed or crashed)"
+
+
+def configure_requests(max_retries: int | None, timeout_s: int | None) -> None:
+    """Set MLflow's own per-request HTTP retries and timeout for this process (and its jobs).
+
+    MLflow's defaults (7 retries with exponential backoff, 120 s timeout) would hold up
+    training for minutes on a server that is down; the `Run` retries across outages instead.
+    """
+    if max_retries is not None:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
+    if timeout_s is not None:
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
 
 
 class RemoteRun:
@@ -40,20 +55,22 @@ class RemoteRun:
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(
-            target=_serve,
-            args=(child, tracking_uri, experiment_name),
-            name="mnist-exp-tracker",
-            daemon=True,
+        # A process of its own, not a multiprocessing child: inside a sweep's job the start
+        # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
+        mine, theirs = socket.socketpair()
+        self._conn = Connection(mine.detach())
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_exp.tracker", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
         )
-        self._process.start()
-        child.close()
+        theirs.close()
+        self._conn.send((tracking_uri, experiment_name))  # not on the command line: credentials
         self._unanswered = 0
         self._pending: list[tuple[str, SupportsFloat, int, int]] = []
         self._info: tuple[str, str, str] | None = None
         self._open_error: UserError | None = None
+        self.gave_up = False  # the tracking server stayed away longer than retry_for_s
 
     def start(
         self,
@@ -63,24 +80,34 @@ class RemoteRun:
         tags: Mapping[str, str],
         project_root: Path,
         files: tuple[Path, str] | None = None,
+        retry_for_s: float = 0.0,
     ) -> None:
         """Open a new run (and its experiment if new); returns at once.
 
         Its params are `config` flattened to dotted keys; the tracker adds
         `tracking.source_tags(project_root)` to `tags` and logs the installed packages and
-        the folder `files[0]` as artifacts under `files[1]`.
+        the folder `files[0]` as artifacts under `files[1]` (see `tracking.Run.log_config_files`).
+        The tracker waits out a server outage of up to `retry_for_s` (see `tracking.Run`).
         """
         opening = {"run_name": run_name, "params": dict(config), "project_root": project_root}
-        self._send("open", opening | {"tags": dict(tags), "files": files})
+        self._send("open", opening | {"tags": dict(tags), "files": files, "retry": retry_for_s})
 
-    def reopen(self, run_id: str, *, tags: Mapping[str, str], files: tuple[Path, str]) -> None:
+    def reopen(
+        self,
+        run_id: str,
+        *,
+        tags: Mapping[str, str],
+        files: tuple[Path, str],
+        retry_for_s: float = 0.0,
+    ) -> None:
         """Continue a stopped run (see `tracking.Run.reopen`), adding tags and files as `start`."""
-        self._send("open", {"run_id": run_id, "tags": dict(tags), "files": files})
+        opening = {"run_id": run_id, "tags": dict(tags), "files": files, "retry": retry_for_s}
+        self._send("open", opening)
 
     def close(self) -> None:
         """Stop the tracker before any run was opened: nothing is recorded."""
         self._conn.close()
-        self._process.join(timeout=30)
+        self._process.wait(timeout=30)
 
     @property
     def run_id(self) -> str:
@@ -123,8 +150,11 @@ class RemoteRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._call("set_tags", {k: str(v) for k, v in tags.items()})
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", Path(path), artifact_path)
+    def log_artifact(
+        self, path: Path, artifact_path: str | None = None, *, defer: bool = False
+    ) -> None:
+        """Upload a file; with `defer`, during a server outage it is uploaded later."""
+        self._call("log_artifact", Path(path), artifact_path, defer)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self._call("log_artifacts", Path(folder), artifact_path)
@@ -162,7 +192,7 @@ class RemoteRun:
             self.flush()
         finally:
             self._call("end", status)
-            self._process.join(timeout=30)
+            self._process.wait(timeout=30)
 
     def opened(self) -> bool:
         """Wait until the tracker has opened the run; False if it could not or was not asked."""
@@ -209,6 +239,7 @@ class RemoteRun:
         if not ok:
             if opening:
                 self._open_error = value
+            self.gave_up = self.gave_up or isinstance(value, TrackingUnavailable)
             raise value
         if opening:
             self._info = value
@@ -217,10 +248,10 @@ class RemoteRun:
         return value
 
     def _lost(self) -> UserError:
-        self._process.join(timeout=5)
+        self._process.wait(timeout=5)
+        code = self._process.returncode
         return UserError(
-            f"the MLflow tracker process ended unexpectedly (exit code {self._process.exitcode}); "
-            f"see the messages above"
+            f"the MLflow tracker process ended unexpectedly (exit code {code}): see the lines above"
         )
 
 
@@ -239,12 +270,16 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(number)
 
 
-def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
+def _serve(conn: Connection) -> None:
     """The tracker process: open the store, then the run, then record what it is sent."""
     # Ctrl-C and a job scheduler's SIGTERM reach the whole process group; the training
     # process handles them and then tells this one how the run ended.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        tracking_uri, experiment_name = conn.recv()
+    except (EOFError, OSError):
+        return
     from mnist_exp import tracking
 
     try:
@@ -266,10 +301,10 @@ def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
     handlers = {
         "log_values": run.log_values,
         "set_tags": run.set_tags,
-        "log_artifact": run.log_artifact,
+        "log_artifact": lambda path, into, defer: run.log_artifact(path, into, defer=defer),
         "log_artifacts": run.log_artifacts,
         "log_text": run.log_text,
-        "metric": lambda key: run.client.get_run(run.run_id).data.metrics.get(key),
+        "metric": lambda key: run.metrics().get(key),
         "metric_history": run.metric_history,
         "log_model": lambda *args: _log_model(run, *args),
         "end": run.end,
@@ -301,7 +336,7 @@ def _serve(conn: Connection, tracking_uri: str, experiment_name: str) -> None:
 def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:
     """Start or reopen the run and record what it was made from; FAILED if that fails."""
     if "run_id" in opening:
-        run = tracking.Run.reopen(client, opening["run_id"])
+        run = tracking.Run.reopen(client, opening["run_id"], opening["retry"])
         tags = opening["tags"]
     else:
         run = tracking.Run.start(
@@ -310,13 +345,14 @@ def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any
             run_name=opening["run_name"],
             params=tracking.flatten(opening["params"]),
             tags=tracking.source_tags(opening["project_root"]) | opening["tags"],
+            retry_for_s=opening["retry"],
         )
         tags = {}
     try:
         if tags:
             run.set_tags(tags)
         if opening["files"]:
-            run.log_artifacts(*opening["files"])
+            run.log_config_files(*opening["files"])
         run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
     except Exception as exc:
         run.set_tags({ERROR_TAG: str(_error(exc))})
@@ -342,3 +378,7 @@ def _error(exc: Exception) -> UserError:
         return exc
     first = (str(exc).strip().splitlines() or [""])[0]
     return UserError(f"MLflow tracking failed ({type(exc).__name__}: {first})")
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))

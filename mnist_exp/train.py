@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_exp.config import CONF_DIR, PROJECT_ROOT
-from mnist_exp.errors import UserError
+from mnist_exp.errors import TrackingUnavailable, UserError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -171,13 +171,16 @@ def _build(cfg: DictConfig, state: dict | None) -> _Setup:
 
 
 def _run(cfg: DictConfig) -> float:
-    from mnist_exp.tracker import ERROR_TAG, OUTPUT_DIR_TAG, RemoteRun
+    from mnist_exp.redaction import redact
+    from mnist_exp.tracker import ERROR_TAG, OUTPUT_DIR_TAG, RemoteRun, configure_requests
 
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     uri = cfg.mlflow.tracking_uri
     config = OmegaConf.to_container(cfg, resolve=True)
+    configure_requests(cfg.mlflow.get("request_max_retries"), cfg.mlflow.get("request_timeout_s"))
+    retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0)
     tags = {
         "mnist_exp.overrides": " ".join(overrides),
         OUTPUT_DIR_TAG: str(out_dir),
@@ -196,17 +199,22 @@ def _run(cfg: DictConfig) -> float:
         raise
     from mnist_exp.engine import NonFiniteLossError
 
-    log.info(f"Training on {setup.device}; recording in {uri}")
+    log.info(f"Training on {setup.device}; recording in {redact(uri)}")
     if state is None:
         files = (out_dir / hydra_cfg.output_subdir, "hydra")
         run_name = cfg.mlflow.run_name or _name_from(overrides)
         run.start(
-            run_name=run_name, config=config, tags=tags, project_root=PROJECT_ROOT, files=files
+            run_name=run_name,
+            config=config,
+            tags=tags,
+            project_root=PROJECT_ROOT,
+            files=files,
+            retry_for_s=retry_for_s,
         )
     else:
         tags["mnist_exp.resumed_from_epoch"] = str(start[0])
         files = (out_dir / hydra_cfg.output_subdir, f"hydra/resumed-{start[0]}")
-        run.reopen(run_id, tags=tags, files=files)
+        run.reopen(run_id, tags=tags, files=files, retry_for_s=retry_for_s)
         log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
     previous_sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -253,6 +261,15 @@ def _run(cfg: DictConfig) -> float:
                 f"or set hydra.run.dir / mlflow.tracking_uri to a writable folder; MLflow run "
                 f"{run.run_id} marked FAILED"
             ) from exc
+        if isinstance(exc, TrackingUnavailable):
+            last = out_dir / CHECKPOINT
+            kept = (
+                f"the checkpoint of the last complete epoch is {last} (continue with "
+                f"trainer.resume={last} once the server is back)"
+                if last.is_file()
+                else "no epoch was complete, so there is no checkpoint"
+            )
+            raise TrackingUnavailable(f"{exc}; {kept}") from exc
         if isinstance(exc, UserError):
             raise UserError(f"{exc}; MLflow run {run.run_id} marked FAILED") from exc
         raise
@@ -267,7 +284,7 @@ def _run(cfg: DictConfig) -> float:
             run_name=run.name,
             test=test,
             checkpoint=out_dir / "model.ckpt",
-            tracking_uri=uri,
+            tracking_uri=redact(uri),
             experiment_id=run.experiment_id,
             has_model=cfg.mlflow.log_model,
         )
@@ -392,8 +409,9 @@ def _record_model(
 class _Checkpointer:
     """Engine callback: after each epoch, an atomic resume checkpoint, kept locally and in MLflow.
 
-    It runs after the MLflow logger has sent the epoch's metrics, so a checkpoint never
-    claims steps whose losses were not recorded.
+    It runs after the MLflow logger has flushed the epoch's metrics; the upload is queued
+    behind them, so MLflow's copy never claims steps whose losses MLflow does not hold.
+    While the tracking server is unreachable the local copy is written all the same.
     """
 
     def __init__(self, setup: _Setup, run: RemoteRun, path: Path) -> None:
@@ -411,7 +429,7 @@ class _Checkpointer:
         s = self.setup
         state = engine.training_state(s.model, s.optimizer, s.scheduler, epoch, step)
         checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
-        self.run.log_artifact(self.path, "checkpoints")
+        self.run.log_artifact(self.path, "checkpoints", defer=True)
 
 
 class MlflowLogger:
@@ -456,9 +474,13 @@ def _share_of_cores() -> int:
     """All cores, or in a parallel sweep this job's share, so jobs do not oversubscribe them."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     hydra_cfg = HydraConfig.get()
-    n_jobs = hydra_cfg.launcher.get("n_jobs") if hydra_cfg.mode == RunMode.MULTIRUN else None
-    if not n_jobs:
+    if hydra_cfg.mode != RunMode.MULTIRUN:
         return cores or 1
+    n_jobs = hydra_cfg.launcher.get("n_jobs")
+    if not n_jobs:  # submitit and Ray reserve cores per job (SLURM also pins them)
+        launcher = hydra_cfg.launcher
+        per_job = launcher.get("cpus_per_task") or OmegaConf.select(launcher, "ray.remote.num_cpus")
+        return min(cores or 1, per_job or cores or 1)
     if n_jobs < 0:  # joblib: -1 is all cores, -2 all but one, ...
         n_jobs = max(1, (cores or 1) + 1 + n_jobs)
     return max(1, (cores or 1) // n_jobs)
@@ -487,7 +509,8 @@ def _end_quietly(run: RemoteRun, status: str, tags: dict[str, str] | None = None
             run.set_tags(tags)
         run.end(status)
     except Exception as exc:
-        log.error(f"could not mark MLflow run {run.run_id} {status}: {exc}")
+        if not run.gave_up:  # else the error that follows says the server is gone
+            log.error(f"could not mark MLflow run {run.run_id} {status}: {exc}")
 
 
 def _name_from(overrides: list[str]) -> str | None:

@@ -32,15 +32,15 @@ def tracking_uri(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def train(tmp_path: Path, data_root: Path, tracking_uri: str):
-    """Run `python -m mnist_exp.train` as a user would, on a fresh store and run folder.
+def train_command(tmp_path: Path, data_root: Path, tracking_uri: str):
+    """The `python -m mnist_exp.train` command line a user would type, and its environment.
 
     Hydra's flags come first (`-m` puts the jobs' folders under `tmp_path/sweep`), then the
     fixture's overrides, then the test's, which win. The fixture turns off the plots and the
     MLflow model (about a second a run); tests/test_artifacts.py checks both.
     """
 
-    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def command(*args: str) -> tuple[list[str], dict[str, str]]:
         flags = [a for a in args if "=" not in a]
         sweep = "-m" in flags
         cmd = [
@@ -56,6 +56,17 @@ def train(tmp_path: Path, data_root: Path, tracking_uri: str):
             *(a for a in args if "=" in a),
         ]
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        return cmd, env
+
+    return command
+
+
+@pytest.fixture
+def train(train_command):
+    """Run `python -m mnist_exp.train` as a user would, on a fresh store and run folder."""
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd, env = train_command(*args)
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")

@@ -2,17 +2,20 @@
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
 
 from mnist_exp.config import CONF_DIR, PROJECT_ROOT, compose_config
 from mnist_exp.engine import resolve_device
 from mnist_exp.errors import UserError
+from mnist_exp.redaction import redact
 from mnist_exp.validation import check_config
 
 OPTIONS = sorted(
     (group.name, option.stem)
     for group in CONF_DIR.iterdir()
-    if group.is_dir()
+    if group.is_dir() and group.name != "hydra"  # Hydra's own groups: tested below
     for option in group.glob("*.yaml")
 )
 
@@ -30,6 +33,7 @@ def test_every_group_of_the_design_has_its_options() -> None:
         ("device", "cuda"),
         ("experiment", "seed"),
         ("mlflow", "local"),
+        ("mlflow", "server"),
         ("experiment", "fast"),
         ("scheduler", "onecycle"),
         ("hparams_search", "optuna"),
@@ -95,3 +99,48 @@ def test_tracking_uri_defaults_to_sqlite_in_the_project_and_env_wins(monkeypatch
     assert compose_config().mlflow.tracking_uri == f"sqlite:///{root}/mlruns/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert compose_config().mlflow.tracking_uri == "http://127.0.0.1:5000"
+
+
+def test_mlflow_server_points_at_a_server_and_holds_no_credentials(monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose_config(["mlflow=server"])
+    assert cfg.mlflow.tracking_uri == "http://127.0.0.1:5000"
+    assert cfg.mlflow.retry_for_s > 0
+    assert not {"username", "password", "token"} & set(cfg.mlflow)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.lab.example.org")
+    assert compose_config(["mlflow=server"]).mlflow.tracking_uri == "https://mlflow.lab.example.org"
+
+
+def test_credentials_in_a_uri_are_redacted() -> None:
+    assert redact("http://alice:s3cret@host:5000/x") == "http://***@host:5000/x"
+    assert (
+        redact("mlflow.tracking_uri=https://tok@h a=b") == "mlflow.tracking_uri=https://***@h a=b"
+    )
+    assert redact("sqlite:////tmp/mlruns/mlflow.db") == "sqlite:////tmp/mlruns/mlflow.db"
+
+
+def _launcher(option: str) -> dict:
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", [f"hydra/launcher={option}"], return_hydra_config=True)
+    return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+
+
+def test_launcher_slurm_extends_the_submitit_plugin(monkeypatch) -> None:
+    monkeypatch.delenv("SLURM_PARTITION", raising=False)
+    launcher = _launcher("slurm")
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher["cpus_per_task"], launcher["mem_gb"], launcher["partition"]) == (4, 4, None)
+    assert launcher["max_num_timeout"] == 0  # the plugin's keys are all still there
+    monkeypatch.setenv("SLURM_PARTITION", "gpu")
+    assert _launcher("slurm")["partition"] == "gpu"
+    assert _launcher("submitit_local")["_target_"].endswith("submitit_launcher.LocalLauncher")
+
+
+def test_launcher_ray_cluster_extends_the_ray_plugin(monkeypatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    launcher = _launcher("ray_cluster")
+    assert launcher["_target_"].endswith("ray_launcher.RayLauncher")
+    assert launcher["ray"]["init"]["address"] is None
+    assert launcher["ray"]["remote"] == {"num_cpus": 2, "num_gpus": 0, "max_retries": 0}
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert _launcher("ray_cluster")["ray"]["init"]["address"] == "ray://head:10001"

@@ -1,0 +1,92 @@
+"""Figures for a shared tracking server: how many runs a minute it takes from parallel jobs,
+and how long one epoch of per-step losses takes to log to it and to the SQLite store.
+
+    python scripts/benchmark_server.py --server http://127.0.0.1:5000 [--processes 2] [--runs 20]
+
+Each "run" is what a job sends besides training: create the run, its ~60 params in one
+batch, tags, 100 metric values, end it. Several processes do this at once (as joblib or
+SLURM jobs would), and the server's rate is runs finished per minute of wall time. The
+epoch figure sends 938 `train_loss` values (an MNIST epoch at batch 64) the way a run does:
+buffered, then `log_batch` with up to 1000 values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from mnist_exp import tracking  # noqa: E402
+from mnist_exp.config import compose_config  # noqa: E402
+
+STEPS_PER_EPOCH = 938  # 60,000 images at batch 64
+
+
+def _runs(uri: str, experiment: str, count: int) -> float:
+    """Create and finish `count` runs as jobs do; returns the seconds it took."""
+    client, experiment_id = tracking.open_store(uri, experiment)
+    params = tracking.flatten(OmegaConf.to_container(compose_config(), resolve=True))
+    started = time.perf_counter()
+    for _ in range(count):
+        run = tracking.Run.start(
+            client, experiment_id, run_name=None, params=params, tags={"mnist_exp.bench": "1"}
+        )
+        for step in range(1, 101):
+            run.log_metric("train_loss", 1.0 / step, step)
+        run.end("FINISHED")
+    return time.perf_counter() - started
+
+
+def runs_per_minute(uri: str, processes: int, runs: int) -> float:
+    experiment = f"benchmark-runs-{int(time.time())}"
+    tracking.open_store(uri, experiment)  # create it once, before the processes race to
+    started = time.perf_counter()
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(_runs, [uri] * processes, [experiment] * processes, [runs] * processes))
+    return processes * runs / (time.perf_counter() - started) * 60
+
+
+def epoch_seconds(uri: str, rounds: int = 3) -> float:
+    """Best of `rounds`: log one epoch of per-step losses, buffered, and flush."""
+    client, experiment_id = tracking.open_store(uri, f"benchmark-epoch-{int(time.time())}")
+    best = float("inf")
+    for _ in range(rounds):
+        run = tracking.Run.start(client, experiment_id, run_name=None, params={}, tags={})
+        started = time.perf_counter()
+        for step in range(1, STEPS_PER_EPOCH + 1):
+            run.log_metric("train_loss", 1.0 / step, step)
+        run.flush(wait=True)
+        best = min(best, time.perf_counter() - started)
+        run.end("FINISHED")
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", required=True, help="the tracking server's URI")
+    parser.add_argument("--processes", type=int, default=2, help="jobs logging at once")
+    parser.add_argument("--runs", type=int, default=20, help="runs per process")
+    args = parser.parse_args()
+    tracking.configure_requests(1, 30)
+    rate = runs_per_minute(args.server, args.processes, args.runs)
+    print(f"server: {rate:.0f} runs/min from {args.processes} processes ({args.runs} runs each)")
+    server_s = epoch_seconds(args.server)
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite_s = epoch_seconds(f"sqlite:///{tmp}/mlflow.db")
+        sqlite_rate = runs_per_minute(f"sqlite:///{tmp}/mlflow.db", 1, args.runs)
+    print(f"sqlite: {sqlite_rate:.0f} runs/min from 1 process ({args.runs} runs)")
+    print(
+        f"one epoch of train_loss ({STEPS_PER_EPOCH} values): server {server_s * 1000:.0f} ms, "
+        f"sqlite {sqlite_s * 1000:.0f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

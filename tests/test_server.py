@@ -1,0 +1,275 @@
+"""mlflow=server against a real tracking server on PostgreSQL, started here as a user would.
+
+A session fixture runs PostgreSQL on loopback in a temporary folder and
+`scripts/tracking-server.sh` on a free port; sweeps with the joblib and submitit_local
+launchers, a server restart in the middle of a run, and a server that never comes back
+are checked in what MLflow holds afterwards. PostgreSQL missing is a failure, not a skip:
+`.ci/run` installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+# 1024 images at batch 64: 16 steps an epoch.
+SMALL = (
+    "data.max_train_samples=1024",
+    "data.max_test_samples=100",
+    "data.val_size=0",
+    "trainer.epochs=1",
+    "trainer.print_every_n_steps=0",
+)
+STEPS = 16
+START_TIMEOUT_S = 240  # a server's first start creates its tables; slow on a busy machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _postgres_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    initdb = found[-1] if found else shutil.which("initdb")
+    if not initdb:
+        pytest.fail("PostgreSQL is not installed (no initdb): apt-get install postgresql")
+    return Path(initdb).parent
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server on 127.0.0.1 with an empty `mlflow` database; yields its URI."""
+    bindir = _postgres_bin()
+    folder = Path(tempfile.mkdtemp(prefix="mnist-exp-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", _free_port()
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_user, str(bindir / tool), *args], check=True, capture_output=True)
+
+    pg("initdb", "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8", "--no-sync")
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    pg("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-o", options, "-w", "start")
+    try:
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow")
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class TrackingServer:
+    """`scripts/tracking-server.sh` in its own process group, which can be killed and restarted."""
+
+    def __init__(self, database: str, folder: Path) -> None:
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = folder / "server.log"
+        self.env = os.environ | {
+            "MLFLOW_BACKEND_STORE_URI": database,
+            "MLFLOW_ARTIFACTS_DESTINATION": str(folder / "artifacts"),
+            "MLFLOW_SERVER_PORT": str(self.port),
+            "MLFLOW_SERVER_WORKERS": "1",
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                ["bash", str(ROOT / "scripts" / "tracking-server.sh")],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the tracking server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        pytest.fail(f"the tracking server did not answer:\n{self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """Kill the server and its workers at once, as a crash or `kill -9` would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="session")
+def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackingServer]:
+    server = TrackingServer(postgres, tmp_path_factory.mktemp("tracking-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tracking_uri(server: TrackingServer) -> str:
+    """Runs of this module go to the tracking server (overrides conftest's SQLite store)."""
+    if server.proc is None or server.proc.poll() is not None:
+        server.start()
+    return server.uri
+
+
+def _runs(uri: str, experiment: str) -> list[Run]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _assert_complete(client: MlflowClient, run: Run, steps: int, tmp_path: Path) -> None:
+    """FINISHED, every step's train_loss, checkpoints and Hydra config, all on the server."""
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))
+    assert 0 <= run.data.metrics["test_accuracy"] <= 1
+    files = {
+        a.path for folder in ("checkpoints", "hydra") for a in client.list_artifacts(run_id, folder)
+    }
+    assert {"checkpoints/model.ckpt", "checkpoints/last.ckpt", "hydra/config.yaml"} <= files
+    weights = client.download_artifacts(run_id, "checkpoints/model.ckpt", str(tmp_path))
+    assert "fc.weight" in torch.load(weights, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
+        ("hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1"),
+    ],
+    ids=["joblib", "submitit_local"],
+)
+def test_a_parallel_sweep_lands_whole_on_the_server(train, tracking_uri, tmp_path, launcher):
+    # Credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD; put in the URI (the test
+    # server ignores them) they must not be recorded or printed anywhere.
+    with_secret = tracking_uri.replace("http://", "http://alice:s3cret@")
+    name = launcher[0].rsplit("=", 1)[1]
+    proc = train(
+        "-m", "mlflow=server", f"mlflow.tracking_uri={with_secret}",
+        f"mlflow.experiment_name={name}", "optimizer.lr=0.001,0.003", *launcher, *SMALL,
+    )  # fmt: skip
+    assert "this job failed" not in proc.stdout + proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert tracking_uri.replace("http://", "http://***@") in proc.stdout + proc.stderr
+    client = MlflowClient(tracking_uri)
+    runs = _runs(tracking_uri, name)
+    (parent,) = [r for r in runs if r.data.tags.get("mnist_exp.sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 3
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mnist_exp.sweep.launcher"] == name
+    assert parent.data.metrics["sweep_finished"] == 2
+    assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.001", "0.003"]
+    for run in runs:
+        assert "s3cret" not in repr(run.data.params) + repr(run.data.tags)
+    for child in children:
+        assert child.data.params["mlflow.tracking_uri"] == "http://***@" + tracking_uri[7:]
+        _assert_complete(client, child, STEPS, tmp_path / child.info.run_id)
+        for file in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+            text = Path(
+                client.download_artifacts(child.info.run_id, f"hydra/{file}", str(tmp_path))
+            )
+            assert "s3cret" not in text.read_text()
+
+
+def _first_epoch(run_dir: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait until the run has sent its first epoch's losses and written its first checkpoint.
+
+    The checkpoint is written right after the epoch's metrics are sent, so its file is the
+    earliest sure sign; it is watched closely, so the server dies well before the run ends.
+    """
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not checkpoint.exists():
+        time.sleep(0.02)
+    if not checkpoint.exists() or proc.poll() is not None:
+        out, err = proc.communicate()
+        pytest.fail(f"the run did not finish its first epoch while running:\n{out}\n{err}")
+
+
+# 3 epochs of 4096 images at batch 16: 768 steps, sent at the end of each epoch of 256.
+LONGER = (
+    "data.max_train_samples=4096",
+    "data.batch_size=16",
+    "data.max_test_samples=100",
+    "data.val_size=0",
+    "trainer.epochs=3",
+    "trainer.print_every_n_steps=0",
+)
+
+
+def test_a_server_restart_mid_run_loses_nothing(train_command, server, tracking_uri, tmp_path):
+    cmd, env = train_command("mlflow=server", "mlflow.experiment_name=restart", *LONGER)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _first_epoch(tmp_path / "run", proc)
+    server.kill()
+    time.sleep(3)
+    server.start()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{out}\n{err}"
+    assert "MLflow tracking server unreachable" in out + err
+    assert "MLflow tracking server back after" in out + err
+    client = MlflowClient(tracking_uri)
+    (run,) = _runs(tracking_uri, "restart")
+    _assert_complete(client, run, 3 * 256, tmp_path)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [256, 512, 768]
+
+
+def test_a_server_that_never_returns_ends_the_run_keeping_its_checkpoint(
+    train_command, server, tracking_uri, tmp_path
+):
+    cmd, env = train_command(
+        "mlflow=server", "mlflow.experiment_name=gone", "mlflow.retry_for_s=5", *LONGER
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _first_epoch(tmp_path / "run", proc)
+    server.kill()  # the next test's tracking_uri fixture starts it again
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.startswith(
+        f"error: the MLflow tracking server {tracking_uri} was unreachable for more than 5 s"
+    ), err
+    assert f"trainer.resume={checkpoint}" in last
+    assert "Traceback" not in err
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["step"] in (256, 512, 768)  # a whole epoch, on disk
