@@ -330,7 +330,8 @@ def _serve(conn: Connection) -> None:
         run.set_tags({ERROR_TAG: ORPHANED})
         run.end("FAILED")
     except Exception as exc:
-        log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
+        if not run.gave_up:  # a server given up on was reported by the training process
+            log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
 
 
 def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:

@@ -504,13 +504,18 @@ def _log_again(run: RemoteRun, path: Path) -> None:
 
 def _end_quietly(run: RemoteRun, status: str, tags: dict[str, str] | None = None) -> None:
     """Record the end of a failed run without hiding the original error behind a new one."""
+    failed = None
     try:
         if tags:
             run.set_tags(tags)
-        run.end(status)
     except Exception as exc:
-        if not run.gave_up:  # else the error that follows says the server is gone
-            log.error(f"could not mark MLflow run {run.run_id} {status}: {exc}")
+        failed = exc
+    try:
+        run.end(status)  # also when the tags failed: it lets the tracker process exit
+    except Exception as exc:
+        failed = failed or exc
+    if failed and not run.gave_up:  # else the error that follows says the server is gone
+        log.error(f"could not mark MLflow run {run.run_id} {status}: {failed}")
 
 
 def _name_from(overrides: list[str]) -> str | None:

@@ -155,23 +155,20 @@ class _PoisonedFrom(torch.nn.Module):
         return out * float("nan") if self.calls >= self.bad else out
 
 
+def _diverge(model, lr: float, split, recorder, **kwargs) -> NonFiniteLossError:
+    """Train with SGD at `lr` at batch size 32 until `fit` raises; returns its error."""
+    with pytest.raises(NonFiniteLossError) as info:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        fit(model, optimizer, split, batch_size=32, eval_batch_size=50, seed=0,
+            device=torch.device("cpu"), callbacks=[recorder], **kwargs)  # fmt: skip
+    return info.value
+
+
 @pytest.mark.parametrize("check_every", [1, 4, 1000])
 def test_a_nan_loss_stops_training_at_its_first_step(check_every: int) -> None:
     model, recorder = _PoisonedFrom(bad=5), Recorder()
-    with pytest.raises(NonFiniteLossError) as info:
-        fit(
-            model,
-            torch.optim.SGD(model.parameters(), lr=0.01),
-            _tiny(),  # 3 steps an epoch: the 5th step is in epoch 2
-            epochs=3,
-            batch_size=32,
-            eval_batch_size=50,
-            seed=0,
-            device=torch.device("cpu"),
-            callbacks=[recorder],
-            check_every=check_every,
-        )
-    error = info.value
+    # 3 steps an epoch: the 5th step is in epoch 2
+    error = _diverge(model, 0.01, _tiny(), recorder, epochs=3, check_every=check_every)
     assert (error.step, error.epoch, error.what) == (5, 2, "loss")
     assert math.isnan(error.value) and str(error) == "non-finite loss nan at step 5"
     assert model.calls <= 5 + check_every  # stopped within one check window
@@ -182,17 +179,7 @@ def test_a_nan_loss_stops_training_at_its_first_step(check_every: int) -> None:
 
 def test_weights_diverged_by_an_epochs_last_update_are_never_reported_done() -> None:
     model, recorder = ConvNet(), Recorder()
-    with pytest.raises(NonFiniteLossError) as info:
-        fit(
-            model,
-            torch.optim.SGD(model.parameters(), lr=float("inf")),
-            _tiny(32),  # one step: its loss is finite, the update it makes is not
-            epochs=2,
-            batch_size=32,
-            eval_batch_size=50,
-            seed=0,
-            device=torch.device("cpu"),
-            callbacks=[recorder],
-        )
-    assert (info.value.step, info.value.epoch, info.value.what) == (1, 1, "weights")
+    # One step: its loss is finite, the update it makes is not.
+    error = _diverge(model, float("inf"), _tiny(32), recorder, epochs=2)
+    assert (error.step, error.epoch, error.what) == (1, 1, "weights")
     assert recorder.epochs == [] and len(recorder.losses) == 1
