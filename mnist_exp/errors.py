@@ -9,5 +9,10 @@ class UserError(Exception):
     """
 
 
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, as a failed run's error tag shows an exception."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 class TrackingUnavailable(UserError):
     """The tracking server stayed unreachable longer than the run was told to wait."""

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, SupportsFloat
 
-from mnist_exp.errors import TrackingUnavailable, UserError
+from mnist_exp.errors import TrackingUnavailable, UserError, one_line
 
 log = logging.getLogger("mnist_exp")
 
@@ -158,9 +158,6 @@ class RemoteRun:
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self._call("log_artifacts", Path(folder), artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._call("log_text", text, artifact_file)
 
     def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
         """(step, value) of every recorded value of each key, by step (all sent first)."""
@@ -303,7 +300,6 @@ def _serve(conn: Connection) -> None:
         "set_tags": run.set_tags,
         "log_artifact": lambda path, into, defer: run.log_artifact(path, into, defer=defer),
         "log_artifacts": run.log_artifacts,
-        "log_text": run.log_text,
         "metric": lambda key: run.metrics().get(key),
         "metric_history": run.metric_history,
         "log_model": lambda *args: _log_model(run, *args),
@@ -377,8 +373,7 @@ def _error(exc: Exception) -> UserError:
     """The error to raise in the training process: a `UserError` as it is, others in one line."""
     if isinstance(exc, UserError):
         return exc
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return UserError(f"MLflow tracking failed ({type(exc).__name__}: {first})")
+    return UserError(f"MLflow tracking failed ({one_line(exc)})")
 
 
 if __name__ == "__main__":

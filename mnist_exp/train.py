@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_exp.config import CONF_DIR, PROJECT_ROOT
-from mnist_exp.errors import TrackingUnavailable, UserError
+from mnist_exp.errors import TrackingUnavailable, UserError, one_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -254,7 +254,7 @@ def _run(cfg: DictConfig) -> float:
     except BaseException as exc:
         if not run.opened():
             raise
-        _end_quietly(run, "FAILED", {ERROR_TAG: _one_line(exc)})
+        _end_quietly(run, "FAILED", {ERROR_TAG: one_line(exc)})
         if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
             raise UserError(
                 f"cannot write {exc.filename or 'to disk'} ({exc.strerror}): free space there "
@@ -301,11 +301,6 @@ def _resumable(cfg: DictConfig, config: dict) -> tuple[dict, str]:
     state, run_id = resume.find(str(cfg.trainer.resume), client, uri)
     resume.check_resumable(run_id, state, client, tracking.flatten(config))
     return state, run_id
-
-
-def _one_line(exc: BaseException) -> str:
-    """`Type: first line of the message`, as a failed run's `mnist_exp.error` tag shows it."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def _train_and_test(
