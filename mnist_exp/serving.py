@@ -2,26 +2,30 @@
 
 This file is also the model's code ("models from code"): MLflow copies it into the logged
 model and runs it on loading, so it imports only torch, numpy, pandas and MLflow; the
-network's class comes from the package copy logged beside it.
+network's class comes from the package copy logged beside it. Torch is imported only when
+the model is loaded: saving it (in the tracker process) then costs no torch import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 from mlflow.types.schema import Array
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SIZE = 28
 
@@ -39,6 +43,8 @@ class MnistClassifier(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         """Build the network class named in the model config and load the logged weights."""
+        import torch
+
         config = context.model_config
         module, _, name = config["model_target"].rpartition(".")
         net = getattr(importlib.import_module(module), name)(**config["model_kwargs"])
@@ -53,6 +59,8 @@ class MnistClassifier(mlflow.pyfunc.PythonModel):
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
         """Label, probability and probabilities for each image of `model_input`."""
+        import torch
+
         if self.net is None:
             raise RuntimeError("MnistClassifier.load_context has not run")
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32) / 255.0)
@@ -96,7 +104,7 @@ def save(
     """
     requirements = [
         f"mlflow=={mlflow.__version__}",
-        f"torch=={torch.__version__.split('+')[0]}",
+        f"torch=={importlib.metadata.version('torch').split('+')[0]}",
         f"numpy=={np.__version__}",
         f"pandas=={pd.__version__}",
     ]

@@ -129,6 +129,24 @@ def test_the_logged_model_predicts_raw_pixels_like_the_checkpoint(
     assert pyfunc.metadata.saved_input_example_info is not None
 
 
+def test_saving_the_model_imports_no_torch(tmp_path: Path):
+    """The tracker saves the model: without torch it stays small and quick (issue 5)."""
+    weights = tmp_path / "model.ckpt"
+    torch.save(ConvNet().state_dict(), weights)
+    script = (
+        "import sys, numpy as np; from pathlib import Path; from mnist_exp import serving; "
+        f"serving.save(Path({str(tmp_path / 'model')!r}), Path({str(weights)!r}), "
+        "'mnist_exp.models.ConvNet', {'num_classes': 10}, np.zeros((2, 28, 28), np.float32)); "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False"
+    loaded = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    assert len(loaded.predict(np.zeros((3, 28, 28), np.float32))) == 3
+
+
 def test_without_a_terminal_plain_lines_and_a_summary(trained: Trained):
     out = trained.stdout
     assert "Test Accuracy of the model on the 500 test images: " in out
