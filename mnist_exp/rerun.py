@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from mnist_exp import train
 
         sys.argv = ["mnist-train", "--config-dir", conf_dir, "--config-name", "rerun", *overrides]
-        train.main()
+        train.run_command()
 
 
 def _write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir: Path) -> str:
