@@ -176,6 +176,7 @@ def fit(
     precision: str = "32",
     channels_last: bool = False,
     max_shift: int = 0,
+    label_smoothing: float = 0.0,
     scheduler: LRScheduler | None = None,
     callbacks: Sequence[Callback] = (),
     start_epoch: int = 0,
@@ -186,7 +187,9 @@ def fit(
 
     `scheduler`, if any, steps after every optimizer step. `max_shift` augments the training
     images with random translations (drawn from the epoch's own generator, so resuming stays
-    exact). Evaluates on the validation split after each epoch. Returns the global step.
+    exact); `label_smoothing` softens the training targets (the losses callbacks see are
+    smoothed; evaluation's stay plain cross-entropy). Evaluates on the validation split
+    after each epoch. Returns the global step.
 
     Every `check_every` steps, and before each epoch's end is reported, the losses since the
     last check are read in one device sync: a NaN or infinite one raises `NonFiniteLossError`
@@ -209,6 +212,7 @@ def fit(
                 loss = F.cross_entropy(
                     model(train.inputs(index, channels_last, max_shift, shifts)),
                     train.labels[index],
+                    label_smoothing=label_smoothing,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -39,6 +39,9 @@ def check_config(cfg: DictConfig) -> None:
     _integer(cfg, "trainer.log_every_n_steps", low=1)
     _integer(cfg, "trainer.print_every_n_steps", low=0)
     _integer(cfg, "model.num_classes", low=2, high=MAX_CLASSES)
+    smoothing = _get(cfg, "trainer.label_smoothing")
+    if not (_is_number(smoothing) and 0 <= smoothing < 1):
+        _refuse("trainer.label_smoothing", smoothing, "must be a number from 0 to below 1")
     precision = _get(cfg, "trainer.precision")
     if str(precision) not in PRECISIONS:
         _refuse("trainer.precision", precision, f"must be one of {', '.join(PRECISIONS)}")

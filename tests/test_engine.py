@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mnist_exp.data import Data, Split
+from mnist_exp.data import Data, Split, batch_indices
 from mnist_exp.engine import (
     Callback,
     NonFiniteLossError,
@@ -38,7 +39,7 @@ class Recorder(Callback):
         self.epochs.append((epoch, step, metrics))
 
 
-def _fit(seed: int, precision: str = "32") -> tuple[Recorder, ConvNet]:
+def _fit(seed: int, precision: str = "32", **kwargs) -> tuple[Recorder, ConvNet]:
     seed_everything(seed)
     model = ConvNet()
     recorder = Recorder()
@@ -53,6 +54,7 @@ def _fit(seed: int, precision: str = "32") -> tuple[Recorder, ConvNet]:
         device=torch.device("cpu"),
         precision=precision,
         callbacks=[recorder],
+        **kwargs,
     )
     return recorder, model
 
@@ -79,6 +81,22 @@ def test_same_seed_same_losses_other_seed_other_losses() -> None:
 def test_bf16_mixed_trains() -> None:
     recorder, _ = _fit(0, precision="bf16-mixed")
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in recorder.losses)
+
+
+def test_label_smoothing_softens_the_training_loss_only() -> None:
+    recorder, _ = _fit(0, label_smoothing=0.2)
+    seed_everything(0)
+    model = ConvNet()
+    data = _tiny()
+    (first, *_) = batch_indices(len(data.train), 32, epoch_generator(0, 1))
+    logits = model(data.train.inputs(first))
+    smoothed = F.cross_entropy(logits, data.train.labels[first], label_smoothing=0.2)
+    plain = F.cross_entropy(logits, data.train.labels[first])
+    assert recorder.losses[0][1] == pytest.approx(smoothed.item(), rel=1e-5)
+    assert abs(smoothed.item() - plain.item()) > 1e-3
+    assert recorder.epochs[-1][2]["val_loss"] == pytest.approx(
+        evaluate(_fit(0, label_smoothing=0.2)[1], data.val, batch_size=50).loss
+    )
 
 
 def test_epoch_generator_depends_on_seed_and_epoch_only() -> None:

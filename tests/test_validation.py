@@ -19,6 +19,8 @@ BAD = [
     ("trainer.seed=-3", "trainer.seed"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
     ("trainer.precision=16", "trainer.precision"),
+    ("trainer.label_smoothing=1", "trainer.label_smoothing"),
+    ("trainer.label_smoothing=-0.1", "trainer.label_smoothing"),
     ("device.type=tpu", "device.type"),
     ("model.num_classes=1", "model.num_classes"),
     ("trainer.compile=maybe", "trainer.compile"),
@@ -43,6 +45,7 @@ def test_bad_value_is_refused_naming_the_key(override: str, key: str) -> None:
         "trainer.precision=bf16-mixed",
         "device.type=cuda:1",
         "trainer.epochs=0",
+        "trainer.label_smoothing=0.1",
     ],
 )
 def test_good_values_pass(override: str) -> None:
