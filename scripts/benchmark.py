@@ -4,8 +4,9 @@
 
 For each batch size B, in one process on the same data:
   a. the seed's loop as written: torchvision MNIST, ToTensor, DataLoader(shuffle), fp32 Adam;
-  b. mnist-exp's loop (engine.fit) logging train_loss to MLflow (SQLite) every step, in the
-     default precision (fp32) and the fastest (bf16 autocast, channels-last, fused Adam);
+  b. mnist-exp's loop (engine.fit) over an epoch, logging train_loss to MLflow (SQLite) every
+     step through a run's tracker process, in the default precision (fp32) and the fastest
+     (bf16 autocast, channels-last, fused Adam);
   c. the same loop with logging off, and pure compute on synthetic tensors;
   d. evaluation of the 10,000 test images: the seed's test loop against engine.evaluate.
 It prints images/s, the ratios b/a, b/c and eval b/a, and the peak memory of this process.
@@ -40,7 +41,11 @@ from mnist_exp.models import ConvNet  # noqa: E402
 from mnist_exp.tracker import RemoteRun  # noqa: E402
 from mnist_exp.train import MlflowLogger  # noqa: E402
 
-IMAGES = {1: 1000, 64: 12800, 256: 25600}  # images timed per loop, by batch size
+IMAGES = {1: 1000, 64: 12800, 256: 25600}  # images timed per loop (a, c pure, d), by batch size
+# Images of the epoch mnist-exp's loop is timed over (b, c), by batch size: a whole epoch from
+# batch 64 on, so that the once-an-epoch wait for the last losses to be recorded weighs as
+# much as in a real run.
+EPOCH_IMAGES = {1: 1000, 64: 60000, 256: 60000}
 WARMUP = 5  # steps not timed at the start of each loop
 
 
@@ -95,7 +100,11 @@ def seed_eval(root: str, batch: int, model: torch.nn.Module) -> float:
 
 
 def ours_train(split: data.Data, batch: int, mode: dict, log_to: str | None) -> float:
-    """b and c: engine.fit for one epoch of `split`, with or without MLflow logging."""
+    """b and c: engine.fit for one epoch of `split`, with or without MLflow logging.
+
+    Logged, the time runs until every loss is recorded in the store (the epoch's end waits
+    for that); opening and ending the run are left out, as they happen once a run.
+    """
     engine.seed_everything(0)
     model = ConvNet()
     if mode["channels_last"]:
@@ -123,9 +132,10 @@ def ours_train(split: data.Data, batch: int, mode: dict, log_to: str | None) -> 
         callbacks = [MlflowLogger(run, every=1)]
     start = time.perf_counter()
     engine.fit(model, optimizer, split, epochs=1, callbacks=callbacks, **kwargs)
+    seconds = time.perf_counter() - start
     if log_to:
         run.end("FINISHED")
-    return len(split.train) / (time.perf_counter() - start)
+    return len(split.train) / seconds
 
 
 def pure_compute(batch: int, images: int, mode: dict) -> float:
@@ -167,7 +177,11 @@ def ours_eval(test: data.Split, mode: dict) -> float:
     return len(test) / (time.perf_counter() - start)
 
 
-def _measurements(root: str, batch: int, n: int, split: data.Data, store: str) -> dict:
+def _measurements(root: str, batch: int, n: int, full: data.Data, store: str) -> dict:
+    epoch = EPOCH_IMAGES.get(batch, 60000)
+    split = data.Data(
+        data.Split(full.train.images[:epoch], full.train.labels[:epoch]), None, full.test
+    )
     return {
         "a_seed": lambda: seed_train(root, batch, n),
         "b_default_logged": lambda: ours_train(split, batch, DEFAULT, store),
@@ -188,8 +202,7 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
     figures: dict = {}
     for batch in batch_sizes:
         n = IMAGES.get(batch, 25600)
-        split = data.Data(data.Split(full.train.images[:n], full.train.labels[:n]), None, full.test)
-        measurements = _measurements(root, batch, n, split, store)
+        measurements = _measurements(root, batch, n, full, store)
         f = {key: 0.0 for key in measurements}
         for _ in range(rounds):
             for key, measure in measurements.items():
@@ -203,7 +216,12 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
         f["overhead_of_logging_default"] = 1 - f["b_default_logged"] / f["c_default_unlogged"]
         f["ratio_eval_over_seed_default"] = f["d_default_eval"] / f["d_seed_eval"]
         figures[f"batch_{batch}"] = f
-        print(f"\nbatch size {batch} ({n} training images timed, best of {rounds})", flush=True)
+        epoch = EPOCH_IMAGES.get(batch, 60000)
+        print(
+            f"\nbatch size {batch} (a and pure compute over {n} images, b and c over an epoch "
+            f"of {epoch}; best of {rounds})",
+            flush=True,
+        )
         for key, value in f.items():
             unit = "img/s" if not key.startswith(("ratio", "overhead")) else ""
             shown = f"{value:.0%}" if key.startswith("overhead") else f"{value:,.2f}"
@@ -295,6 +313,10 @@ def end_to_end(root: str, tmp: str) -> dict:
                 "command_s": wall,
             }
         )
+        # The recipe trains one epoch, tested once at its end: its time to 99% is that
+        # epoch's, when it got there.
+        reached = fast[-1]["test_accuracy"] >= 0.99
+        fast[-1]["time_to_99_s"] = fast[-1]["train_s"] if reached else None
         print(f"experiment=fast: {fast[-1]}", flush=True)
     figures["fast"] = fast
     return figures
