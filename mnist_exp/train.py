@@ -155,7 +155,11 @@ def _build(cfg: DictConfig, state: dict | None) -> _Setup:
     from mnist_exp import data, engine
 
     device = engine.resolve_device(cfg.device.type)
-    torch.set_num_threads(cfg.trainer.num_threads or _share_of_cores())
+    threads = cfg.trainer.num_threads
+    if not threads:
+        cores = _share_of_cores()
+        threads = engine.cpu_threads(cfg.data.batch_size, cores) if device.type == "cpu" else cores
+    torch.set_num_threads(threads)
     engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     dataset = data.load(
         cfg.data.dataset,

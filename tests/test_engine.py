@@ -10,6 +10,7 @@ from mnist_exp.data import Data, Split, batch_indices
 from mnist_exp.engine import (
     Callback,
     NonFiniteLossError,
+    cpu_threads,
     epoch_generator,
     evaluate,
     fit,
@@ -97,6 +98,11 @@ def test_label_smoothing_softens_the_training_loss_only() -> None:
     assert recorder.epochs[-1][2]["val_loss"] == pytest.approx(
         evaluate(_fit(0, label_smoothing=0.2)[1], data.val, batch_size=50).loss
     )
+
+
+def test_small_cpu_batches_run_on_one_thread() -> None:
+    assert [cpu_threads(b, cores=2) for b in (1, 4, 5, 64)] == [1, 1, 2, 2]
+    assert cpu_threads(64, cores=0) == 1
 
 
 def test_epoch_generator_depends_on_seed_and_epoch_only() -> None:
