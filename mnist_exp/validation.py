@@ -39,6 +39,16 @@ def check_config(cfg: DictConfig) -> None:
     _integer(cfg, "trainer.log_every_n_steps", low=1)
     _integer(cfg, "trainer.print_every_n_steps", low=0)
     _integer(cfg, "model.num_classes", low=2, high=MAX_CLASSES)
+    channels = _get(cfg, "model.channels")
+    if channels is not None and not (
+        isinstance(channels, ListConfig)
+        and len(channels) == 2
+        and all(type(c) is int and 1 <= c <= MAX_CHANNELS for c in channels)
+    ):
+        _refuse("model.channels", channels, f"must be two whole numbers from 1 to {MAX_CHANNELS}")
+    dropout = _get(cfg, "model.dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        _refuse("model.dropout", dropout, "must be a number from 0 to below 1")
     smoothing = _get(cfg, "trainer.label_smoothing")
     if not (_is_number(smoothing) and 0 <= smoothing < 1):
         _refuse("trainer.label_smoothing", smoothing, "must be a number from 0 to below 1")
@@ -134,6 +144,7 @@ GROUPS = {
 }
 MAX_SHIFT = 27  # pixels: a larger shift moves every 28x28 image out of its frame
 MAX_CLASSES = 10_000
+MAX_CHANNELS = 1024
 MAX_THREADS = 1024
 MAX_INT = 2**31 - 1  # counts beyond this are typos, and overflow torch's index arithmetic
 MAX_SHOWN = 80  # characters of a refused value quoted in the message

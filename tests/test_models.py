@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from mnist_exp.models import ConvNet
+from mnist_exp.models import ConvNet, WideConvNet
 
 
 class SeedConvNet(nn.Module):
@@ -57,3 +57,13 @@ def test_a_seed_checkpoint_loads_and_predicts_the_same(tmp_path) -> None:
 
 def test_num_classes_sets_the_output_width() -> None:
     assert ConvNet(num_classes=7)(torch.rand(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_the_wide_convnet_has_the_seeds_blocks_with_more_filters() -> None:
+    wide = WideConvNet(num_classes=10, channels=(32, 64), dropout=0.25)
+    assert wide(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    shapes = {k: tuple(v.shape) for k, v in wide.state_dict().items()}
+    assert shapes["layer1.0.weight"] == (32, 1, 5, 5)
+    assert shapes["layer2.0.weight"] == (64, 32, 5, 5)
+    assert shapes["fc.weight"] == (10, 7 * 7 * 64)
+    assert [type(m) for m in wide.layer2] == [type(m) for m in ConvNet().layer2]

@@ -20,6 +20,9 @@ BAD = [
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
     ("trainer.precision=16", "trainer.precision"),
     ("trainer.label_smoothing=1", "trainer.label_smoothing"),
+    ("model=wide_convnet model.channels=[32]", "model.channels"),
+    ("model=wide_convnet model.channels=[0,64]", "model.channels"),
+    ("model=wide_convnet model.dropout=1.5", "model.dropout"),
     ("trainer.label_smoothing=-0.1", "trainer.label_smoothing"),
     ("device.type=tpu", "device.type"),
     ("model.num_classes=1", "model.num_classes"),
@@ -32,7 +35,7 @@ BAD = [
 @pytest.mark.parametrize(("override", "key"), BAD, ids=[b[0] for b in BAD])
 def test_bad_value_is_refused_naming_the_key(override: str, key: str) -> None:
     with pytest.raises(UserError) as info:
-        check_config(compose_config([override]))
+        check_config(compose_config(override.split()))
     message = str(info.value)
     assert message.startswith(f"{key}=")
     assert "\n" not in message
@@ -46,6 +49,7 @@ def test_bad_value_is_refused_naming_the_key(override: str, key: str) -> None:
         "device.type=cuda:1",
         "trainer.epochs=0",
         "trainer.label_smoothing=0.1",
+        "model=wide_convnet",
     ],
 )
 def test_good_values_pass(override: str) -> None:
