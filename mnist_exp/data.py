@@ -31,12 +31,21 @@ class Split:
         channels_last: bool = False,
         max_shift: int = 0,
         generator: torch.Generator | None = None,
+        max_rotation: float = 0.0,
+        max_scale: float = 0.0,
     ) -> Tensor:
-        """Float32 images in [0, 1]; with `max_shift`, each moved by up to that many pixels."""
+        """Float32 images in [0, 1], augmented with draws from `generator`.
+
+        With `max_shift`, each is moved by up to that many whole pixels; with `max_rotation`
+        (degrees) or `max_scale` (a fraction of its size), it is then turned and resized
+        about its centre by up to that much, resampled bilinearly.
+        """
         images = self.images[index]
         if max_shift:
             images = _shift(images, max_shift, generator)
         batch = images.to(torch.float32).div_(255)
+        if max_rotation or max_scale:
+            batch = _rotate_and_scale(batch, max_rotation, max_scale, generator)
         return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
 
     def __len__(self) -> int:
@@ -102,6 +111,23 @@ def _shift(images: Tensor, max_shift: int, generator: torch.Generator | None) ->
     cols = torch.arange(width, device=images.device)[None, :] + offsets[1][:, None]
     batch = torch.arange(n, device=images.device)[:, None, None]
     return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
+def _rotate_and_scale(
+    batch: Tensor, max_degrees: float, max_scale: float, generator: torch.Generator | None
+) -> Tensor:
+    """Turn each image by its own angle in [-max_degrees, max_degrees] and scale it by its own
+    factor in [1 - max_scale, 1 + max_scale], about the centre, zero-filled."""
+    n = batch.shape[0]
+    draws = torch.rand((2, n), generator=generator, dtype=torch.float64).mul_(2).sub_(1)
+    angle = torch.deg2rad(draws[0] * max_degrees)
+    scale = 1 + draws[1] * max_scale
+    # affine_grid maps output to input coordinates: the inverse of the wanted transform.
+    cos, sin, zero = torch.cos(angle) / scale, torch.sin(angle) / scale, torch.zeros(n)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    theta = theta.to(batch.device, torch.float32)
+    grid = torch.nn.functional.affine_grid(theta, list(batch.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(batch, grid, align_corners=False)
 
 
 def _take(split: Split, index: Tensor | slice) -> Split:

@@ -185,6 +185,8 @@ def fit(
     precision: str = "32",
     channels_last: bool = False,
     max_shift: int = 0,
+    max_rotation: float = 0.0,
+    max_scale: float = 0.0,
     label_smoothing: float = 0.0,
     scheduler: LRScheduler | None = None,
     callbacks: Sequence[Callback] = (),
@@ -194,11 +196,12 @@ def fit(
 ) -> int:
     """Train until epoch `epochs`, after `start_epoch` epochs (and `start_step` steps) done.
 
-    `scheduler`, if any, steps after every optimizer step. `max_shift` augments the training
-    images with random translations (drawn from the epoch's own generator, so resuming stays
-    exact); `label_smoothing` softens the training targets (the losses callbacks see are
-    smoothed; evaluation's stay plain cross-entropy). Evaluates on the validation split
-    after each epoch. Returns the global step.
+    `scheduler`, if any, steps after every optimizer step. `max_shift`, `max_rotation` and
+    `max_scale` augment the training images with random translations, turns and resizes
+    (see `Split.inputs`; drawn from the epoch's own generator, so resuming stays exact).
+    `label_smoothing` softens the training targets (the losses callbacks see are smoothed;
+    evaluation's stay plain cross-entropy). Evaluates on the validation split after each
+    epoch. Returns the global step.
 
     Every `check_every` steps, and before each epoch's end is reported, the losses since the
     last check are read in one device sync: a NaN or infinite one raises `NonFiniteLossError`
@@ -211,7 +214,8 @@ def fit(
     unchecked: list[Tensor] = []  # losses not yet read back from the device
     for epoch in range(start_epoch + 1, epochs + 1):
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
-        shifts = epoch_generator(seed, epoch, "shift") if max_shift else None
+        augmenting = max_shift or max_rotation or max_scale
+        draws = epoch_generator(seed, epoch, "shift") if augmenting else None
         for cb in callbacks:
             cb.on_epoch_start(epoch, epochs, len(batches))
         model.train()
@@ -219,7 +223,11 @@ def fit(
         for batch, index in enumerate(_on(device, batches), start=1):
             with _autocast(device, precision):
                 loss = F.cross_entropy(
-                    model(train.inputs(index, channels_last, max_shift, shifts)),
+                    model(
+                        train.inputs(
+                            index, channels_last, max_shift, draws, max_rotation, max_scale
+                        )
+                    ),
                     train.labels[index],
                     label_smoothing=label_smoothing,
                 )

@@ -371,6 +371,8 @@ def _train_and_test(
             precision=precision,
             channels_last=channels_last,
             max_shift=cfg.data.max_shift,
+            max_rotation=cfg.data.max_rotation,
+            max_scale=cfg.data.max_scale,
             label_smoothing=cfg.trainer.label_smoothing,
             scheduler=setup.scheduler,
             callbacks=callbacks,

@@ -49,6 +49,12 @@ def check_config(cfg: DictConfig) -> None:
     dropout = _get(cfg, "model.dropout")
     if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
         _refuse("model.dropout", dropout, "must be a number from 0 to below 1")
+    rotation = _get(cfg, "data.max_rotation")
+    if not (_is_number(rotation) and 0 <= rotation <= 180):
+        _refuse("data.max_rotation", rotation, "must be a number of degrees from 0 to 180")
+    scale = _get(cfg, "data.max_scale")
+    if not (_is_number(scale) and 0 <= scale < 1):
+        _refuse("data.max_scale", scale, "must be a number from 0 to below 1")
     smoothing = _get(cfg, "trainer.label_smoothing")
     if not (_is_number(smoothing) and 0 <= smoothing < 1):
         _refuse("trainer.label_smoothing", smoothing, "must be a number from 0 to below 1")

@@ -108,3 +108,34 @@ def test_shifts_move_each_image_within_bounds_and_repeat_with_the_generator() ->
     assert all(12 <= r <= 16 and 12 <= c <= 16 for r, c in moved)
     assert moved == bright_pixels(0)
     assert any(bright_pixels(seed) != moved for seed in range(1, 5))
+
+
+def test_rotation_and_scale_turn_and_resize_each_image_by_its_own_draw() -> None:
+    bar = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
+    bar[:, 0, 6:22, 13:15] = 255  # a vertical bar through the centre, 16 pixels long
+    split = Split(bar, torch.zeros(8, dtype=torch.int64))
+
+    def augmented(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return split.inputs(torch.arange(8), generator=generator, max_rotation=40, max_scale=0.2)
+
+    batch = augmented(0)
+    assert torch.equal(batch, augmented(0)) and not torch.equal(batch, augmented(1))
+    draws = torch.rand((2, 8), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    angles, scales = (draws * 2 - 1) * torch.tensor([[40.0], [0.2]], dtype=torch.float64) + (
+        torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    )
+    rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    for image, angle, scale in zip(batch[:, 0], angles, scales, strict=True):
+        mass = image.sum()
+        r, c = (image * rows).sum() / mass, (image * cols).sum() / mass
+        assert abs(r - 13.5) < 0.5 and abs(c - 13.5) < 0.5  # turned about the centre
+        # The bar's long axis leans by the drawn angle; its mass grows with the scale squared.
+        rr, cc, rc = (
+            (image * (rows - r) ** 2).sum(),
+            (image * (cols - c) ** 2).sum(),
+            (image * (rows - r) * (cols - c)).sum(),
+        )
+        lean = 0.5 * torch.atan2(2 * rc, rr - cc)
+        assert abs(abs(float(torch.rad2deg(lean))) - abs(float(angle))) < 3
+        assert float(mass) / (16 * 2) == pytest.approx(float(scale) ** 2, rel=0.1)
