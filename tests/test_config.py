@@ -91,6 +91,7 @@ def test_experiment_fast_keeps_the_model_and_changes_only_the_recipe() -> None:
     assert fast.scheduler._target_ == "torch.optim.lr_scheduler.OneCycleLR"
     assert fast.scheduler.max_lr == fast.optimizer.lr
     assert fast.optimizer.fused is True
+    assert fast.trainer.label_smoothing == 0.1 and default.trainer.label_smoothing == 0
 
 
 def test_tracking_uri_defaults_to_sqlite_in_the_project_and_env_wins(monkeypatch) -> None:
