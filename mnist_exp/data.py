@@ -123,7 +123,7 @@ def _rotate_and_scale(
     angle = torch.deg2rad(draws[0] * max_degrees)
     scale = 1 + draws[1] * max_scale
     # affine_grid maps output to input coordinates: the inverse of the wanted transform.
-    cos, sin, zero = torch.cos(angle) / scale, torch.sin(angle) / scale, torch.zeros(n)
+    cos, sin, zero = torch.cos(angle) / scale, torch.sin(angle) / scale, torch.zeros_like(angle)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     theta = theta.to(batch.device, torch.float32)
     grid = torch.nn.functional.affine_grid(theta, list(batch.shape), align_corners=False)

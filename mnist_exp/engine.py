@@ -215,6 +215,7 @@ def fit(
     for epoch in range(start_epoch + 1, epochs + 1):
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
         augmenting = max_shift or max_rotation or max_scale
+        # Named "shift" as when shifts were the only augmentation: earlier runs resume exactly.
         draws = epoch_generator(seed, epoch, "shift") if augmenting else None
         for cb in callbacks:
             cb.on_epoch_start(epoch, epochs, len(batches))
@@ -225,7 +226,12 @@ def fit(
                 loss = F.cross_entropy(
                     model(
                         train.inputs(
-                            index, channels_last, max_shift, draws, max_rotation, max_scale
+                            index,
+                            channels_last,
+                            max_shift=max_shift,
+                            generator=draws,
+                            max_rotation=max_rotation,
+                            max_scale=max_scale,
                         )
                     ),
                     train.labels[index],

@@ -46,18 +46,12 @@ def check_config(cfg: DictConfig) -> None:
         and all(type(c) is int and 1 <= c <= MAX_CHANNELS for c in channels)
     ):
         _refuse("model.channels", channels, f"must be two whole numbers from 1 to {MAX_CHANNELS}")
-    dropout = _get(cfg, "model.dropout")
-    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
-        _refuse("model.dropout", dropout, "must be a number from 0 to below 1")
+    _fraction(cfg, "model.dropout", optional=True)
+    _fraction(cfg, "data.max_scale")
+    _fraction(cfg, "trainer.label_smoothing")
     rotation = _get(cfg, "data.max_rotation")
     if not (_is_number(rotation) and 0 <= rotation <= 180):
         _refuse("data.max_rotation", rotation, "must be a number of degrees from 0 to 180")
-    scale = _get(cfg, "data.max_scale")
-    if not (_is_number(scale) and 0 <= scale < 1):
-        _refuse("data.max_scale", scale, "must be a number from 0 to below 1")
-    smoothing = _get(cfg, "trainer.label_smoothing")
-    if not (_is_number(smoothing) and 0 <= smoothing < 1):
-        _refuse("trainer.label_smoothing", smoothing, "must be a number from 0 to below 1")
     precision = _get(cfg, "trainer.precision")
     if str(precision) not in PRECISIONS:
         _refuse("trainer.precision", precision, f"must be one of {', '.join(PRECISIONS)}")
@@ -197,6 +191,15 @@ def _number(cfg: DictConfig, key: str, *, low: float, strict: bool = False) -> N
     value = _get(cfg, key)
     if not _is_number(value) or value < low or (strict and value == low):
         _refuse(key, value, f"must be a finite number {'>' if strict else '>='} {low:g}")
+
+
+def _fraction(cfg: DictConfig, key: str, *, optional: bool = False) -> None:
+    """A share: a number from 0 up to, not including, 1."""
+    value = _get(cfg, key)
+    if optional and value is None:
+        return
+    if not (_is_number(value) and 0 <= value < 1):
+        _refuse(key, value, "must be a number from 0 to below 1")
 
 
 def _integer(
