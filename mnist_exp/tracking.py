@@ -159,8 +159,8 @@ def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
         pid = run.data.tags.get(PID_TAG, "")
         if not pid.isdigit() or _process_alive(int(pid), run.data.tags.get(PID_START_TAG)):
             continue
-        reason = f"process {pid} on host {host} ended without closing the run"
-        client.set_tag(run.info.run_id, ERROR_TAG, reason)
+        why = f"process {pid} on host {host} ended without closing the run"
+        client.set_tag(run.info.run_id, ERROR_TAG, why)
         client.set_terminated(run.info.run_id, "FAILED")
         failed.append(run.info.run_id)
     return failed
