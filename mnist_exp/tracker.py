@@ -217,11 +217,13 @@ class RemoteRun:
 
     def _send(self, method: str, *args: Any) -> None:
         try:
+            # The count moves with the message: a signal re-raised as the block ends must not
+            # leave an answer uncounted (a later call would wait for it for ever).
             with _signals_held():
                 self._conn.send((method, args))
+                self._unanswered += 1
         except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
             raise self._lost() from exc
-        self._unanswered += 1
 
     def _call(self, method: str, *args: Any) -> Any:
         self._send(method, *args)
@@ -234,19 +236,21 @@ class RemoteRun:
         """Read the tracker's oldest unread answer; raise the error it reports."""
         try:
             self._conn.poll(None)  # waiting may be interrupted; reading half a message may not
-            with _signals_held():
+            with _signals_held():  # nor what the answer says, once it is read
                 ok, value = self._conn.recv()
+                self._unanswered -= 1
+                opening = self._info is None and self._open_error is None
+                if opening and ok:
+                    self._info = value
+                elif opening:
+                    self._open_error = value
+                if not ok:
+                    self.gave_up = self.gave_up or isinstance(value, TrackingUnavailable)
         except (EOFError, ConnectionResetError) as exc:
             raise self._lost() from exc
-        self._unanswered -= 1
-        opening = self._info is None and self._open_error is None
         if not ok:
-            if opening:
-                self._open_error = value
-            self.gave_up = self.gave_up or isinstance(value, TrackingUnavailable)
             raise value
         if opening:
-            self._info = value
             log.info(f"MLflow run {value[0]} ({value[1]})")
             return None
         return value
