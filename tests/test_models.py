@@ -1,5 +1,6 @@
 """The ConvNet is the seed script's, layer for layer and key for key."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -53,6 +54,30 @@ def test_a_seed_checkpoint_loads_and_predicts_the_same(tmp_path) -> None:
     ours.load_state_dict(torch.load(tmp_path / "model.ckpt", weights_only=True))
     x = torch.rand(4, 1, 28, 28)
     torch.testing.assert_close(ours.eval()(x), seed(x))
+
+
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_steps_are_the_seeds_bit_for_bit(precision, channels_last) -> None:
+    """The ReLU runs after the pool here: outputs, gradients and BN statistics stay identical."""
+    torch.manual_seed(0)
+    seed, ours = SeedConvNet(), ConvNet()
+    ours.load_state_dict(seed.state_dict())
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=layout)
+    for model in (seed, ours):
+        model.to(memory_format=layout)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(3):
+            with torch.autocast("cpu", dtype=precision or torch.float32, enabled=bool(precision)):
+                loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for (name, a), b in zip(seed.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(seed.eval()(x), ours.eval()(x))
 
 
 def test_num_classes_sets_the_output_width() -> None:
