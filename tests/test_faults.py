@@ -35,7 +35,15 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
         "trainer.print_every_n_steps=0",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # As in a terminal: a shell's background job (`pytest &`) would pass Ctrl-C on ignored.
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "checkpoints" / "last.ckpt").exists():
