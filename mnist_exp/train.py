@@ -8,6 +8,7 @@ override is reported at once.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import signal
@@ -63,6 +64,10 @@ def main() -> None:
     Everything is recorded and flushed by then; tearing down torch's and matplotlib's
     modules would only make the command return about 0.8 s later.
     """
+    # Start-up makes objects that live till the end (modules, the config, data and model);
+    # the collector's full passes over them cost 0.5 s of a 4 s start-up for nothing.
+    # `_build` turns it back on.
+    gc.disable()
     if run_command():
         logging.shutdown()
         sys.stdout.flush()
@@ -134,6 +139,13 @@ def _check_writable(folder: Path, key: str) -> None:
             f"error: cannot write the run folder {folder} ({exc.strerror or exc}): "
             f"set {key} to a writable folder, or free space on its disk"
         )
+
+
+def _startup_done() -> None:
+    """Turn the garbage collector back on (see `main`), leaving out what start-up made."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 @dataclass
@@ -224,6 +236,7 @@ def _run(cfg: DictConfig) -> float:
     except BaseException:
         run.close()
         raise
+    _startup_done()
     from mnist_exp.engine import NonFiniteLossError
 
     log.info(f"Training on {setup.device}; recording in {redact(uri)}")

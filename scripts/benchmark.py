@@ -4,9 +4,9 @@
 
 For each batch size B, in one process on the same data:
   a. the seed's loop as written: torchvision MNIST, ToTensor, DataLoader(shuffle), fp32 Adam;
-  b. mnist-exp's loop (engine.fit) over an epoch, logging train_loss to MLflow (SQLite) every
-     step through a run's tracker process, in the default precision (fp32) and the fastest
-     (bf16 autocast, channels-last, fused Adam);
+  b. mnist-exp's loop (engine.fit) over as many images, logging train_loss to MLflow (SQLite)
+     every step through a run's tracker process, in the default precision (fp32) and the
+     fastest (bf16 autocast, channels-last, fused Adam), and what that logging costs;
   c. the same loop with logging off, and pure compute on synthetic tensors;
   d. evaluation of the 10,000 test images: the seed's test loop against engine.evaluate.
 It prints images/s, the ratios b/a, b/c and eval b/a, and the peak memory of this process.
@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +43,12 @@ from mnist_exp.models import ConvNet  # noqa: E402
 from mnist_exp.tracker import RemoteRun  # noqa: E402
 from mnist_exp.train import MlflowLogger  # noqa: E402
 
-IMAGES = {1: 1000, 64: 12800, 256: 25600}  # images timed per loop (a, c pure, d), by batch size
-# Images of the epoch mnist-exp's loop is timed over (b, c), by batch size: a whole epoch from
-# batch 64 on, so that the once-an-epoch wait for the last losses to be recorded weighs as
-# much as in a real run; at batch size 1 (2 min an epoch) 6,000 images, over which that wait
-# (for at most 2 s of losses) still weighs more than in a real epoch.
+IMAGES = {1: 1000, 64: 12800, 256: 25600}  # images of pure compute, by batch size
+# Images the loops (a, b, c) are timed over, by batch size: a whole epoch from batch 64 on, so
+# that the once-an-epoch wait for the last losses to be recorded weighs as much as in a real
+# run; at batch size 1 (2 min an epoch) 6,000 images, over which that wait (for at most 2 s
+# of losses) still weighs more than in a real epoch. The seed's loop runs as long as ours, so
+# that a slow spell of this machine is as likely to fall on either.
 EPOCH_IMAGES = {1: 6000, 64: 60000, 256: 60000}
 WARMUP = 5  # steps not timed at the start of each loop
 CORES = torch.get_num_threads()  # what the seed's loop and pure compute run on
@@ -67,14 +69,24 @@ DEFAULT = _mode()
 FASTEST = _mode("experiment=fast")
 
 
+class SeedConvNet(ConvNet):
+    """The ConvNet as the seed script runs it: each block's layers in their order."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer1(x)
+        out = self.layer2(out)
+        out = out.reshape(out.size(0), -1)
+        return self.fc(out)
+
+
 def seed_train(root: str, batch: int, images: int) -> float:
-    """a: the seed's training loop, images/s over `images` images after a short warm-up."""
+    """a: the seed's training loop, images/s over up to `images` images after a short warm-up."""
     dataset = torchvision.datasets.MNIST(root, train=True, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True)
-    model = ConvNet(10)
+    model = SeedConvNet(10)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-    steps = WARMUP + images // batch
+    steps = min(WARMUP + images // batch, len(loader) - 1)  # the last, short batch left out
     for i, (x, y) in enumerate(loader):
         if i == WARMUP:
             start = time.perf_counter()
@@ -102,11 +114,39 @@ def seed_eval(root: str, batch: int, model: torch.nn.Module) -> float:
     return total / (time.perf_counter() - start)
 
 
-def ours_train(split: data.Data, batch: int, mode: dict, log_to: str | None) -> float:
+class _TimedLogger(MlflowLogger):
+    """The run's MLflow callback, adding up the time the loop spends in it."""
+
+    seconds = 0.0
+
+    def on_train_step(self, *args: Any) -> None:
+        start = time.perf_counter()
+        super().on_train_step(*args)
+        self.seconds += time.perf_counter() - start
+
+    def on_epoch_end(self, *args: Any) -> None:
+        start = time.perf_counter()
+        super().on_epoch_end(*args)  # sends the last losses and waits until they are recorded
+        self.seconds += time.perf_counter() - start
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ours_train(
+    split: data.Data, batch: int, mode: dict, log_to: str | None
+) -> float | tuple[float, float]:
     """b and c: engine.fit for one epoch of `split`, with or without MLflow logging.
 
     Logged, the time runs until every loss is recorded in the store (the epoch's end waits
-    for that); opening and ending the run are left out, as they happen once a run.
+    for that); opening and ending the run are left out, as they happen once a run. Logged, it
+    also returns logging's share of the time: the loop's time in the MLflow callback plus the
+    tracker process's CPU time, over the epoch's. That is an upper bound: the tracker's work
+    while the loop waits for the last losses counts twice, and all of its CPU time counts as
+    taken from training, as it is when training uses every core.
     """
     engine.seed_everything(0)
     model = ConvNet()
@@ -132,13 +172,17 @@ def ours_train(split: data.Data, batch: int, mode: dict, log_to: str | None) -> 
         run = RemoteRun(log_to, "benchmark")
         run.start(run_name="bench", config={}, tags={}, project_root=ROOT)
         run.sync()
-        callbacks = [MlflowLogger(run, every=1)]
+        logger = _TimedLogger(run, every=1)
+        callbacks = [logger]
+        tracker_cpu = _cpu_seconds(run.pid)
     start = time.perf_counter()
     engine.fit(model, optimizer, split, epochs=1, callbacks=callbacks, **kwargs)
     seconds = time.perf_counter() - start
-    if log_to:
-        run.end("FINISHED")
-    return len(split.train) / seconds
+    if not log_to:
+        return len(split.train) / seconds
+    share = (logger.seconds + _cpu_seconds(run.pid) - tracker_cpu) / seconds
+    run.end("FINISHED")
+    return len(split.train) / seconds, share
 
 
 def pure_compute(batch: int, images: int, mode: dict) -> float:
@@ -182,7 +226,9 @@ def ours_eval(test: data.Split, mode: dict) -> float:
     return len(test) / min(seconds[1:])
 
 
-def _on_threads(threads: int, measure: Callable[[], float]) -> float:
+def _on_threads(
+    threads: int, measure: Callable[[], float | tuple[float, float]]
+) -> float | tuple[float, float]:
     torch.set_num_threads(threads)
     try:
         return measure()
@@ -195,21 +241,24 @@ def _measurements(root: str, batch: int, n: int, epoch: int, full: data.Data, st
         data.Split(full.train.images[:epoch], full.train.labels[:epoch]), None, full.test
     )
     return {
-        "a_seed": lambda: seed_train(root, batch, n),
+        "a_seed": lambda: seed_train(root, batch, epoch),
         "b_default_logged": lambda: ours_train(split, batch, DEFAULT, store),
         "b_fastest_logged": lambda: ours_train(split, batch, FASTEST, store),
         "c_fastest_unlogged": lambda: ours_train(split, batch, FASTEST, None),
         "c_default_unlogged": lambda: ours_train(split, batch, DEFAULT, None),
         "c_fastest_pure_compute": lambda: pure_compute(batch, n, FASTEST),
         "c_default_pure_compute": lambda: pure_compute(batch, n, DEFAULT),
-        "d_seed_eval": lambda: seed_eval(root, batch, ConvNet()),
+        "d_seed_eval": lambda: seed_eval(root, batch, SeedConvNet()),
         "d_default_eval": lambda: ours_eval(split.test, DEFAULT),
         "d_fastest_eval": lambda: ours_eval(split.test, FASTEST),
     }
 
 
 def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
-    """Every measurement `rounds` times, interleaved, keeping each one's best (least disturbed)."""
+    """Every measurement `rounds` times, interleaved, keeping each one's best (least disturbed).
+
+    Logging's share of a logged loop's time is the one of its best round.
+    """
     full = data.load("torchvision.datasets.MNIST", root)
     figures: dict = {}
     for batch in batch_sizes:
@@ -220,7 +269,12 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
             for key, measure in measurements.items():
                 # b and c run on the threads a run at this batch size picks; a and d on all.
                 threads = engine.cpu_threads(batch, CORES) if key[0] in "bc" else CORES
-                f[key] = max(f[key], _on_threads(threads, measure))
+                value = _on_threads(threads, measure)
+                value, share = value if isinstance(value, tuple) else (value, None)
+                if value > f[key]:
+                    f[key] = value
+                    if share is not None:
+                        f[key.replace("b_", "logging_cost_").replace("_logged", "")] = share
         f["ratio_b_over_a_default"] = f["b_default_logged"] / f["a_seed"]
         f["ratio_b_over_a_fastest"] = f["b_fastest_logged"] / f["a_seed"]
         f["overhead_vs_pure_compute_fastest"] = (
@@ -231,13 +285,14 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
         f["ratio_eval_over_seed_default"] = f["d_default_eval"] / f["d_seed_eval"]
         figures[f"batch_{batch}"] = f
         print(
-            f"\nbatch size {batch} (a and pure compute over {n} images, b and c over an epoch "
-            f"of {epoch}; best of {rounds})",
+            f"\nbatch size {batch} (a, b and c over {epoch} images, pure compute over {n}; "
+            f"best of {rounds})",
             flush=True,
         )
         for key, value in f.items():
-            unit = "img/s" if not key.startswith(("ratio", "overhead")) else ""
-            shown = f"{value:.0%}" if key.startswith("overhead") else f"{value:,.2f}"
+            shares = ("overhead", "logging_cost")
+            unit = "img/s" if not key.startswith(("ratio", *shares)) else ""
+            shown = f"{value:.1%}" if key.startswith(shares) else f"{value:,.2f}"
             print(f"  {key:36s} {shown:>12s} {unit}", flush=True)
     figures["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return figures
