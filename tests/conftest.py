@@ -75,6 +75,23 @@ def train(train_command):
     return run
 
 
+def stop(proc: subprocess.Popen, signum: int, timeout: float = 60) -> str:
+    """Send `signum` and wait for the process to end; returns its stderr as text.
+
+    One still running after `timeout` is killed and the test fails with the end of its stderr,
+    so that a signal that went unheard can be told from a slow shutdown.
+    """
+    proc.send_signal(signum)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, stderr = proc.communicate()
+        text = stderr if isinstance(stderr, str) else stderr.decode(errors="replace")
+        pytest.fail(f"still running {timeout:.0f} s after signal {signum}; stderr:\n{text[-3000:]}")
+    return stderr if isinstance(stderr, str) else stderr.decode()
+
+
 def runs_in(tracking_uri: str, experiment: str = "mnist-exp") -> list:
     """All runs of an experiment, newest first; none when the store or experiment is absent."""
     db = Path(tracking_uri.removeprefix("sqlite:///"))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import ROOT, runs_in
+from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import checkpoint, tracking
@@ -50,9 +50,8 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint came"
             time.sleep(0.05)
         time.sleep(0.3)  # into the next epoch
-        proc.send_signal(signal.SIGINT)
         stopped = time.monotonic()
-        _, stderr = proc.communicate(timeout=60)
+        stderr = stop(proc, signal.SIGINT)
         took = time.monotonic() - stopped
     finally:
         proc.kill()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, runs_in
+from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import checkpoint
@@ -143,10 +143,9 @@ def test_sigterm_after_an_epoch_then_resume_ends_as_if_never_stopped(
 ):
     proc = _start(data_root, tracking_uri, tmp_path / "stopped")
     _wait_for((tmp_path / "stopped" / "checkpoints" / "last.ckpt").exists, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
+    stderr = stop(proc, signal.SIGTERM)
     assert proc.returncode != 0
-    assert "--resume" in stderr.decode().strip().splitlines()[-1]
+    assert "--resume" in stderr.strip().splitlines()[-1]
     stopped = _only_run(tracking_uri, **{"mnist_exp.output_dir": str(tmp_path / "stopped")})
     assert stopped.info.status == "KILLED"
     run_id = stopped.info.run_id

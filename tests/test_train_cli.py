@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, runs_in
+from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.models import ConvNet
@@ -100,8 +100,7 @@ def test_sigterm_marks_the_run_killed(data_root: Path, tracking_uri: str, tmp_pa
             ):
                 break
             time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        stderr = stop(proc, signal.SIGTERM)
     finally:
         proc.kill()
     assert proc.returncode != 0
