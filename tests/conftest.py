@@ -84,12 +84,15 @@ def stop(proc: subprocess.Popen, signum: int, timeout: float = 60) -> str:
     proc.send_signal(signum)
     try:
         _, stderr = proc.communicate(timeout=timeout)
+        ended = True
     except subprocess.TimeoutExpired:
         proc.kill()
         _, stderr = proc.communicate()
-        text = stderr if isinstance(stderr, str) else stderr.decode(errors="replace")
+        ended = False
+    text = stderr if isinstance(stderr, str) else stderr.decode()
+    if not ended:
         pytest.fail(f"still running {timeout:.0f} s after signal {signum}; stderr:\n{text[-3000:]}")
-    return stderr if isinstance(stderr, str) else stderr.decode()
+    return text
 
 
 def runs_in(tracking_uri: str, experiment: str = "mnist-exp") -> list:
