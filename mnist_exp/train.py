@@ -164,8 +164,9 @@ def _build(cfg: DictConfig, state: dict | None) -> _Setup:
     import torch
     from hydra.utils import instantiate
 
-    from mnist_exp import data, engine
+    from mnist_exp import allocator, data, engine
 
+    allocator.keep_freed_memory()
     device = engine.resolve_device(cfg.device.type)
     threads = cfg.trainer.num_threads
     if not threads:
