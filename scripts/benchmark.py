@@ -9,6 +9,8 @@ For each batch size B, in one process on the same data:
      fastest (bf16 autocast, channels-last, fused Adam), and what that logging costs;
   c. the same loop with logging off, and pure compute on synthetic tensors;
   d. evaluation of the 10,000 test images: the seed's test loop against engine.evaluate.
+a and the seed's test loop run in a process of their own, with the C allocator's defaults, as
+the seed script would; b, c and d in this one, with the allocator set as a run sets it.
 It prints images/s, the ratios b/a, b/c and eval b/a, and the peak memory of this process.
 --end-to-end also times whole commands: an invalid override, a default 1-epoch run (peak
 memory, start-up to the first step) and `experiment=fast` for seeds 0, 1, 2 (time to 99%).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mnist_exp import data, engine, tracking  # noqa: E402
+from mnist_exp import allocator, data, engine, tracking  # noqa: E402
 from mnist_exp.config import compose_config  # noqa: E402
 from mnist_exp.models import ConvNet  # noqa: E402
 from mnist_exp.tracker import RemoteRun  # noqa: E402
@@ -98,10 +102,11 @@ def seed_train(root: str, batch: int, images: int) -> float:
     return (steps - WARMUP) * batch / (time.perf_counter() - start)
 
 
-def seed_eval(root: str, batch: int, model: torch.nn.Module) -> float:
+def seed_eval(root: str, batch: int) -> float:
     """d (seed): the seed's test loop over the 10,000 test images, images/s."""
     dataset = torchvision.datasets.MNIST(root, train=False, transform=transforms.ToTensor())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False)
+    model = SeedConvNet()
     model.eval()
     start = time.perf_counter()
     with torch.no_grad():
@@ -237,19 +242,21 @@ def _on_threads(
         torch.set_num_threads(CORES)
 
 
-def _measurements(root: str, batch: int, epoch: int, full: data.Data, store: str) -> dict:
+def _measurements(
+    root: str, batch: int, epoch: int, full: data.Data, store: str, seed_process: Executor
+) -> dict:
     split = data.Data(
         data.Split(full.train.images[:epoch], full.train.labels[:epoch]), None, full.test
     )
     return {
-        "a_seed": lambda: seed_train(root, batch, epoch),
+        "a_seed": lambda: seed_process.submit(seed_train, root, batch, epoch).result(),
         "b_default_logged": lambda: ours_train(split, batch, DEFAULT, store),
         "b_fastest_logged": lambda: ours_train(split, batch, FASTEST, store),
         "c_fastest_unlogged": lambda: ours_train(split, batch, FASTEST, None),
         "c_default_unlogged": lambda: ours_train(split, batch, DEFAULT, None),
         "c_fastest_pure_compute": lambda: pure_compute(batch, epoch, FASTEST),
         "c_default_pure_compute": lambda: pure_compute(batch, epoch, DEFAULT),
-        "d_seed_eval": lambda: seed_eval(root, batch, SeedConvNet()),
+        "d_seed_eval": lambda: seed_process.submit(seed_eval, root, batch).result(),
         "d_default_eval": lambda: ours_eval(split.test, DEFAULT),
         "d_fastest_eval": lambda: ours_eval(split.test, FASTEST),
     }
@@ -261,10 +268,12 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
     Logging's share of a logged loop's time is the one of its best round.
     """
     full = data.load("torchvision.datasets.MNIST", root)
+    allocator.keep_freed_memory()  # as every run does before it builds
+    seed_process = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     figures: dict = {}
     for batch in batch_sizes:
         epoch = EPOCH_IMAGES.get(batch, 60000)
-        measurements = _measurements(root, batch, epoch, full, store)
+        measurements = _measurements(root, batch, epoch, full, store, seed_process)
         f = {key: 0.0 for key in measurements}
         for _ in range(rounds):
             for key, measure in measurements.items():
@@ -294,6 +303,7 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
             unit = "img/s" if not key.startswith(("ratio", *shares)) else ""
             shown = f"{value:.1%}" if key.startswith(shares) else f"{value:,.2f}"
             print(f"  {key:36s} {shown:>12s} {unit}", flush=True)
+    seed_process.shutdown()
     figures["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return figures
 
