@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py [--batch-sizes 1 64 256] [--json FILE] [--end-to-end] [--accuracy]
 
-For each batch size B, in one process on the same data:
+For each batch size B, on the same data:
   a. the seed's loop as written: torchvision MNIST, ToTensor, DataLoader(shuffle), fp32 Adam;
   b. mnist-exp's loop (engine.fit) over as many images, logging train_loss to MLflow (SQLite)
      every step through a run's tracker process, in the default precision (fp32) and the
@@ -269,41 +269,41 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
     """
     full = data.load("torchvision.datasets.MNIST", root)
     allocator.keep_freed_memory()  # as every run does before it builds
-    seed_process = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    spawn = multiprocessing.get_context("spawn")
     figures: dict = {}
-    for batch in batch_sizes:
-        epoch = EPOCH_IMAGES.get(batch, 60000)
-        measurements = _measurements(root, batch, epoch, full, store, seed_process)
-        f = {key: 0.0 for key in measurements}
-        for _ in range(rounds):
-            for key, measure in measurements.items():
-                # b and c run on the threads a run at this batch size picks; a and d on all.
-                threads = engine.cpu_threads(batch, CORES) if key[0] in "bc" else CORES
-                value = _on_threads(threads, measure)
-                value, shares = value if isinstance(value, tuple) else (value, {})
-                if value > f[key]:
-                    f[key] = value
-                    for what, share in shares.items():
-                        f[key.replace("b_", f"logging_{what}_").replace("_logged", "")] = share
-        f["ratio_b_over_a_default"] = f["b_default_logged"] / f["a_seed"]
-        f["ratio_b_over_a_fastest"] = f["b_fastest_logged"] / f["a_seed"]
-        f["overhead_vs_pure_compute_fastest"] = (
-            1 - f["b_fastest_logged"] / f["c_fastest_pure_compute"]
-        )
-        f["overhead_of_logging_fastest"] = 1 - f["b_fastest_logged"] / f["c_fastest_unlogged"]
-        f["overhead_of_logging_default"] = 1 - f["b_default_logged"] / f["c_default_unlogged"]
-        f["ratio_eval_over_seed_default"] = f["d_default_eval"] / f["d_seed_eval"]
-        figures[f"batch_{batch}"] = f
-        print(
-            f"\nbatch size {batch} (training loops over {epoch} images; best of {rounds})",
-            flush=True,
-        )
-        for key, value in f.items():
-            shares = ("overhead", "logging_")
-            unit = "img/s" if not key.startswith(("ratio", *shares)) else ""
-            shown = f"{value:.1%}" if key.startswith(shares) else f"{value:,.2f}"
-            print(f"  {key:36s} {shown:>12s} {unit}", flush=True)
-    seed_process.shutdown()
+    with ProcessPoolExecutor(1, mp_context=spawn) as seed_process:
+        for batch in batch_sizes:
+            epoch = EPOCH_IMAGES.get(batch, 60000)
+            measurements = _measurements(root, batch, epoch, full, store, seed_process)
+            f = {key: 0.0 for key in measurements}
+            for _ in range(rounds):
+                for key, measure in measurements.items():
+                    # b and c run on the threads a run at this batch size picks; a and d on all.
+                    threads = engine.cpu_threads(batch, CORES) if key[0] in "bc" else CORES
+                    value = _on_threads(threads, measure)
+                    value, shares = value if isinstance(value, tuple) else (value, {})
+                    if value > f[key]:
+                        f[key] = value
+                        for what, share in shares.items():
+                            f[key.replace("b_", f"logging_{what}_").replace("_logged", "")] = share
+            f["ratio_b_over_a_default"] = f["b_default_logged"] / f["a_seed"]
+            f["ratio_b_over_a_fastest"] = f["b_fastest_logged"] / f["a_seed"]
+            f["overhead_vs_pure_compute_fastest"] = (
+                1 - f["b_fastest_logged"] / f["c_fastest_pure_compute"]
+            )
+            f["overhead_of_logging_fastest"] = 1 - f["b_fastest_logged"] / f["c_fastest_unlogged"]
+            f["overhead_of_logging_default"] = 1 - f["b_default_logged"] / f["c_default_unlogged"]
+            f["ratio_eval_over_seed_default"] = f["d_default_eval"] / f["d_seed_eval"]
+            figures[f"batch_{batch}"] = f
+            print(
+                f"\nbatch size {batch} (training loops over {epoch} images; best of {rounds})",
+                flush=True,
+            )
+            for key, value in f.items():
+                shares = ("overhead", "logging_")
+                unit = "img/s" if not key.startswith(("ratio", *shares)) else ""
+                shown = f"{value:.1%}" if key.startswith(shares) else f"{value:,.2f}"
+                print(f"  {key:36s} {shown:>12s} {unit}", flush=True)
     figures["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return figures
 
