@@ -275,25 +275,7 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
         for batch in batch_sizes:
             epoch = EPOCH_IMAGES.get(batch, 60000)
             measurements = _measurements(root, batch, epoch, full, store, seed_process)
-            f = {key: 0.0 for key in measurements}
-            for _ in range(rounds):
-                for key, measure in measurements.items():
-                    # b and c run on the threads a run at this batch size picks; a and d on all.
-                    threads = engine.cpu_threads(batch, CORES) if key[0] in "bc" else CORES
-                    value = _on_threads(threads, measure)
-                    value, shares = value if isinstance(value, tuple) else (value, {})
-                    if value > f[key]:
-                        f[key] = value
-                        for what, share in shares.items():
-                            f[key.replace("b_", f"logging_{what}_").replace("_logged", "")] = share
-            f["ratio_b_over_a_default"] = f["b_default_logged"] / f["a_seed"]
-            f["ratio_b_over_a_fastest"] = f["b_fastest_logged"] / f["a_seed"]
-            f["overhead_vs_pure_compute_fastest"] = (
-                1 - f["b_fastest_logged"] / f["c_fastest_pure_compute"]
-            )
-            f["overhead_of_logging_fastest"] = 1 - f["b_fastest_logged"] / f["c_fastest_unlogged"]
-            f["overhead_of_logging_default"] = 1 - f["b_default_logged"] / f["c_default_unlogged"]
-            f["ratio_eval_over_seed_default"] = f["d_default_eval"] / f["d_seed_eval"]
+            f = _best_of(measurements, batch, rounds)
             figures[f"batch_{batch}"] = f
             print(
                 f"\nbatch size {batch} (training loops over {epoch} images; best of {rounds})",
@@ -306,6 +288,28 @@ def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
                 print(f"  {key:36s} {shown:>12s} {unit}", flush=True)
     figures["peak_rss_mb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return figures
+
+
+def _best_of(measurements: dict, batch: int, rounds: int) -> dict:
+    """Each measurement's best of `rounds` (logging's shares from that round), and the ratios."""
+    f = {key: 0.0 for key in measurements}
+    for _ in range(rounds):
+        for key, measure in measurements.items():
+            # b and c run on the threads a run at this batch size picks; a and d on all.
+            threads = engine.cpu_threads(batch, CORES) if key[0] in "bc" else CORES
+            value = _on_threads(threads, measure)
+            value, shares = value if isinstance(value, tuple) else (value, {})
+            if value > f[key]:
+                f[key] = value
+                for what, share in shares.items():
+                    f[key.replace("b_", f"logging_{what}_").replace("_logged", "")] = share
+    f["ratio_b_over_a_default"] = f["b_default_logged"] / f["a_seed"]
+    f["ratio_b_over_a_fastest"] = f["b_fastest_logged"] / f["a_seed"]
+    f["overhead_vs_pure_compute_fastest"] = 1 - f["b_fastest_logged"] / f["c_fastest_pure_compute"]
+    f["overhead_of_logging_fastest"] = 1 - f["b_fastest_logged"] / f["c_fastest_unlogged"]
+    f["overhead_of_logging_default"] = 1 - f["b_default_logged"] / f["c_default_unlogged"]
+    f["ratio_eval_over_seed_default"] = f["d_default_eval"] / f["d_seed_eval"]
+    return f
 
 
 def command(args: list[str], store: str, run_dir: str) -> tuple[float, int, int]:
