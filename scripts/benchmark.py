@@ -1,6 +1,7 @@
 """Training and evaluation throughput of mnist-exp against the seed script, side by side.
 
-    python scripts/benchmark.py [--batch-sizes 1 64 256] [--json FILE] [--end-to-end] [--accuracy]
+    python scripts/benchmark.py [--batch-sizes [B ...]] [--json FILE] [--end-to-end] [--accuracy]
+                                [--gpu [OVERRIDE ...]]
 
 For each batch size B, on the same data:
   a. the seed's loop as written: torchvision MNIST, ToTensor, DataLoader(shuffle), fp32 Adam;
@@ -15,6 +16,8 @@ It prints images/s, the ratios b/a, b/c and eval b/a, and the peak memory of thi
 --end-to-end also times whole commands: an invalid override, a default 1-epoch run (peak
 memory, start-up to the first step) and `experiment=fast` for seeds 0, 1, 2 (time to 99%).
 --accuracy runs 5 epochs in fp32 and bf16 for 3 seeds each (about 10 minutes).
+--gpu times `experiment=fast device=cuda` (and the overrides given, e.g. `trainer.compile=true`)
+for seeds 0, 1, 2 and names the card; with `--batch-sizes` and no sizes, nothing else runs.
 """
 
 from __future__ import annotations
@@ -378,14 +381,24 @@ def end_to_end(root: str, tmp: str) -> dict:
         "test_accuracy": run.data.metrics["test_accuracy"],
     }
     print(f"default run, 1 epoch: {figures['default_1_epoch']}", flush=True)
+    figures["fast"] = fast_runs(root, store, tmp)
+    return figures
+
+
+def fast_runs(root: str, store: str, tmp: str, *overrides: str) -> list[dict]:
+    """`experiment=fast` (with `overrides`) for seeds 0, 1, 2: accuracy and time to 99%."""
+    from mlflow.tracking import MlflowClient
+
+    tracking.open_store(store, "mnist-exp")
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("mnist-exp").experiment_id
     fast = []
     for seed in (0, 1, 2):
-        wall, code, _ = command(
-            [f"data.root={root}", "experiment=fast", f"trainer.seed={seed}"],
-            store,
-            f"{tmp}/fast{seed}",
-        )
-        run = last_run()
+        args = [f"data.root={root}", "experiment=fast", *overrides, f"trainer.seed={seed}"]
+        wall, code, _ = command(args, store, f"{tmp}/fast{seed}")
+        if code:
+            sys.exit(f"mnist-train {' '.join(args)} failed (exit {code})")
+        run = client.search_runs([experiment], max_results=1)[0]
         fast.append(
             {
                 "seed": seed,
@@ -399,9 +412,19 @@ def end_to_end(root: str, tmp: str) -> dict:
         # epoch's, when it got there.
         reached = fast[-1]["test_accuracy"] >= 0.99
         fast[-1]["time_to_99_s"] = fast[-1]["train_s"] if reached else None
-        print(f"experiment=fast: {fast[-1]}", flush=True)
-    figures["fast"] = fast
-    return figures
+        print(f"{' '.join(['experiment=fast', *overrides])}: {fast[-1]}", flush=True)
+    return fast
+
+
+def gpu(root: str, tmp: str, overrides: list[str]) -> dict:
+    """`experiment=fast device=cuda` (with `overrides`) for seeds 0, 1, 2, and the card."""
+    if not torch.cuda.is_available():
+        sys.exit("--gpu: this machine has no usable CUDA GPU; run the benchmark without --gpu")
+    card = torch.cuda.get_device_name()
+    print(f"\nGPU: {card}", flush=True)
+    store = f"sqlite:///{tmp}/gpu.db"
+    fast = fast_runs(root, store, tmp, "device=cuda", *overrides)
+    return {"card": card, "overrides": overrides, "fast": fast}
 
 
 def accuracy(root: str, tmp: str) -> dict:
@@ -430,11 +453,16 @@ def accuracy(root: str, tmp: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=os.environ.get("MNIST_EXP_DATA", str(ROOT / "data")))
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="*", default=[1, 64, 256], help="none: skip the loops"
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
     parser.add_argument("--rounds", type=int, default=2, help="repeats; the best is kept")
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--accuracy", action="store_true")
+    parser.add_argument(
+        "--gpu", nargs="*", metavar="OVERRIDE", help="experiment=fast on the CUDA GPU, with these"
+    )
     args = parser.parse_args()
     figures = {
         "torch": torch.__version__,
@@ -443,11 +471,14 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{tmp}/loops.db"
-        figures["loops"] = loops(args.data_root, args.batch_sizes, store, args.rounds)
+        if args.batch_sizes:
+            figures["loops"] = loops(args.data_root, args.batch_sizes, store, args.rounds)
         if args.end_to_end:
             figures["end_to_end"] = end_to_end(args.data_root, tmp)
         if args.accuracy:
             figures["accuracy_5_epochs"] = accuracy(args.data_root, tmp)
+        if args.gpu is not None:
+            figures["gpu"] = gpu(args.data_root, tmp, args.gpu)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     print(f"\nwrote {args.json}")
 
