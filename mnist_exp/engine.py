@@ -6,7 +6,9 @@ Nothing here knows about Hydra or MLflow. Whoever wants the numbers passes a `Ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import logging
 import os
 import random
 import time
@@ -19,8 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from mnist_exp import cuda_graph as graphs
 from mnist_exp.data import Data, Split, batch_indices
-from mnist_exp.errors import UserError
+from mnist_exp.errors import UserError, one_line
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16}
 # Up to this batch size a CPU step runs on one thread: measured on 2 cores, a second thread
@@ -193,6 +198,7 @@ def fit(
     start_epoch: int = 0,
     start_step: int = 0,
     check_every: int = 1,
+    cuda_graph: bool = False,
 ) -> int:
     """Train until epoch `epochs`, after `start_epoch` epochs (and `start_step` steps) done.
 
@@ -207,14 +213,37 @@ def fit(
     last check are read in one device sync: a NaN or infinite one raises `NonFiniteLossError`
     naming the first bad step, before the callbacks see that step. At the epoch's end the
     weights are checked too, so no listener is ever handed diverged weights to save.
+
+    On a CUDA device, with `cuda_graph`, each full batch's forward and backward passes are
+    replayed from a CUDA graph captured before the first epoch (see `cuda_graph.CapturedStep`;
+    refused, with the reason logged, where they cannot be captured). Otherwise warm-up passes
+    come first, then are undone (see `_warm_up`). Either way `epoch_seconds` leaves out CUDA's
+    one-time start-up and compiling, which a run still pays before its first step
+    (`startup_s`).
     """
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None else None
+    augmenting = bool(max_shift or max_rotation or max_scale)
+    captured = None
+    model.train()
+    if device.type == "cuda" and start_epoch < epochs:
+        why_not = graphs.unsupported(model, augmenting) if cuda_graph else None
+        if cuda_graph and why_not is None:
+            loss_of = functools.partial(
+                _loss, model, train, precision, channels_last, label_smoothing
+            )
+            try:
+                captured = graphs.CapturedStep(model, loss_of, batch_size, device)
+            except RuntimeError as exc:  # CUDA refused to capture: the model is as it was
+                why_not = f"capturing it failed ({one_line(exc)})"
+        if why_not is not None:
+            log.info(f"The training step is not replayed as a CUDA graph: {why_not}")
+        if captured is None:
+            _warm_up(model, train, batch_size, precision, channels_last)
     step = start_step
     unchecked: list[Tensor] = []  # losses not yet read back from the device
     for epoch in range(start_epoch + 1, epochs + 1):
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
-        augmenting = max_shift or max_rotation or max_scale
         # Named "shift" as when shifts were the only augmentation: earlier runs resume exactly.
         draws = epoch_generator(seed, epoch, "shift") if augmenting else None
         for cb in callbacks:
@@ -222,28 +251,31 @@ def fit(
         model.train()
         start = time.perf_counter()
         for batch, index in enumerate(_on(device, batches), start=1):
-            with _autocast(device, precision):
-                loss = F.cross_entropy(
-                    model(
-                        train.inputs(
-                            index,
-                            channels_last,
-                            max_shift=max_shift,
-                            generator=draws,
-                            max_rotation=max_rotation,
-                            max_scale=max_scale,
-                        )
-                    ),
-                    train.labels[index],
-                    label_smoothing=label_smoothing,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if captured is not None and len(index) == batch_size:
+                loss = captured(index)  # the forward and backward passes
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                with _autocast(device, precision):
+                    loss = F.cross_entropy(
+                        model(
+                            train.inputs(
+                                index,
+                                channels_last,
+                                max_shift=max_shift,
+                                generator=draws,
+                                max_rotation=max_rotation,
+                                max_scale=max_scale,
+                            )
+                        ),
+                        train.labels[index],
+                        label_smoothing=label_smoothing,
+                    )
+                loss.backward()
+                loss = loss.detach()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             step += 1
-            loss = loss.detach()
             unchecked.append(loss)
             if len(unchecked) >= check_every:
                 _check_losses(unchecked, step, epoch)
@@ -267,6 +299,38 @@ def fit(
         for cb in callbacks:
             cb.on_epoch_end(epoch, step, metrics)
     return step
+
+
+def _warm_up(
+    model: nn.Module,
+    split: Split,
+    batch_size: int,
+    precision: str,
+    channels_last: bool,
+) -> None:
+    """Forward and backward passes at the epoch's batch shapes, then undone: before the clock.
+
+    A new CUDA process loads its kernel libraries and picks kernels at the first step (most of
+    a second), and a `torch.compile`d model compiles there: none of that is training time.
+    The model's weights and statistics are put back, its gradients dropped, the RNGs forked:
+    the run then trains exactly as without it.
+    """
+    device = split.images.device
+    shapes = [min(batch_size, len(split))]
+    if len(split) > batch_size and len(split) % batch_size:
+        shapes.append(len(split) % batch_size)  # the epoch's last, short batch
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for size in shapes * 3:
+            index = torch.arange(size, device=device)
+            with _autocast(device, precision):
+                outputs = model(split.inputs(index, channels_last))
+            F.cross_entropy(outputs.float(), split.labels[index]).backward()
+    model.load_state_dict(saved)
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _check_losses(losses: list[Tensor], step: int, epoch: int) -> None:
@@ -336,13 +400,30 @@ def evaluate(
 
 
 def _on(device: torch.device, indices: list[Tensor]) -> Iterator[Tensor]:
-    if device.type == "cpu":
+    """The batches' indices on `device`: off the CPU, copied there in one transfer an epoch."""
+    if device.type == "cpu" or not indices:
         return iter(indices)
-    return iter(i.to(device, non_blocking=True) for i in indices)
+    return iter(torch.cat(indices).to(device).split([len(i) for i in indices]))
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+def _loss(
+    model: nn.Module,
+    split: Split,
+    precision: str,
+    channels_last: bool,
+    label_smoothing: float,
+    index: Tensor,
+) -> Tensor:
+    """The training loss of the batch `index`, without augmentation: the step a graph captures."""
+    with _autocast(split.images.device, precision, cache=False):  # a graph keeps no cast cache
+        outputs = model(split.inputs(index, channels_last))
+        return F.cross_entropy(outputs, split.labels[index], label_smoothing=label_smoothing)
+
+
+def _autocast(
+    device: torch.device, precision: str, cache: bool = True
+) -> contextlib.AbstractContextManager:
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)

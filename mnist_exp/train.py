@@ -393,6 +393,7 @@ def _train_and_test(
             start_epoch=start[0],
             start_step=start[1],
             check_every=cfg.trainer.log_every_n_steps,
+            cuda_graph=cfg.trainer.cuda_graph,
         )
     test = engine.evaluate(
         net,
@@ -412,7 +413,8 @@ def _train_and_test(
     }
     run.log_metrics({"test_loss": test.loss, "test_accuracy": test.accuracy, **per_class}, step)
     weights = out_dir / "model.ckpt"
-    checkpoint.write_atomic(setup.model.state_dict(), weights)
+    # Saved from the CPU whatever the device, so that it loads on a machine without a GPU.
+    checkpoint.write_atomic({k: v.cpu() for k, v in setup.model.state_dict().items()}, weights)
     run.log_artifact(weights, "checkpoints")
     if cfg.mlflow.log_model:  # the tracker builds the model while this process draws
         example = setup.data.test.images[:3, 0].numpy()

@@ -63,6 +63,7 @@ def check_config(cfg: DictConfig) -> None:
         "trainer.deterministic",
         "trainer.channels_last",
         "trainer.compile",
+        "trainer.cuda_graph",
         "data.download",
         "mlflow.log_plots",
         "mlflow.log_model",

@@ -10,13 +10,16 @@ from mnist_exp.data import Data, Split, batch_indices
 from mnist_exp.engine import (
     Callback,
     NonFiniteLossError,
+    _warm_up,
     cpu_threads,
     epoch_generator,
     evaluate,
     fit,
     seed_everything,
 )
-from mnist_exp.models import ConvNet
+from mnist_exp.models import ConvNet, WideConvNet
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _tiny(n: int = 96) -> Data:
@@ -207,3 +210,35 @@ def test_weights_diverged_by_an_epochs_last_update_are_never_reported_done() -> 
     error = _diverge(model, float("inf"), _tiny(32), recorder, epochs=2)
     assert (error.step, error.epoch, error.what) == (1, 1, "weights")
     assert recorder.epochs == [] and len(recorder.losses) == 1
+
+
+WARM_UPS = [("cpu", False)] + ([("cuda", False), ("cuda", True)] if "cuda" in DEVICES else [])
+
+
+@pytest.mark.parametrize(("device", "compiled"), WARM_UPS)
+def test_the_warm_up_leaves_the_model_and_the_rngs_as_they_were(device: str, compiled: bool):
+    """fit runs it on CUDA before the clock starts; the run must train exactly as without it.
+
+    96 images at batch size 64: both the full and the short last batch are warmed up.
+    """
+    seed_everything(0)
+    model = WideConvNet().to(device)  # batch norm's statistics and dropout's draws
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    net = torch.compile(model) if compiled else model
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state() if device == "cuda" else None
+    _warm_up(net, _tiny().train.to(torch.device(device)), 64, "bf16-mixed", True)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    if cuda_rng is not None:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+
+
+def test_a_step_is_captured_as_a_cuda_graph_only_where_it_can_be() -> None:
+    from mnist_exp.cuda_graph import unsupported
+
+    model = ConvNet()
+    assert unsupported(model, augmenting=False) is None
+    assert "augmentation" in unsupported(model, augmenting=True)
+    assert "compile" in unsupported(torch.compile(model), augmenting=False)

@@ -58,6 +58,7 @@ KEYS = QUICK_KEYS + [
     "data.max_test_samples",
     "trainer.epochs",
     "trainer.compile",
+    "trainer.cuda_graph",
     "trainer.resume",
     "data.root",
     "mlflow.experiment_name",

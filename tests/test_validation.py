@@ -30,6 +30,7 @@ BAD = [
     ("device.type=tpu", "device.type"),
     ("model.num_classes=1", "model.num_classes"),
     ("trainer.compile=maybe", "trainer.compile"),
+    ("trainer.cuda_graph=2", "trainer.cuda_graph"),
     ("trainer.channels_last=1", "trainer.channels_last"),
     ("optimized_metric=accuracy", "optimized_metric"),
 ]

@@ -1,0 +1,99 @@
+"""Training on a CUDA GPU, as a user runs it: skipped where there is none (as in CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import runs_in
+from mlflow.tracking import MlflowClient
+from test_rerun import SMALL, _cli, _history, _only_run
+
+from mnist_exp.data import Data, Split
+from mnist_exp.engine import Callback, fit, seed_everything
+from mnist_exp.models import ConvNet
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_a_gpu_run_records_everything_and_its_checkpoint_loads_without_a_gpu(
+    train, tracking_uri: str, tmp_path: Path, precision: str
+):
+    proc = train("device=cuda", f"trainer.precision={precision}", *SMALL)
+    assert "Training on cuda" in proc.stdout + proc.stderr
+    (run,) = runs_in(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["device.type"] == "cuda"
+    assert run.data.metrics["test_accuracy"] > 0.5  # 640 images, 2 epochs: well above chance
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, 21))
+    weights = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
+    assert {t.device.type for t in weights.values()} == {"cpu"}
+    ConvNet().load_state_dict(weights)
+
+
+@pytest.mark.parametrize("graph", ["false", "true"])
+def test_a_deterministic_gpu_run_reruns_bit_for_bit(
+    train, tracking_uri: str, tmp_path: Path, graph: str
+):
+    train("device=cuda", "trainer.deterministic=true", f"trainer.cuda_graph={graph}", *SMALL)
+    (original,) = runs_in(tracking_uri)
+    run_id = original.info.run_id
+    _cli("mnist_exp.rerun", run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
+    again = _only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
+    assert _history(tracking_uri, again.info.run_id) == _history(tracking_uri, run_id)
+    assert again.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
+    first = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
+    second = torch.load(tmp_path / "rerun" / "model.ckpt", weights_only=True)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "graphed"),
+    [(("model=wide_convnet",), True), (("data.max_shift=2", "trainer.epochs=1"), False)],
+)
+def test_a_gpu_run_says_when_its_step_is_not_replayed_as_a_graph(
+    train, tracking_uri: str, overrides: tuple[str, ...], graphed: bool
+):
+    """Dropout replays from the graph; augmentation draws on the CPU, so its steps launch."""
+    proc = train("device=cuda", "trainer.cuda_graph=true", *SMALL, *overrides)
+    said = "not replayed as a CUDA graph: the augmentation" in proc.stdout + proc.stderr
+    assert said != graphed
+    (run,) = runs_in(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] > 0.3
+
+
+class _Losses(Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_step(self, step, epoch, batch, loss):
+        self.values.append(loss.item())
+
+
+def _fit_on_gpu(cuda_graph: bool) -> tuple[list[float], dict]:
+    """Two epochs of 100 images at batch size 32 (3 full batches, then 4 images), one-cycle."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (100, 1, 28, 28), generator=g, dtype=torch.uint8)
+    split = Split(images, torch.randint(0, 10, (100,), generator=g))
+    seed_everything(0)
+    model = ConvNet().cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8)
+    losses = _Losses()
+    fit(model, optimizer, Data(split, None, split), epochs=2, batch_size=32, eval_batch_size=50,
+        seed=0, device=torch.device("cuda"), scheduler=scheduler, callbacks=[losses],
+        cuda_graph=cuda_graph)  # fmt: skip
+    return losses.values, model.state_dict()
+
+
+def test_a_step_replayed_from_a_cuda_graph_trains_as_the_launched_one():
+    """Each epoch's short last batch is launched between replays: the graph's gradients hold."""
+    replayed, graph_weights = _fit_on_gpu(cuda_graph=True)
+    launched, weights = _fit_on_gpu(cuda_graph=False)
+    assert replayed == pytest.approx(launched, rel=1e-4)
+    for key, value in weights.items():
+        torch.testing.assert_close(graph_weights[key], value, rtol=1e-3, atol=1e-4)
