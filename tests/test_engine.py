@@ -1,5 +1,7 @@
 """The loop on a tiny in-memory set: deterministic, listened to, evaluated without gradients."""
 
+import copy
+import functools
 import math
 
 import pytest
@@ -242,3 +244,62 @@ def test_a_step_is_captured_as_a_cuda_graph_only_where_it_can_be() -> None:
     assert unsupported(model, augmenting=False) is None
     assert "augmentation" in unsupported(model, augmenting=True)
     assert "compile" in unsupported(torch.compile(model), augmenting=False)
+
+
+class _CpuGraph:
+    """A CUDA graph's replay, on the CPU: the passes run again, and their loss and gradients land
+    in the tensors the capture made, whatever the parameters' `.grad` point at meanwhile."""
+
+    def __init__(self, model: torch.nn.Module, passes) -> None:
+        self.params, self.passes = list(model.parameters()), passes
+        self.loss = passes()
+        self.grads = [p.grad for p in self.params]
+
+    def replay(self) -> None:
+        pointed = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        self.loss.copy_(self.passes())
+        for p, grad, before in zip(self.params, self.grads, pointed, strict=True):
+            grad.copy_(p.grad)
+            p.grad = before
+
+
+def _cpu_capture(model, loss, device):
+    def passes():
+        value = loss()
+        value.backward()
+        return value.detach()
+
+    for _ in range(3):  # the warm-up moves batch norm's statistics: CapturedStep must undo it
+        model.zero_grad(set_to_none=True)
+        passes()
+    model.zero_grad(set_to_none=True)
+    graph = _CpuGraph(model, passes)
+    return graph, graph.loss
+
+
+def test_a_captured_step_undoes_its_warm_up_and_replays_on_the_batch_it_is_given(monkeypatch):
+    """CapturedStep's bookkeeping around the graph, with a stand-in graph on the CPU."""
+    from mnist_exp import cuda_graph
+    from mnist_exp.engine import _loss
+
+    monkeypatch.setattr(cuda_graph, "_capture", _cpu_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    seed_everything(0)
+    model, split = ConvNet(), _tiny().train
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    step = cuda_graph.CapturedStep(
+        model, functools.partial(_loss, model, split, "32", False, 0.1), 32, torch.device("cpu")
+    )
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    launched = copy.deepcopy(model)
+    for index in (torch.arange(32, 64), torch.arange(64, 96)):
+        loss = step(index)
+        launched.zero_grad(set_to_none=True)
+        expected = _loss(launched, split, "32", False, 0.1, index)
+        expected.backward()
+        assert torch.equal(loss, expected.detach())
+        for p, q in zip(model.parameters(), launched.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+        model.zero_grad(set_to_none=True)  # as fit does before a short batch's launched step
