@@ -230,7 +230,7 @@ def fit(
         why_not = graphs.unsupported(model, augmenting) if cuda_graph else None
         if cuda_graph and why_not is None:
             loss_of = functools.partial(
-                _loss, model, train, precision, channels_last, label_smoothing
+                _loss, model, train, precision, channels_last, label_smoothing, cache=False
             )
             try:
                 captured = graphs.CapturedStep(model, loss_of, batch_size, device)
@@ -255,21 +255,18 @@ def fit(
                 loss = captured(index)  # the forward and backward passes
             else:
                 optimizer.zero_grad(set_to_none=True)
-                with _autocast(device, precision):
-                    loss = F.cross_entropy(
-                        model(
-                            train.inputs(
-                                index,
-                                channels_last,
-                                max_shift=max_shift,
-                                generator=draws,
-                                max_rotation=max_rotation,
-                                max_scale=max_scale,
-                            )
-                        ),
-                        train.labels[index],
-                        label_smoothing=label_smoothing,
-                    )
+                loss = _loss(
+                    model,
+                    train,
+                    precision,
+                    channels_last,
+                    label_smoothing,
+                    index,
+                    max_shift=max_shift,
+                    generator=draws,
+                    max_rotation=max_rotation,
+                    max_scale=max_scale,
+                )
                 loss.backward()
                 loss = loss.detach()
             optimizer.step()
@@ -323,10 +320,9 @@ def _warm_up(
     model.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for size in shapes * 3:
-            index = torch.arange(size, device=device)
-            with _autocast(device, precision):
-                outputs = model(split.inputs(index, channels_last))
-            F.cross_entropy(outputs.float(), split.labels[index]).backward()
+            _loss(
+                model, split, precision, channels_last, 0.0, torch.arange(size, device=device)
+            ).backward()
     model.load_state_dict(saved)
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -413,10 +409,17 @@ def _loss(
     channels_last: bool,
     label_smoothing: float,
     index: Tensor,
+    *,
+    cache: bool = True,
+    **augmentation: Any,
 ) -> Tensor:
-    """The training loss of the batch `index`, without augmentation: the step a graph captures."""
-    with _autocast(split.images.device, precision, cache=False):  # a graph keeps no cast cache
-        outputs = model(split.inputs(index, channels_last))
+    """The training loss of the batch `index`: the loop's, the warm-up's and the graph's.
+
+    `augmentation` goes to `Split.inputs`. `cache=False` keeps autocast from caching its casts,
+    which a captured CUDA graph may not do.
+    """
+    with _autocast(split.images.device, precision, cache):
+        outputs = model(split.inputs(index, channels_last, **augmentation))
         return F.cross_entropy(outputs, split.labels[index], label_smoothing=label_smoothing)
 
 

@@ -367,13 +367,8 @@ def end_to_end(root: str, tmp: str) -> dict:
     figures["invalid_override_s"] = wall
     print(f"\ninvalid override reported in {wall:.2f} s (exit {code})", flush=True)
 
-    def last_run():
-        return client.search_runs(
-            [client.get_experiment_by_name("mnist-exp").experiment_id], max_results=1
-        )[0]
-
     wall, code, rss = command([f"data.root={root}", "trainer.epochs=1"], store, f"{tmp}/default")
-    run = last_run()
+    run = _last_run(client)
     figures["default_1_epoch"] = {
         "wall_s": wall,
         "peak_rss_mb": rss / 1024,
@@ -391,14 +386,13 @@ def fast_runs(root: str, store: str, tmp: str, *overrides: str) -> list[dict]:
 
     tracking.open_store(store, "mnist-exp")
     client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("mnist-exp").experiment_id
     fast = []
     for seed in (0, 1, 2):
         args = [f"data.root={root}", "experiment=fast", *overrides, f"trainer.seed={seed}"]
         wall, code, _ = command(args, store, f"{tmp}/fast{seed}")
         if code:
             sys.exit(f"mnist-train {' '.join(args)} failed (exit {code})")
-        run = client.search_runs([experiment], max_results=1)[0]
+        run = _last_run(client)
         fast.append(
             {
                 "seed": seed,
@@ -414,6 +408,12 @@ def fast_runs(root: str, store: str, tmp: str, *overrides: str) -> list[dict]:
         fast[-1]["time_to_99_s"] = fast[-1]["train_s"] if reached else None
         print(f"{' '.join(['experiment=fast', *overrides])}: {fast[-1]}", flush=True)
     return fast
+
+
+def _last_run(client: Any) -> Any:
+    """The newest run of the store's `mnist-exp` experiment."""
+    experiment = client.get_experiment_by_name("mnist-exp").experiment_id
+    return client.search_runs([experiment], max_results=1)[0]
 
 
 def gpu(root: str, tmp: str, overrides: list[str]) -> dict:
@@ -441,9 +441,7 @@ def accuracy(root: str, tmp: str) -> dict:
                 store,
                 f"{tmp}/acc-{precision}-{seed}",
             )
-            client = MlflowClient(store)
-            exp = client.get_experiment_by_name("mnist-exp").experiment_id
-            accs.append(client.search_runs([exp], max_results=1)[0].data.metrics["test_accuracy"])
+            accs.append(_last_run(MlflowClient(store)).data.metrics["test_accuracy"])
         figures[precision] = {"accuracies": accs, "mean": sum(accs) / 3}
         print(f"5 epochs, precision {precision}: {figures[precision]}", flush=True)
     figures["difference_points"] = 100 * (figures["32"]["mean"] - figures["bf16-mixed"]["mean"])
