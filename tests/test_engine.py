@@ -17,6 +17,7 @@ from mnist_exp.engine import (
     epoch_generator,
     evaluate,
     fit,
+    plain_cpu_convolutions,
     seed_everything,
 )
 from mnist_exp.models import ConvNet, WideConvNet
@@ -108,6 +109,34 @@ def test_label_smoothing_softens_the_training_loss_only() -> None:
 def test_small_cpu_batches_run_on_one_thread() -> None:
     assert [cpu_threads(b, cores=2) for b in (1, 4, 5, 64)] == [1, 1, 2, 2]
     assert cpu_threads(64, cores=0) == 1
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "precision", "onednn"),
+    [(1, "32", False), (2, "32", True), (1, "bf16-mixed", True)],
+)
+def test_only_fp32_steps_at_batch_size_1_leave_onednn(batch_size, precision, onednn) -> None:
+    seen: dict[str, set[bool]] = {"train": set(), "eval": set()}
+
+    def record(module, inputs) -> None:
+        seen["train" if module.training else "eval"].add(torch.backends.mkldnn.enabled)
+
+    model = ConvNet()
+    model.register_forward_pre_hook(record)
+    fit(
+        model,
+        torch.optim.Adam(model.parameters()),
+        _tiny(8),
+        epochs=1,
+        batch_size=batch_size,
+        eval_batch_size=8,
+        seed=0,
+        device=torch.device("cpu"),
+        precision=precision,
+    )
+    assert plain_cpu_convolutions(batch_size, precision) is not onednn
+    assert seen == {"train": {onednn}, "eval": {True}}
+    assert torch.backends.mkldnn.enabled
 
 
 def test_epoch_generator_depends_on_seed_and_epoch_only() -> None:

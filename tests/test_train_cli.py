@@ -72,6 +72,16 @@ def test_log_every_n_steps_and_a_validation_split(train, tracking_uri: str):
     assert run.data.params["data.val_size"] == "500"
 
 
+def test_the_seeds_own_setting_trains_one_image_a_step(train, tracking_uri: str):
+    train("experiment=seed", "data.max_train_samples=24", "data.max_test_samples=50")
+    (run,) = runs_in(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.batch_size"] == "1"
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, 24 * 5 + 1))  # 24 steps x 5 epochs
+    assert 0 <= run.data.metrics["test_accuracy"] <= 1
+
+
 def test_an_exception_during_training_marks_the_run_failed(train, tracking_uri: str):
     # Ten digit classes into a five-way classifier: cross-entropy fails on the first batch.
     proc = train(*SMALL, "model.num_classes=5", check=False)
