@@ -172,6 +172,7 @@ def restore_training_state(
     """Load a `training_state` into model, optimizer, scheduler and RNGs; returns (epoch, step)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    _lay_out_like_params(optimizer)
     if (scheduler is None) != (state.get("scheduler") is None):
         raise ValueError("the checkpoint and the config disagree on having an LR scheduler")
     if scheduler is not None:
@@ -187,6 +188,25 @@ def restore_training_state(
         kind, keys, pos, has_gauss, gauss = rng["numpy"]
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     return state["epoch"], state["step"]
+
+
+def _lay_out_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's optimizer state (Adam's moments, say) the parameter's strides.
+
+    A checkpoint saved in another memory layout (channels_last, say, where batch size 1 now
+    trains in NCHW) loads with its own strides, and torch's fused CPU Adam then silently pairs
+    the wrong elements (measured: weights 0.017 off after one step at lr 0.01).
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if (
+                    isinstance(value, Tensor)
+                    and value.shape == param.shape
+                    and value.stride() != param.stride()
+                ):
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _tuples(value: Any) -> Any:

@@ -222,6 +222,30 @@ def _diverge(model, lr: float, split, recorder, **kwargs) -> NonFiniteLossError:
     return info.value
 
 
+def test_a_checkpoint_saved_in_another_layout_resumes_the_same_fused_adam_step() -> None:
+    """Torch's fused CPU Adam misreads moments whose strides differ from their parameter's."""
+    from mnist_exp.engine import restore_training_state, training_state
+
+    seed_everything(0)
+    saved = ConvNet().to(memory_format=torch.channels_last)
+    adam = torch.optim.Adam(saved.parameters(), lr=0.01, fused=True)
+    kwargs = dict(batch_size=32, eval_batch_size=50, seed=0, device=torch.device("cpu"))
+    step = fit(saved, adam, _tiny(), epochs=1, channels_last=True, **kwargs)
+    state = training_state(saved, adam, None, epoch=1, step=step)
+    grads = [torch.randn(p.shape) for p in saved.parameters()]
+    stepped = []
+    for layout in (torch.channels_last, torch.contiguous_format):  # as saved; as batch 1 trains
+        model = ConvNet().to(memory_format=layout)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+        restore_training_state(copy.deepcopy(state), model, optimizer, None)
+        for param, grad in zip(model.parameters(), grads, strict=True):
+            param.grad = torch.empty_like(param).copy_(grad)
+        optimizer.step()
+        stepped.append([param.detach() for param in model.parameters()])
+    for as_saved, other_layout in zip(*stepped, strict=True):
+        torch.testing.assert_close(other_layout, as_saved)
+
+
 @pytest.mark.parametrize("check_every", [1, 4, 1000])
 def test_a_nan_loss_stops_training_at_its_first_step(check_every: int) -> None:
     model, recorder = _PoisonedFrom(bad=5), Recorder()
