@@ -54,7 +54,14 @@ def load(path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,  # torch's zip reader on some truncations: "[Errno 22] Invalid argument"
+    ) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
         raise UserError(
             f"trainer.resume: {path} is truncated, corrupt or not a safe tensor file ({reason}): "

@@ -201,10 +201,6 @@ def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, 
     client = MlflowClient(tracking_uri)
     client.set_terminated(run.info.run_id, "KILLED")  # as if stopped, so resumable
     good = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    foreign = tmp_path / "model.ckpt"
-    foreign.write_bytes((tmp_path / "run" / "model.ckpt").read_bytes())  # weights only
     evil = tmp_path / "evil.ckpt"
     evil.write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
     # Another model's resume checkpoint: the run's own, with a 5-way classifier's weights.
@@ -212,9 +208,7 @@ def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, 
     state = checkpoint.load(good)
     checkpoint.save(state | {"epoch": 1, "model": ConvNet(num_classes=5).state_dict()}, other)
     before = (_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
-    cases = [
-        (truncated, "is truncated, corrupt or not a safe tensor file"),
-        (foreign, "is not an mnist-exp resume checkpoint"),
+    cases = [  # files that are not whole resume checkpoints: test_checkpoint_load_refuses_...
         (evil, "is truncated, corrupt or not a safe tensor file"),
         (other, f"the checkpoint of run {run.info.run_id} does not fit this model"),
         ("0123456789abcdef0123456789abcdef", "no MLflow run '0123456789abcdef"),
@@ -241,6 +235,21 @@ def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, 
     assert after[0] == before[0]
     assert (after[1].status, after[1].end_time) == (before[1].status, before[1].end_time)
     assert len(runs_in(tracking_uri)) == 1
+
+
+def test_checkpoint_load_refuses_a_truncated_file_and_a_weights_only_one(tmp_path):
+    state = {"epoch": 1, "step": 2, "model": ConvNet().state_dict(), "optimizer": {}, "rng": {}}
+    whole = tmp_path / "last.ckpt"
+    checkpoint.save(state | {"run_id": "r", "scheduler": None}, whole)
+    assert checkpoint.load(whole)["step"] == 2
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(UserError, match="is truncated, corrupt or not a safe tensor file"):
+        checkpoint.load(truncated)
+    weights = tmp_path / "model.ckpt"  # what a run leaves beside its checkpoints
+    torch.save(ConvNet().state_dict(), weights)
+    with pytest.raises(UserError, match="is not an mnist-exp resume checkpoint"):
+        checkpoint.load(weights)
 
 
 class _Evil:
