@@ -26,8 +26,10 @@ def save(state: dict[str, Any], path: Path) -> None:
 def write_atomic(obj: Any, path: Path) -> None:
     """`torch.save` to `path` through a temporary file and a rename: never half a file.
 
-    A full disk or an unwritable folder raises a `UserError` naming the folder; the
-    temporary file is removed and an older file at `path` stays as it was.
+    A full disk or an unwritable folder raises a `UserError` naming the folder. Ctrl-C (or
+    SIGTERM) while writing raises `KeyboardInterrupt`, even where torch's zip writer, cut off,
+    raises an error of its own instead. Either way the temporary file is removed and an older
+    file at `path` stays as it was.
     """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -37,13 +39,29 @@ def write_atomic(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise UserError(
-            f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}): free space "
-            f"there or set hydra.run.dir to a writable folder"
-        ) from exc
+        stop = _interrupt_behind(exc)
+        if stop is not None and stop is not exc:
+            raise stop from None
+        if isinstance(exc, OSError):
+            raise UserError(
+                f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}): free "
+                f"space there or set hydra.run.dir to a writable folder"
+            ) from exc
+        raise
+
+
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The `KeyboardInterrupt` that `exc` is, or was raised while handling, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -279,3 +279,24 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]  # no half-written temporary left
     with pytest.raises(UserError, match="no checkpoint file"):
         checkpoint.load(tmp_path / "absent.ckpt")
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_stays_a_ctrl_c(tmp_path, monkeypatch):
+    """torch's zip writer, cut off by Ctrl-C, raises "unexpected pos" on its way out."""
+    path = tmp_path / "last.ckpt"
+    state = {"epoch": 1, "step": 2, "model": {}, "optimizer": {}, "rng": {}, "run_id": "r"}
+    checkpoint.save(state, path)
+
+    def interrupted(obj, f):
+        f.write(b"half a checkpoint")
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(state | {"epoch": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
