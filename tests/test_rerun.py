@@ -262,41 +262,42 @@ class _Evil:
         return (os.system, (f"touch {self.path}",))
 
 
-def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+def _disk_full(obj, f) -> None:
+    f.write(b"half a checkpoint")
+    raise OSError("disk full")
+
+
+def _ctrl_c_in_torch_save(obj, f) -> None:
+    """As torch's zip writer, cut off by Ctrl-C: it raises "unexpected pos" on its way out."""
+    f.write(b"half a checkpoint")
+    try:
+        raise KeyboardInterrupt
+    finally:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+
+@pytest.mark.parametrize(
+    ("cut_short", "raised", "message"),
+    [
+        (_disk_full, UserError, "cannot write last.ckpt in {} (disk full)"),
+        (_ctrl_c_in_torch_save, KeyboardInterrupt, ""),  # a Ctrl-C stays one: the run stops
+    ],
+)
+def test_a_checkpoint_write_cut_short_leaves_the_last_one_whole(
+    tmp_path, monkeypatch, cut_short, raised, message
+):
     path = tmp_path / "last.ckpt"
     state = {"epoch": 1, "step": 2, "model": {}, "optimizer": {}, "rng": {}, "run_id": "r"}
     checkpoint.save(state, path)
-
-    def crash(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(UserError, match=f"cannot write last.ckpt in {tmp_path} \\(disk full\\)"):
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(raised) as error:
         checkpoint.save(state | {"epoch": 2}, path)
+    assert message.format(tmp_path) in str(error.value)
     monkeypatch.undo()
     assert checkpoint.load(path)["epoch"] == 1
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]  # no half-written temporary left
+
+
+def test_loading_an_absent_checkpoint_says_so(tmp_path):
     with pytest.raises(UserError, match="no checkpoint file"):
         checkpoint.load(tmp_path / "absent.ckpt")
-
-
-def test_ctrl_c_while_a_checkpoint_is_written_stays_a_ctrl_c(tmp_path, monkeypatch):
-    """torch's zip writer, cut off by Ctrl-C, raises "unexpected pos" on its way out."""
-    path = tmp_path / "last.ckpt"
-    state = {"epoch": 1, "step": 2, "model": {}, "optimizer": {}, "rng": {}, "run_id": "r"}
-    checkpoint.save(state, path)
-
-    def interrupted(obj, f):
-        f.write(b"half a checkpoint")
-        try:
-            raise KeyboardInterrupt
-        finally:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
-
-    monkeypatch.setattr(torch, "save", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.save(state | {"epoch": 2}, path)
-    monkeypatch.undo()
-    assert checkpoint.load(path)["epoch"] == 1
-    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
