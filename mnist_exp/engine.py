@@ -90,14 +90,25 @@ def cpu_threads(batch_size: int, cores: int) -> int:
     return 1 if batch_size <= ONE_THREAD_UP_TO else max(1, cores)
 
 
-def plain_cpu_convolutions(batch_size: int, precision: str) -> bool:
-    """Whether CPU training at this size runs faster on PyTorch's own convolutions, in NCHW.
+def plain_cpu_convolutions(device: torch.device, batch_size: int, precision: str) -> bool:
+    """Whether training here runs faster on PyTorch's own convolutions, in NCHW.
 
-    At batch size 1 in fp32 they beat oneDNN's, which repack the weights at every call:
-    measured 1.2-1.4x the steps a second on 2 cores (NCHW about 15% faster than channels_last
-    there). From batch size 2 on, and in bf16 (a third of the speed), oneDNN's win.
+    On a CPU at batch size 1 in fp32 they beat oneDNN's, which repack the weights at every
+    call: measured 1.2-1.4x the steps a second on 2 cores (NCHW about 15% faster than
+    channels_last there). From batch size 2 on, and in bf16 (a third of the speed), oneDNN's
+    win.
     """
-    return batch_size == 1 and PRECISIONS[precision] is None
+    return device.type == "cpu" and batch_size == 1 and PRECISIONS[precision] is None
+
+
+def trains_channels_last(
+    requested: bool, device: torch.device, batch_size: int, precision: str
+) -> bool:
+    """Whether a run that asks for channels_last (`requested`) trains in it.
+
+    Not where `plain_cpu_convolutions` trains in NCHW. Model and images both follow this.
+    """
+    return requested and not plain_cpu_convolutions(device, batch_size, precision)
 
 
 @contextlib.contextmanager
@@ -108,7 +119,7 @@ def step_kernels(device: torch.device, batch_size: int, precision: str) -> Itera
     with a warning); it is put back on the way out.
     """
     before = torch.backends.mkldnn.enabled
-    if device.type == "cpu" and plain_cpu_convolutions(batch_size, precision):
+    if plain_cpu_convolutions(device, batch_size, precision):
         torch.backends.mkldnn.enabled = False
     try:
         yield

@@ -500,13 +500,12 @@ class MlflowLogger:
 
 
 def _channels_last(cfg: DictConfig, device: torch.device) -> bool:
-    """`trainer.channels_last`, unless the CPU trains faster in NCHW at this batch size."""
+    """Whether this run trains in channels_last: see `engine.trains_channels_last`."""
     from mnist_exp import engine
 
-    plain = device.type == "cpu" and engine.plain_cpu_convolutions(
-        cfg.data.batch_size, str(cfg.trainer.precision)
+    return engine.trains_channels_last(
+        bool(cfg.trainer.channels_last), device, cfg.data.batch_size, str(cfg.trainer.precision)
     )
-    return bool(cfg.trainer.channels_last) and not plain
 
 
 def _process_age() -> float:

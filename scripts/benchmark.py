@@ -64,10 +64,12 @@ def _mode(batch: int, *overrides: str) -> dict:
     """Precision, kernels, layout and fused optimizer of a CPU run at this batch size."""
     cfg = compose_config(list(overrides))
     precision = str(cfg.trainer.precision)
-    plain = engine.plain_cpu_convolutions(batch, precision)  # NCHW then, as a run trains
+    cpu = torch.device("cpu")
     return {
         "precision": precision,
-        "channels_last": cfg.trainer.channels_last and not plain,
+        "channels_last": engine.trains_channels_last(
+            cfg.trainer.channels_last, cpu, batch, precision
+        ),
         "fused": cfg.optimizer.fused,
         "eval_batch_size": cfg.data.eval_batch_size,
     }

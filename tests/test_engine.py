@@ -134,7 +134,7 @@ def test_only_fp32_steps_at_batch_size_1_leave_onednn(batch_size, precision, one
         device=torch.device("cpu"),
         precision=precision,
     )
-    assert plain_cpu_convolutions(batch_size, precision) is not onednn
+    assert plain_cpu_convolutions(torch.device("cpu"), batch_size, precision) is not onednn
     assert seen == {"train": {onednn}, "eval": {True}}
     assert torch.backends.mkldnn.enabled
 
