@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mnist_exp import allocator, data, engine, tracking  # noqa: E402
-from mnist_exp.config import compose_config  # noqa: E402
-from mnist_exp.models import ConvNet  # noqa: E402
+from mnist_exp.config.paths import compose_config  # noqa: E402
+from mnist_exp.training.models import ConvNet  # noqa: E402
 from mnist_exp.tracker import RemoteRun  # noqa: E402
 from mnist_exp.train import MlflowLogger  # noqa: E402
 

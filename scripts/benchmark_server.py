@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from mnist_exp import tracking  # noqa: E402
-from mnist_exp.config import compose_config  # noqa: E402
+from mnist_exp.config.paths import compose_config  # noqa: E402
 
 STEPS_PER_EPOCH = 938  # 60,000 images at batch 64
 

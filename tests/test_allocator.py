@@ -11,7 +11,7 @@ import pytest
 # after 2 of warm-up.
 STEPS = """
 import resource, torch
-from mnist_exp import allocator
+from mnist_exp.training import allocator
 assert allocator.keep_freed_memory()
 def step():
     blocks = [torch.ones(2 * 2**20) for _ in range(10)]

@@ -28,8 +28,8 @@ from conftest import ROOT, runs_in
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_exp.data import load
-from mnist_exp.models import ConvNet
+from mnist_exp.training.data import load
+from mnist_exp.training.models import ConvNet
 
 TEST_IMAGES = 500
 BIN = Path(sys.executable).parent
@@ -134,7 +134,7 @@ def test_saving_the_model_imports_no_torch(tmp_path: Path):
     weights = tmp_path / "model.ckpt"
     torch.save(ConvNet().state_dict(), weights)
     script = (
-        "import sys, numpy as np; from pathlib import Path; from mnist_exp import serving; "
+        "import sys, numpy as np; from pathlib import Path; from mnist_exp.report import serving; "
         f"serving.save(Path({str(tmp_path / 'model')!r}), Path({str(weights)!r}), "
         "'mnist_exp.models.ConvNet', {'num_classes': 10}, np.zeros((2, 28, 28), np.float32)); "
         "print('torch' in sys.modules)"

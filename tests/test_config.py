@@ -6,11 +6,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from mnist_exp.config import CONF_DIR, PROJECT_ROOT, compose_config
-from mnist_exp.engine import resolve_device
+from mnist_exp.config.paths import CONF_DIR, PROJECT_ROOT, compose_config
+from mnist_exp.training.engine import resolve_device
 from mnist_exp.errors import UserError
-from mnist_exp.redaction import redact
-from mnist_exp.validation import check_config
+from mnist_exp.tracking.redaction import redact
+from mnist_exp.config.checks import check_config
 
 OPTIONS = sorted(
     (group.name, option.stem)

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torchvision.transforms.functional import to_tensor
 
-from mnist_exp.data import Split, batch_indices, load
+from mnist_exp.training.data import Split, batch_indices, load
 from mnist_exp.errors import UserError
 
 MNIST = "torchvision.datasets.MNIST"

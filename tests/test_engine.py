@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_exp.data import Data, Split, batch_indices
-from mnist_exp.engine import (
+from mnist_exp.training.data import Data, Split, batch_indices
+from mnist_exp.training.engine import (
     Callback,
     NonFiniteLossError,
     _warm_up,
@@ -20,7 +20,7 @@ from mnist_exp.engine import (
     plain_cpu_convolutions,
     seed_everything,
 )
-from mnist_exp.models import ConvNet, WideConvNet
+from mnist_exp.training.models import ConvNet, WideConvNet
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -161,8 +161,8 @@ def test_evaluate_counts_correct_predictions_in_eval_mode() -> None:
 
 def test_resuming_from_a_saved_state_matches_an_uninterrupted_fit(tmp_path) -> None:
     """Stop after epoch 1, save through a weights-only checkpoint, restore, finish epoch 2."""
-    from mnist_exp import checkpoint
-    from mnist_exp.engine import restore_training_state, training_state
+    from mnist_exp.training import checkpoint
+    from mnist_exp.training.engine import restore_training_state, training_state
 
     def setup(seed: int):
         seed_everything(seed)
@@ -224,7 +224,7 @@ def _diverge(model, lr: float, split, recorder, **kwargs) -> NonFiniteLossError:
 
 def test_a_checkpoint_saved_in_another_layout_resumes_the_same_fused_adam_step() -> None:
     """Torch's fused CPU Adam misreads moments whose strides differ from their parameter's."""
-    from mnist_exp.engine import restore_training_state, training_state
+    from mnist_exp.training.engine import restore_training_state, training_state
 
     seed_everything(0)
     saved = ConvNet().to(memory_format=torch.channels_last)
@@ -291,7 +291,7 @@ def test_the_warm_up_leaves_the_model_and_the_rngs_as_they_were(device: str, com
 
 
 def test_a_step_is_captured_as_a_cuda_graph_only_where_it_can_be() -> None:
-    from mnist_exp.cuda_graph import unsupported
+    from mnist_exp.training.cuda_graph import unsupported
 
     model = ConvNet()
     assert unsupported(model, augmenting=False) is None
@@ -334,8 +334,8 @@ def _cpu_capture(model, loss, device):
 
 def test_a_captured_step_undoes_its_warm_up_and_replays_on_the_batch_it_is_given(monkeypatch):
     """CapturedStep's bookkeeping around the graph, with a stand-in graph on the CPU."""
-    from mnist_exp import cuda_graph
-    from mnist_exp.engine import _loss
+    from mnist_exp.training import cuda_graph
+    from mnist_exp.training.engine import _loss
 
     monkeypatch.setattr(cuda_graph, "_capture", _cpu_capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)

@@ -21,10 +21,10 @@ from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mnist_exp import engine
-from mnist_exp.config import compose_config
+from mnist_exp.training import engine
+from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
-from mnist_exp.validation import check_config, check_overrides
+from mnist_exp.config.checks import check_config, check_overrides
 
 # Keys a quick run can take any value of (a huge trainer.epochs would be valid, and slow).
 QUICK_KEYS = [

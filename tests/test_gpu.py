@@ -10,9 +10,9 @@ from conftest import runs_in
 from mlflow.tracking import MlflowClient
 from test_rerun import SMALL, _cli, _history, _only_run
 
-from mnist_exp.data import Data, Split
-from mnist_exp.engine import Callback, fit, seed_everything
-from mnist_exp.models import ConvNet
+from mnist_exp.training.data import Data, Split
+from mnist_exp.training.engine import Callback, fit, seed_everything
+from mnist_exp.training.models import ConvNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

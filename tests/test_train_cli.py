@@ -15,7 +15,7 @@ import yaml
 from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
 
-from mnist_exp.models import ConvNet
+from mnist_exp.training.models import ConvNet
 
 SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
 

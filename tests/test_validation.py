@@ -2,9 +2,9 @@
 
 import pytest
 
-from mnist_exp.config import compose_config
+from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
-from mnist_exp.validation import check_config
+from mnist_exp.config.checks import check_config
 
 BAD = [
     ("optimizer.lr=0", "optimizer.lr"),

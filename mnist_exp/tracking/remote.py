@@ -1,18 +1,15 @@
-"""A run's MLflow side in a process of its own, beside training.
+"""`RemoteRun`: the training process's side of a run recorded by a tracker process.
 
 Importing MLflow, opening the store and creating the run take seconds of Python work; in a
 second process they run on another core while the training process imports torch and
 starts training, instead of before it. The training process sends what to record over a
-pipe and never imports MLflow. If the training process dies without a word, the tracker
-process sees its end of the pipe close and marks the run FAILED.
+socket and never imports MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -23,34 +20,19 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, SupportsFloat
 
-from mnist_exp.errors import TrackingUnavailable, UserError, one_line
+from mnist_exp.errors import TrackingUnavailable, UserError
+from mnist_exp.tracking.limits import MAX_METRICS_PER_BATCH as BATCH
 
 log = logging.getLogger("mnist_exp")
 
-BATCH = 1000  # metrics per message, as per MLflow log_batch call
 # Buffered metrics are sent at least this often: the MLflow UI follows a run within seconds,
 # and an epoch's end (`sync`) waits for a few seconds' worth only. More often costs the
 # tracker more CPU than it saves (each message is a store transaction of ~6 ms).
 FLUSH_EVERY_S = 2.0
-ERROR_TAG = "mnist_exp.error"  # why a run FAILED
-OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are
-ORPHANED = "the training process ended without closing the run (killed or crashed)"
-
-
-def configure_requests(max_retries: int | None, timeout_s: int | None) -> None:
-    """Set MLflow's own per-request HTTP retries and timeout for this process (and its jobs).
-
-    MLflow's defaults (7 retries with exponential backoff, 120 s timeout) would hold up
-    training for minutes on a server that is down; the `Run` retries across outages instead.
-    """
-    if max_retries is not None:
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(max_retries)
-    if timeout_s is not None:
-        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(timeout_s)
 
 
 class RemoteRun:
-    """One MLflow run, recorded by a tracker process; the methods of `tracking.Run`.
+    """One MLflow run, recorded by a tracker process; the methods of `run.Run`.
 
     Creating it starts the tracker, which imports MLflow and opens the store; `start` or
     `reopen` then opens the run, and `close` instead leaves no run. Metrics are buffered
@@ -65,7 +47,7 @@ class RemoteRun:
         mine, theirs = socket.socketpair()
         self._conn = Connection(mine.detach())
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_exp.tracker", str(theirs.fileno())],
+            [sys.executable, "-m", "mnist_exp.tracking.tracker", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )
@@ -91,9 +73,9 @@ class RemoteRun:
         """Open a new run (and its experiment if new); returns at once.
 
         Its params are `config` flattened to dotted keys; the tracker adds
-        `tracking.source_tags(project_root)` to `tags` and logs the installed packages and
-        the folder `files[0]` as artifacts under `files[1]` (see `tracking.Run.log_config_files`).
-        The tracker waits out a server outage of up to `retry_for_s` (see `tracking.Run`).
+        `store.source_tags(project_root)` to `tags` and logs the installed packages and
+        the folder `files[0]` as artifacts under `files[1]` (see `run.Run.log_config_files`).
+        The tracker waits out a server outage of up to `retry_for_s` (see `run.Run`).
         """
         opening = {"run_name": run_name, "params": dict(config), "project_root": project_root}
         self._send("open", opening | {"tags": dict(tags), "files": files, "retry": retry_for_s})
@@ -106,7 +88,7 @@ class RemoteRun:
         files: tuple[Path, str],
         retry_for_s: float = 0.0,
     ) -> None:
-        """Continue a stopped run (see `tracking.Run.reopen`), adding tags and files as `start`."""
+        """Continue a stopped run (see `run.Run.reopen`), adding tags and files as `start`."""
         opening = {"run_id": run_id, "tags": dict(tags), "files": files, "retry": retry_for_s}
         self._send("open", opening)
 
@@ -191,11 +173,6 @@ class RemoteRun:
         """
         self._send("log_model", Path(folder), Path(weights), model_target, model_kwargs, example)
 
-    def metric(self, key: str) -> float | None:
-        """The latest recorded value of `key`, once everything sent before is recorded."""
-        self.sync()
-        return self._call("metric", key)
-
     def end(self, status: str) -> None:
         """Send what is buffered, mark the run FINISHED, FAILED or KILLED; the tracker exits."""
         try:
@@ -255,6 +232,8 @@ class RemoteRun:
         except (EOFError, ConnectionResetError) as exc:
             raise self._lost() from exc
         if not ok:
+            if getattr(value, "detail", None):
+                log.error(f"the MLflow tracker process failed:\n{value.detail}")
             raise value
         if opening:
             log.info(f"MLflow run {value[0]} ({value[1]})")
@@ -282,125 +261,3 @@ def _signals_held() -> Iterator[None]:
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
         for number in caught:
             signal.raise_signal(number)
-
-
-def _serve(conn: Connection) -> None:
-    """The tracker process: open the store, then the run, then record what it is sent."""
-    # Ctrl-C and a job scheduler's SIGTERM reach the whole process group; the training
-    # process handles them and then tells this one how the run ended.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # What MLflow's import and the opening make lives till the end: the collector's full
-    # passes over it would cost 0.3 s of CPU while training starts (see train.main).
-    gc.disable()
-    try:
-        tracking_uri, experiment_name = conn.recv()
-    except (EOFError, OSError):
-        return
-    from mnist_exp import tracking
-
-    try:
-        store = tracking.open_store(tracking_uri, experiment_name)
-    except Exception as exc:
-        store = exc
-    try:
-        _, (opening,) = conn.recv()
-    except (EOFError, OSError):
-        return  # the training process stopped before it began: no run
-    try:
-        if isinstance(store, Exception):
-            raise store
-        run = _open(tracking, *store, opening)
-    except Exception as exc:
-        conn.send((False, _error(exc)))
-        return
-    conn.send((True, (run.run_id, run.name, run.experiment_id)))
-    gc.freeze()  # left out of later passes, the first of which fell on the first metric
-    gc.enable()
-    handlers = {
-        "log_values": run.log_values,
-        "set_tags": run.set_tags,
-        "log_artifact": lambda path, into, defer: run.log_artifact(path, into, defer=defer),
-        "log_artifacts": run.log_artifacts,
-        "metric": lambda key: run.metrics().get(key),
-        "metric_history": run.metric_history,
-        "log_model": lambda *args: _log_model(run, *args),
-        "end": run.end,
-    }
-    while True:
-        try:
-            method, args = conn.recv()
-        except (EOFError, OSError):
-            break
-        try:
-            answer = (True, handlers[method](*args))
-        except Exception as exc:
-            answer = (False, _error(exc))
-        if method == "end":
-            with contextlib.suppress(OSError):
-                conn.send(answer)
-            return
-        try:
-            conn.send(answer)
-        except OSError:
-            break
-    try:
-        run.set_tags({ERROR_TAG: ORPHANED})
-        run.end("FAILED")
-    except Exception as exc:
-        if not run.gave_up:  # a server given up on was reported by the training process
-            log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
-
-
-def _open(tracking: Any, client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:
-    """Start or reopen the run and record what it was made from; FAILED if that fails."""
-    if "run_id" in opening:
-        run = tracking.Run.reopen(client, opening["run_id"], opening["retry"])
-        tags = opening["tags"]
-    else:
-        run = tracking.Run.start(
-            client,
-            experiment_id,
-            run_name=opening["run_name"],
-            params=tracking.flatten(opening["params"]),
-            tags=tracking.source_tags(opening["project_root"]) | opening["tags"],
-            retry_for_s=opening["retry"],
-        )
-        tags = {}
-    try:
-        if tags:
-            run.set_tags(tags)
-        if opening["files"]:
-            run.log_config_files(*opening["files"])
-        run.log_text(tracking.installed_requirements(), "environment/requirements.txt")
-    except Exception as exc:
-        run.set_tags({ERROR_TAG: str(_error(exc))})
-        run.end("FAILED")
-        raise
-    return run
-
-
-def _log_model(run: Any, folder: Path, weights: Path, *model: Any) -> None:
-    """`serving.save` a new model folder (a resumed run writes it again) and log it."""
-    import shutil
-
-    from mnist_exp import serving
-
-    shutil.rmtree(folder, ignore_errors=True)
-    serving.save(folder, weights, *model)
-    run.log_artifacts(folder, "model")
-
-
-def _error(exc: Exception) -> UserError:
-    """The error to raise in the training process: a `UserError` as it is, others in one line."""
-    if isinstance(exc, UserError):
-        return exc
-    return UserError(f"MLflow tracking failed ({one_line(exc)})")
-
-
-if __name__ == "__main__":
-    _serve(Connection(int(sys.argv[1])))
-    # All is recorded: skip tearing down MLflow's modules, about a second the run waits for.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from mnist_exp import cuda_graph as graphs
-from mnist_exp.data import Data, Split, batch_indices
 from mnist_exp.errors import UserError, one_line
+from mnist_exp.names import EPOCH_SECONDS, PRECISIONS, TRAIN_IMAGES_PER_S, VAL_ACCURACY, VAL_LOSS
+from mnist_exp.training import cuda_graph as graphs
+from mnist_exp.training.data import Data, Split, batch_indices
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16}
+_DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16), strict=True))  # autocast to
 # Up to this batch size a CPU step runs on one thread: measured on 2 cores, a second thread
 # costs more in synchronisation than it shares (0.88x at batch size 1, 1.04x at 4, 1.2x at
 # 8), and leaves a core to the run's MLflow tracker.
@@ -98,7 +99,7 @@ def plain_cpu_convolutions(device: torch.device, batch_size: int, precision: str
     channels_last there). From batch size 2 on, and in bf16 (a third of the speed), oneDNN's
     win.
     """
-    return device.type == "cpu" and batch_size == 1 and PRECISIONS[precision] is None
+    return device.type == "cpu" and batch_size == 1 and _DTYPES[precision] is None
 
 
 def trains_channels_last(
@@ -234,44 +235,68 @@ def epoch_generator(seed: int, epoch: int, purpose: str = "order") -> torch.Gene
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long and in what batches: `epochs` in all, after `start_epoch` (and `start_step`)."""
+
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    seed: int  # orders each epoch's batches and draws its augmentation
+    start_epoch: int = 0
+    start_step: int = 0
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How each step computes: none of these change what is learnt beyond rounding, but
+    `label_smoothing`."""
+
+    precision: str = "32"
+    channels_last: bool = False
+    label_smoothing: float = 0.0
+    check_every: int = 1  # steps between checks of the losses for NaN (one device sync)
+    cuda_graph: bool = False
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random moves of each training image, up to these bounds (see `Split.inputs`)."""
+
+    max_shift: int = 0
+    max_rotation: float = 0.0
+    max_scale: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.max_shift or self.max_rotation or self.max_scale)
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: Data,
+    schedule: Schedule,
     *,
-    epochs: int,
-    batch_size: int,
-    eval_batch_size: int,
-    seed: int,
     device: torch.device,
-    precision: str = "32",
-    channels_last: bool = False,
-    max_shift: int = 0,
-    max_rotation: float = 0.0,
-    max_scale: float = 0.0,
-    label_smoothing: float = 0.0,
+    steps: StepOptions = StepOptions(),
+    augmentation: Augmentation = Augmentation(),
     scheduler: LRScheduler | None = None,
     callbacks: Sequence[Callback] = (),
-    start_epoch: int = 0,
-    start_step: int = 0,
-    check_every: int = 1,
-    cuda_graph: bool = False,
 ) -> int:
-    """Train until epoch `epochs`, after `start_epoch` epochs (and `start_step` steps) done.
+    """Train until epoch `schedule.epochs`, after `start_epoch` epochs (and steps) done.
 
-    `scheduler`, if any, steps after every optimizer step. `max_shift`, `max_rotation` and
-    `max_scale` augment the training images with random translations, turns and resizes
-    (see `Split.inputs`; drawn from the epoch's own generator, so resuming stays exact).
-    `label_smoothing` softens the training targets (the losses callbacks see are smoothed;
+    `scheduler`, if any, steps after every optimizer step. `augmentation` moves the training
+    images at random (drawn from the epoch's own generator, so resuming stays exact).
+    `steps.label_smoothing` softens the training targets (the losses callbacks see are smoothed;
     evaluation's stay plain cross-entropy). Evaluates on the validation split after each
     epoch. Returns the global step.
 
-    Every `check_every` steps, and before each epoch's end is reported, the losses since the
+    Every `steps.check_every` steps, and before each epoch's end is reported, the losses since the
     last check are read in one device sync: a NaN or infinite one raises `NonFiniteLossError`
     naming the first bad step, before the callbacks see that step. At the epoch's end the
     weights are checked too, so no listener is ever handed diverged weights to save.
 
-    On a CUDA device, with `cuda_graph`, each full batch's forward and backward passes are
+    On a CUDA device, with `steps.cuda_graph`, each full batch's forward and backward passes are
     replayed from a CUDA graph captured before the first epoch (see `cuda_graph.CapturedStep`;
     refused, with the reason logged, where they cannot be captured). Otherwise warm-up passes
     come first, then are undone (see `_warm_up`). Either way `epoch_seconds` leaves out CUDA's
@@ -281,16 +306,17 @@ def fit(
     On a CPU at a batch size and precision where `plain_cpu_convolutions` says so, the steps
     run on PyTorch's own convolutions instead of oneDNN's (evaluation keeps oneDNN's).
     """
+    epochs, batch_size, seed = schedule.epochs, schedule.batch_size, schedule.seed
+    precision, channels_last = steps.precision, steps.channels_last
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None else None
-    augmenting = bool(max_shift or max_rotation or max_scale)
     captured = None
     model.train()
-    if device.type == "cuda" and start_epoch < epochs:
-        why_not = graphs.unsupported(model, augmenting) if cuda_graph else None
-        if cuda_graph and why_not is None:
+    if device.type == "cuda" and schedule.start_epoch < epochs:
+        why_not = graphs.unsupported(model, bool(augmentation)) if steps.cuda_graph else None
+        if steps.cuda_graph and why_not is None:
             loss_of = functools.partial(
-                _loss, model, train, precision, channels_last, label_smoothing, cache=False
+                _loss, model, train, precision, channels_last, steps.label_smoothing, cache=False
             )
             try:
                 captured = graphs.CapturedStep(model, loss_of, batch_size, device)
@@ -300,12 +326,12 @@ def fit(
             log.info(f"The training step is not replayed as a CUDA graph: {why_not}")
         if captured is None:
             _warm_up(model, train, batch_size, precision, channels_last)
-    step = start_step
+    step = schedule.start_step
     unchecked: list[Tensor] = []  # losses not yet read back from the device
-    for epoch in range(start_epoch + 1, epochs + 1):
+    for epoch in range(schedule.start_epoch + 1, epochs + 1):
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
         # Named "shift" as when shifts were the only augmentation: earlier runs resume exactly.
-        draws = epoch_generator(seed, epoch, "shift") if augmenting else None
+        draws = epoch_generator(seed, epoch, "shift") if augmentation else None
         for cb in callbacks:
             cb.on_epoch_start(epoch, epochs, len(batches))
         model.train()
@@ -321,12 +347,12 @@ def fit(
                         train,
                         precision,
                         channels_last,
-                        label_smoothing,
+                        steps.label_smoothing,
                         index,
-                        max_shift=max_shift,
+                        max_shift=augmentation.max_shift,
                         generator=draws,
-                        max_rotation=max_rotation,
-                        max_scale=max_scale,
+                        max_rotation=augmentation.max_rotation,
+                        max_scale=augmentation.max_scale,
                     )
                     loss.backward()
                     loss = loss.detach()
@@ -335,7 +361,7 @@ def fit(
                     scheduler.step()
                 step += 1
                 unchecked.append(loss)
-                if len(unchecked) >= check_every:
+                if len(unchecked) >= steps.check_every:
                     _check_losses(unchecked, step, epoch)
                 for cb in callbacks:
                     cb.on_train_step(step, epoch, batch, loss)
@@ -344,16 +370,16 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        metrics = {"train_images_per_s": len(train) / seconds, "epoch_seconds": seconds}
+        metrics = {TRAIN_IMAGES_PER_S: len(train) / seconds, EPOCH_SECONDS: seconds}
         if val is not None:
             result = evaluate(
                 model,
                 val,
-                batch_size=eval_batch_size,
+                batch_size=schedule.eval_batch_size,
                 precision=precision,
                 channels_last=channels_last,
             )
-            metrics |= {"val_loss": result.loss, "val_accuracy": result.accuracy}
+            metrics |= {VAL_LOSS: result.loss, VAL_ACCURACY: result.accuracy}
         for cb in callbacks:
             cb.on_epoch_end(epoch, step, metrics)
     return step
@@ -487,7 +513,7 @@ def _loss(
 def _autocast(
     device: torch.device, precision: str, cache: bool = True
 ) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[precision]
+    dtype = _DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)

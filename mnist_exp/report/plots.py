@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mnist_exp.names import TEST_ACCURACY, TEST_LOSS, TRAIN_LOSS, VAL_ACCURACY, VAL_LOSS
+
 # The metrics the learning curves draw: losses in the left panel, accuracies in the right.
-_LOSSES = ("train_loss", "val_loss", "test_loss")
-_ACCURACIES = ("val_accuracy", "test_accuracy")
+_LOSSES = (TRAIN_LOSS, VAL_LOSS, TEST_LOSS)
+_ACCURACIES = (VAL_ACCURACY, TEST_ACCURACY)
 CURVES = _LOSSES + _ACCURACIES
 
 
@@ -45,7 +47,7 @@ def learning_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: Pa
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.2)
     for key in _LOSSES:
         steps, values = _unzip(history.get(key, ()))
-        if key == "train_loss" and len(values) > 1:
+        if key == TRAIN_LOSS and len(values) > 1:
             loss_ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.6)
             window = max(1, len(values) // 50)
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")

@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import Tensor
 from tqdm import tqdm
 
-from mnist_exp.engine import Callback, EvalResult
+from mnist_exp.training.engine import Callback, EvalResult
 
 log = logging.getLogger("mnist_exp")
 

@@ -9,19 +9,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_exp.config import CONF_DIR
+from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.errors import UserError
-
-PRECISIONS = ("32", "bf16-mixed")
-DEVICES = ("auto", "cpu", "cuda")
-# What `optimized_metric` may name, and whether higher ("max") or lower ("min") is better.
-OPTIMIZABLE_METRICS = {
-    "test_accuracy": "max",
-    "test_loss": "min",
-    "val_accuracy": "max",
-    "val_loss": "min",
-    "train_images_per_s": "max",
-}
+from mnist_exp.names import OPTIMIZABLE_METRICS, PRECISIONS
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -10,13 +10,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
 
-from mnist_exp import checkpoint, tracking
 from mnist_exp.errors import UserError
-from mnist_exp.tracker import OUTPUT_DIR_TAG
+from mnist_exp.names import OUTPUT_DIR_TAG
+from mnist_exp.names import RESUME_CHECKPOINT as CHECKPOINT_ARTIFACT
+from mnist_exp.tracking.run import flatten, param_value
+from mnist_exp.tracking.store import get_run, open_store
+from mnist_exp.training import checkpoint
 
-CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"
 # Keys that may differ from the stopped run's without changing what it computes.
 MAY_DIFFER = (
     "trainer.resume",
@@ -31,17 +35,16 @@ MAY_DIFFER = (
 )
 
 
-def find(resume: str, client: MlflowClient, tracking_uri: str) -> tuple[dict[str, Any], str]:
-    """The checkpoint to continue from and the id of the run it belongs to."""
+def find(resume: str, client: MlflowClient, tracking_uri: str) -> tuple[dict[str, Any], Run]:
+    """The checkpoint to continue from and the run it belongs to."""
     path = Path(resume).expanduser()
     if path.suffix == ".ckpt" or path.exists() or "/" in resume:
         state = checkpoint.load(path)
-        tracking.get_run(client, state["run_id"], tracking_uri)
-        return state, state["run_id"]
-    run = tracking.get_run(client, resume, tracking_uri)
+        return state, get_run(client, state["run_id"], tracking_uri)
+    run = get_run(client, resume, tracking_uri)
     local = Path(run.data.tags.get(OUTPUT_DIR_TAG, "/nonexistent")) / CHECKPOINT_ARTIFACT
     if local.is_file():
-        return checkpoint.load(local), resume
+        return checkpoint.load(local), run
     with tempfile.TemporaryDirectory() as tmp:
         try:
             fetched = client.download_artifacts(resume, CHECKPOINT_ARTIFACT, tmp)
@@ -50,14 +53,12 @@ def find(resume: str, client: MlflowClient, tracking_uri: str) -> tuple[dict[str
                 f"trainer.resume: run {resume} has no {CHECKPOINT_ARTIFACT} (it stopped before "
                 f"its first epoch ended): start it again with mnist-rerun {resume}"
             ) from exc
-        return checkpoint.load(Path(fetched)), resume
+        return checkpoint.load(Path(fetched)), run
 
 
-def check_resumable(
-    run_id: str, state: Mapping[str, Any], client: MlflowClient, params: Mapping[str, Any]
-) -> None:
+def check_resumable(state: Mapping[str, Any], run: Run, params: Mapping[str, Any]) -> None:
     """Refuse a finished run, a checkpoint past the last epoch, or a config that differs."""
-    run = client.get_run(run_id)
+    run_id = run.info.run_id
     if run.info.status == "FINISHED":
         raise UserError(
             f"trainer.resume: run {run_id} already FINISHED; nothing to resume "
@@ -71,14 +72,23 @@ def check_resumable(
         )
     recorded = run.data.params
     differ = [
-        f"{key} ({tracking.param_value(value)} here, {recorded[key]} in the run)"
+        f"{key} ({param_value(value)} here, {recorded[key]} in the run)"
         for key, value in params.items()
         if key in recorded
         and not key.startswith(MAY_DIFFER)
-        and tracking.param_value(value) != recorded[key]
+        and param_value(value) != recorded[key]
     ]
     if differ:
         raise UserError(
             f"trainer.resume: this config differs from run {run_id}'s in {'; '.join(differ[:3])}: "
             f"resume with its own config: mnist-rerun {run_id} --resume"
         )
+
+
+def resumable(cfg: DictConfig, config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The checkpoint `trainer.resume` points at and its run, checked before the slow part."""
+    uri = cfg.mlflow.tracking_uri
+    client, _ = open_store(uri, cfg.mlflow.experiment_name)
+    state, run = find(str(cfg.trainer.resume), client, uri)
+    check_resumable(state, run, flatten(config))
+    return state, run.info.run_id

@@ -21,14 +21,16 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mnist_exp import names
+from mnist_exp.config.checks import check_config, check_search_space
 from mnist_exp.errors import UserError
-from mnist_exp.validation import OPTIMIZABLE_METRICS, check_config, check_search_space
+from mnist_exp.tracking.redaction import redact
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-    from mnist_exp import tracking
+    from mnist_exp.tracking.run import Run as TrackedRun
 
 log = logging.getLogger("mnist_exp")
 
@@ -37,75 +39,79 @@ class MlflowSweepCallback(Callback):
     """Hydra instantiates it for every command; MLflow is imported only when a sweep starts."""
 
     def __init__(self) -> None:
-        self.parent: tracking.Run | None = None
+        self.parent: TrackedRun | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mnist_exp import compare, tracker, tracking
+        from mnist_exp.tracking import http, store
+        from mnist_exp.tracking.run import PARENT_RUN_ENV, Run
 
         try:
             check_config(config)
             check_search_space(config)
-            tracker.configure_requests(
+            http.configure_requests(
                 config.mlflow.get("request_max_retries"), config.mlflow.get("request_timeout_s")
             )
-            client, experiment_id = tracking.open_store(
+            client, experiment_id = store.open_store(
                 config.mlflow.tracking_uri, config.mlflow.experiment_name
             )
         except UserError as exc:
             sys.exit(f"error: {exc}")
         choices = config.hydra.runtime.choices
         sweep_dir = Path(config.hydra.sweep.dir)
-        self.parent = tracking.Run.start(
+        self.parent = Run.start(
             client,
             experiment_id,
             run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
             params={},
-            tags=tracking.source_tags(Path.cwd())
+            tags=store.source_tags(Path.cwd())
             | {
-                compare.SWEEP_TAG: "true",
-                compare.METRIC_TAG: config.optimized_metric,
-                "mnist_exp.sweep.overrides": " ".join(config.hydra.overrides.task),
-                "mnist_exp.sweep.params": " ".join(
+                names.SWEEP_TAG: "true",
+                names.METRIC_TAG: config.optimized_metric,
+                names.SWEEP_OVERRIDES_TAG: " ".join(config.hydra.overrides.task),
+                names.SWEEP_PARAMS_TAG: " ".join(
                     f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()
                 ),
-                "mnist_exp.sweep.sweeper": str(choices.get("hydra/sweeper")),
-                "mnist_exp.sweep.launcher": str(choices.get("hydra/launcher")),
-                "mnist_exp.sweep.dir": str(sweep_dir),
+                names.SWEEPER_TAG: str(choices.get("hydra/sweeper")),
+                names.LAUNCHER_TAG: str(choices.get("hydra/launcher")),
+                names.SWEEP_DIR_TAG: str(sweep_dir),
             },
             retry_for_s=float(config.mlflow.get("retry_for_s") or 0),
         )
-        os.environ[tracking.PARENT_RUN_ENV] = self.parent.run_id
+        os.environ[PARENT_RUN_ENV] = self.parent.run_id
         atexit.register(self._abandon)
-        uri = tracking.redact(config.mlflow.tracking_uri)
+        uri = redact(config.mlflow.tracking_uri)
         log.info(f"Sweep parent run {self.parent.run_id} in {uri}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from mnist_exp import compare, tracking
+        from mnist_exp.report import table
+        from mnist_exp.report.sweep_plot import plot_sweep
+        from mnist_exp.tracking.queries import sweep_runs
+        from mnist_exp.tracking.run import PARENT_RUN_ENV
 
         parent, self.parent = self.parent, None
-        os.environ.pop(tracking.PARENT_RUN_ENV, None)
+        os.environ.pop(PARENT_RUN_ENV, None)
         if parent is None:
             return
         metric = config.optimized_metric
         parent_run = parent.client.get_run(parent.run_id)
-        _name_by_swept_overrides(parent.client, compare.sweep_runs(parent.client, parent_run))
-        children = compare.sweep_runs(parent.client, parent_run)
+        _name_by_swept_overrides(parent.client, sweep_runs(parent.client, parent_run))
+        children = sweep_runs(parent.client, parent_run)
         # A job that failed before it could open a run left only its folder behind.
         jobs = max(len(list(Path(config.hydra.sweep.dir).glob("*/.hydra"))), len(children))
         finished = [r for r in children if r.info.status == "FINISHED"]
         failed = jobs - len(finished)
         parent.log_metrics(
             {
-                "sweep_jobs": jobs,
-                "sweep_finished": len(finished),
-                "sweep_failed": failed,
+                names.SWEEP_JOBS: jobs,
+                names.SWEEP_FINISHED: len(finished),
+                names.SWEEP_FAILED: failed,
             },
             step=0,
         )
         best = next(
             (
                 r
-                for r in compare.rank(finished, metric)
+                for r in table.rank(finished, metric)
                 if not math.isnan(r.data.metrics.get(metric, math.nan))
             ),
             None,
@@ -113,18 +119,18 @@ class MlflowSweepCallback(Callback):
         if best is not None:
             parent.set_tags(
                 {
-                    "mnist_exp.best_run_id": best.info.run_id,
-                    "mnist_exp.best_run_name": best.info.run_name or "",
-                    "mnist_exp.best_overrides": best.data.tags.get("mnist_exp.overrides", ""),
+                    names.BEST_RUN_ID_TAG: best.info.run_id,
+                    names.BEST_RUN_NAME_TAG: best.info.run_name or "",
+                    names.BEST_OVERRIDES_TAG: best.data.tags.get(names.OVERRIDES_TAG, ""),
                 }
             )
-            parent.log_metrics({f"best_{metric}": best.data.metrics[metric]}, step=0)
+            parent.log_metrics({names.BEST_PREFIX + metric: best.data.metrics[metric]}, step=0)
         with tempfile.TemporaryDirectory() as tmp:
             picture = Path(tmp) / "sweep.png"
-            if compare.plot_sweep(children, metric, picture):
+            if plot_sweep(children, metric, picture):
                 parent.log_artifact(picture)
         parent.end("FINISHED")
-        goal = OPTIMIZABLE_METRICS[metric]
+        goal = names.OPTIMIZABLE_METRICS[metric]
         summary = f"Sweep {parent.run_id}: {jobs} jobs, {len(finished)} finished, {failed} failed"
         if best is not None:
             summary += (
@@ -141,10 +147,10 @@ class MlflowSweepCallback(Callback):
 
 def _name_by_swept_overrides(client: MlflowClient, children: list[Run]) -> None:
     """Rename each child after the overrides that differ between jobs: `lr=0.003,batch_size=128`."""
-    from mnist_exp import compare
+    from mnist_exp.report.table import short_name, swept_overrides
 
-    keys, given = compare.swept_overrides(children)
+    keys, given = swept_overrides(children)
     for run, overrides in zip(children, given, strict=True):
-        name = ",".join(f"{k.rsplit('.', 1)[-1]}={overrides[k]}" for k in keys if k in overrides)
+        name = short_name({k: overrides[k] for k in keys if k in overrides})
         if name and name != run.info.run_name:
-            client.set_tag(run.info.run_id, "mlflow.runName", name)
+            client.set_tag(run.info.run_id, names.RUN_NAME_TAG, name)

@@ -1,0 +1,1 @@
+"""The command lines: parse, call, exit code."""

@@ -1,0 +1,76 @@
+"""`mnist-compare`: runs side by side, best first.
+
+Shows the runs of a sweep (by its parent run id; by default the latest sweep) or of a whole
+experiment: the params that differ between them and the key metrics, sorted by the
+optimised metric; as an aligned table, CSV or Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mnist_exp.names import METRIC_TAG, SWEEP_TAG
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mnist-compare", description=__doc__.splitlines()[0])
+    parser.add_argument("parent", nargs="?", help="a sweep's parent run id (default: latest sweep)")
+    parser.add_argument(
+        "--experiment", action="store_true", help="all runs of the experiment instead of one sweep"
+    )
+    parser.add_argument("--experiment-name", help="default: mlflow.experiment_name of the config")
+    parser.add_argument("--tracking-uri", help="default: mlflow.tracking_uri of the config")
+    parser.add_argument("--metric", help="sort by this metric (default: the sweep's optimized one)")
+    parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
+    parser.add_argument("--output", type=Path, help="write to this file instead of the terminal")
+    args = parser.parse_args(argv)
+
+    from mnist_exp.config.paths import compose_config
+    from mnist_exp.errors import UserError
+    from mnist_exp.report.table import render, table
+    from mnist_exp.tracking.queries import latest_sweep, sweep_runs
+    from mnist_exp.tracking.redaction import redact
+    from mnist_exp.tracking.store import open_store
+
+    cfg = compose_config()
+    uri = args.tracking_uri or cfg.mlflow.tracking_uri
+    try:
+        client, experiment_id = open_store(uri, args.experiment_name or cfg.mlflow.experiment_name)
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    parent = None
+    if args.experiment:
+        runs = [
+            r
+            for r in client.search_runs([experiment_id], max_results=10000)
+            if r.data.tags.get(SWEEP_TAG) != "true"
+        ]
+    else:
+        try:
+            parent = (
+                client.get_run(args.parent) if args.parent else latest_sweep(client, experiment_id)
+            )
+        except Exception:
+            sys.exit(
+                f"error: no run {args.parent!r} in {redact(uri)}: pass a sweep's parent run id"
+            )
+        if parent is None:
+            sys.exit(
+                f"error: no sweep in {redact(uri)}: run one with `mnist-train -m ...` "
+                f"or use --experiment"
+            )
+        runs = sweep_runs(client, parent)
+    metric = args.metric or (parent and parent.data.tags.get(METRIC_TAG)) or cfg.optimized_metric
+    if not runs:
+        sys.exit("error: no runs to compare")
+    text = render(*table(runs, metric), args.format)
+    if args.output:
+        args.output.write_text(text)
+        print(f"wrote {len(runs)} runs to {args.output}")
+    else:
+        if parent is not None:
+            print(f"sweep {parent.info.run_id} ({parent.info.run_name}), sorted by {metric}")
+        print(text, end="")

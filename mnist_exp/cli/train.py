@@ -1,0 +1,83 @@
+"""`mnist-train [overrides]` (also `python -m mnist_exp.train`): one experiment, or `-m` a sweep.
+
+Parses the command line with Hydra, calls the runner, turns the outcome into an exit code.
+torch and MLflow are imported only once Hydra has accepted the command line, so a bad
+override is reported at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from mnist_exp.config.checks import check_config, check_overrides
+from mnist_exp.config.paths import CONF_DIR
+from mnist_exp.errors import UserError
+from mnist_exp.runner import run as runner
+
+log = logging.getLogger("mnist_exp")
+_finished: list[bool] = []  # a single run (not a sweep's job) that finished appends True
+
+
+def main() -> None:
+    """`mnist-train`: `run_command`, then a quick exit once a single run has finished.
+
+    Everything is recorded and flushed by then; tearing down torch's and matplotlib's
+    modules would only make the command return later.
+    """
+    # Start-up makes objects that live till the end (modules, config, data and model); the
+    # collector's passes over them are wasted. The runner turns it back on once built.
+    gc.disable()
+    if run_command(sys.argv[1:]):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def run_command(args: list[str]) -> bool:
+    """Run the command line `args` (already in `sys.argv`, where Hydra reads it).
+
+    True when it was a single run that finished. Exits with a one-line message on bad input
+    or Ctrl-C.
+    """
+    try:
+        check_overrides(args)
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    _finished.clear()
+    try:
+        _main()
+    except KeyboardInterrupt as exc:
+        sys.exit(str(exc) or "interrupted")
+    return bool(_finished)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _main(cfg: DictConfig) -> float:
+    """Train, evaluate, record; returns `cfg.optimized_metric` for sweepers."""
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        check_config(cfg)
+        result = runner.run(cfg)
+        if not in_sweep:
+            _finished.append(True)
+        return runner.optimized(result, cfg.optimized_metric)
+    except UserError as exc:
+        if not in_sweep:
+            sys.exit(f"error: {exc}")
+        log.error(f"error: {exc}")
+    except Exception:
+        if not in_sweep:
+            raise
+        log.exception("this job failed; the sweep goes on")
+    # A failed job in a sweep: its run is FAILED; NaN tells Optuna the trial failed, and
+    # Hydra's sweepers go on with the other jobs instead of stopping at the first failure.
+    return float("nan")

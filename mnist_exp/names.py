@@ -1,0 +1,70 @@
+"""The names a run leaves in MLflow: metric keys, tag keys and artifact paths, each defined once.
+
+Users, `mnist-compare`, the MLflow UI and old runs rely on these; changing one breaks them.
+Plain constants, so every package (the loop included) may import them without MLflow.
+"""
+
+from __future__ import annotations
+
+# Metrics. Steps are global optimizer steps.
+TRAIN_LOSS = "train_loss"  # every trainer.log_every_n_steps steps
+EPOCH = "epoch"  # at each epoch's end, with the epoch's other metrics
+EPOCH_SECONDS = "epoch_seconds"
+TRAIN_IMAGES_PER_S = "train_images_per_s"
+VAL_LOSS = "val_loss"
+VAL_ACCURACY = "val_accuracy"
+TEST_LOSS = "test_loss"
+TEST_ACCURACY = "test_accuracy"  # a fraction in [0, 1]
+TEST_ACCURACY_CLASS = "test_accuracy_class_"  # + the class index
+STARTUP_S = "startup_s"  # from the start of the process to the first optimizer step
+# What `optimized_metric` may name, and whether higher ("max") or lower ("min") is better.
+OPTIMIZABLE_METRICS = {
+    TEST_ACCURACY: "max",
+    TEST_LOSS: "min",
+    VAL_ACCURACY: "max",
+    VAL_LOSS: "min",
+    TRAIN_IMAGES_PER_S: "max",
+}
+# A sweep's parent run.
+SWEEP_JOBS, SWEEP_FINISHED, SWEEP_FAILED = "sweep_jobs", "sweep_finished", "sweep_failed"
+BEST_PREFIX = "best_"  # + optimized_metric: the best child's value
+
+# Tags of every run.
+OVERRIDES_TAG = "mnist_exp.overrides"  # the Hydra overrides of the command line
+OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are
+COMMAND_TAG = "mnist_exp.command"
+HOST_TAG, PID_TAG, PID_START_TAG = "mnist_exp.host", "mnist_exp.pid", "mnist_exp.pid_start"
+VERSION_TAG = "mnist_exp.version."  # + a package name, or python
+GIT_DIRTY_TAG = "mnist_exp.git.dirty"
+SOURCE_TAG = "mnist_exp.source"  # "python" on a run started through mnist_exp.api
+# Why a run FAILED, and where; a run resumed later drops them.
+ERROR_TAG = "mnist_exp.error"
+FAILED_STEP_TAG, FAILED_EPOCH_TAG = "mnist_exp.failed_step", "mnist_exp.failed_epoch"
+FAILURE_TAGS = (ERROR_TAG, FAILED_STEP_TAG, FAILED_EPOCH_TAG)
+RESUMED_FROM_EPOCH_TAG = "mnist_exp.resumed_from_epoch"
+RERUN_OF_TAG, RERUN_OVERRIDES_TAG = "mnist_exp.rerun_of", "mnist_exp.rerun_overrides"
+# MLflow's own tags.
+RUN_NAME_TAG = "mlflow.runName"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+
+# Tags of a sweep's parent run.
+SWEEP_TAG = "mnist_exp.sweep"  # "true"
+METRIC_TAG = "mnist_exp.optimized_metric"
+SWEEP_OVERRIDES_TAG = "mnist_exp.sweep.overrides"
+SWEEP_PARAMS_TAG = "mnist_exp.sweep.params"
+SWEEPER_TAG, LAUNCHER_TAG = "mnist_exp.sweep.sweeper", "mnist_exp.sweep.launcher"
+SWEEP_DIR_TAG = "mnist_exp.sweep.dir"
+BEST_RUN_ID_TAG, BEST_RUN_NAME_TAG = "mnist_exp.best_run_id", "mnist_exp.best_run_name"
+BEST_OVERRIDES_TAG = "mnist_exp.best_overrides"
+
+# Artifact paths.
+CHECKPOINTS = "checkpoints"  # model.ckpt (the final state_dict) and last.ckpt (for resuming)
+RESUME_CHECKPOINT = "checkpoints/last.ckpt"  # also its path inside the run folder
+HYDRA_FILES = "hydra"  # config.yaml, overrides.yaml, hydra.yaml; resumed-N/ for each resume
+REQUIREMENTS = "environment/requirements.txt"
+MODEL = "model"
+PLOTS = "plots"
+
+# Values of trainer.precision: fp32, as the seed, or bfloat16 autocast.
+PRECISIONS = ("32", "bf16-mixed")

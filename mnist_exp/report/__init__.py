@@ -1,0 +1,1 @@
+"""What people look at: the console, pictures, tables, the servable model, predictions."""

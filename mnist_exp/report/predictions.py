@@ -1,0 +1,106 @@
+"""Images as a run's model takes them, and the model itself, for `mnist-predict`.
+
+Any size and mode is turned into what MNIST holds: grayscale, light ink on a dark background
+(inverted when the background is light), and, unless it is 28x28 already, the digit's
+bounding box scaled to 20x20 and centred by its centre of mass in a 28x28 frame, as MNIST's
+images were made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mnist_exp import names
+from mnist_exp.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PyFuncModel
+
+SIZE, BOX = 28, 20  # MNIST: 28x28 images, each digit fitted into the central 20x20
+
+
+def read_image(path: Path) -> Image.Image:
+    """The image in `path`, or a `UserError` saying why there is none."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError as exc:
+        raise UserError(f"{path}: no such file") from exc
+    except UnidentifiedImageError as exc:
+        raise UserError(f"{path} is not an image file (PNG, JPEG, BMP, ...)") from exc
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the image ({exc.strerror or exc})") from exc
+
+
+def mnist_pixels(image: Image.Image) -> np.ndarray:
+    """A float32 28x28 array of pixels in [0, 255]: bright ink on black, fitted like MNIST."""
+    if "A" in image.getbands():  # transparent parts become white paper
+        paper = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(paper, image.convert("RGBA"))
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 127:
+        gray = 255 - gray
+    if gray.shape == (SIZE, SIZE):
+        return gray
+    return _fit(gray)
+
+
+def _fit(gray: np.ndarray) -> np.ndarray:
+    """Scale the ink's bounding box into 20x20, centred by its centre of mass in 28x28."""
+    ink = gray > 0.1 * gray.max() if gray.max() > 0 else np.zeros_like(gray, dtype=bool)
+    if not ink.any():
+        return _resize(gray, SIZE, SIZE)
+    rows, cols = np.nonzero(ink)
+    crop = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    scale = BOX / max(crop.shape)
+    height, width = (max(1, round(n * scale)) for n in crop.shape)
+    digit = _resize(crop, height, width)
+    weights = digit.sum() or 1.0
+    centre_y = (digit.sum(1) * np.arange(height)).sum() / weights
+    centre_x = (digit.sum(0) * np.arange(width)).sum() / weights
+    top = min(max(round(SIZE / 2 - centre_y), 0), SIZE - height)
+    left = min(max(round(SIZE / 2 - centre_x), 0), SIZE - width)
+    out = np.zeros((SIZE, SIZE), dtype=np.float32)
+    out[top : top + height, left : left + width] = digit
+    return out
+
+
+def _resize(gray: np.ndarray, height: int, width: int) -> np.ndarray:
+    image = Image.fromarray(gray.clip(0, 255).astype(np.uint8))
+    resized = image.resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def load_model(run_id: str, tracking_uri: str) -> PyFuncModel:
+    """The run's logged `model`, or a `UserError` naming what is missing."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    if tracking_uri.startswith("sqlite:///") and not database.is_file():
+        raise UserError(
+            f"no MLflow store at {tracking_uri}: pass --tracking-uri of the store the run is in"
+        )
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        raise UserError(
+            f"no MLflow run {run_id!r} in {tracking_uri}: pass a run id shown by mnist-compare "
+            f"or the MLflow UI, or --tracking-uri of the store that holds it"
+        ) from exc
+    model_file = f"{names.MODEL}/MLmodel"
+    if not any(a.path == model_file for a in client.list_artifacts(run_id, names.MODEL)):
+        raise UserError(
+            f"MLflow run {run_id} has no model (trained with mlflow.log_model=false, or "
+            f"before runs logged one): rerun it with mnist-rerun {run_id}"
+        )
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pyfunc.load_model(f"runs:/{run_id}/{names.MODEL}")

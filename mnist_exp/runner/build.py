@@ -1,0 +1,100 @@
+"""The objects a run trains, built from its config: data, model, optimizer, scheduler, device."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.nn import Module
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from mnist_exp.errors import UserError, one_line
+from mnist_exp.training import allocator, data, engine
+
+
+@dataclass
+class Setup:
+    """What `build` made."""
+
+    model: Module
+    optimizer: Optimizer
+    scheduler: LRScheduler | None
+    data: data.Data
+    device: torch.device
+
+
+def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | None) -> Setup:
+    """Data, model, optimizer and scheduler; restored from `state` when resuming.
+
+    `launcher` is the sweep's launcher config inside a multirun (None for a single run): a
+    parallel job takes its share of the cores.
+    """
+    allocator.keep_freed_memory()
+    device = engine.resolve_device(cfg.device.type)
+    threads = cfg.trainer.num_threads
+    if not threads:
+        cores = share_of_cores(launcher)
+        threads = engine.cpu_threads(cfg.data.batch_size, cores) if device.type == "cpu" else cores
+    torch.set_num_threads(threads)
+    engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    dataset = data.load(
+        cfg.data.dataset,
+        cfg.data.root,
+        download=cfg.data.download,
+        val_size=cfg.data.val_size,
+        max_train_samples=cfg.data.max_train_samples,
+        max_test_samples=cfg.data.max_test_samples,
+        seed=cfg.trainer.seed,
+    )
+    model = instantiate(cfg.model).to(device)
+    if channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    scheduler = None
+    if cfg.get("scheduler"):
+        steps_per_epoch = -(-len(dataset.train) // cfg.data.batch_size)
+        total_steps = max(1, steps_per_epoch * cfg.trainer.epochs)
+        try:
+            scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+        except (ValueError, ZeroDivisionError) as exc:  # e.g. a warm-up of exactly one step
+            raise UserError(
+                f"scheduler: cannot schedule {total_steps} steps with these settings "
+                f"({exc or type(exc).__name__}): change scheduler.pct_start, trainer.epochs or "
+                f"data.batch_size"
+            ) from exc
+    if state is not None:
+        try:
+            engine.restore_training_state(state, model, optimizer, scheduler)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(
+                f"trainer.resume: the checkpoint of run {state['run_id']} does not fit this "
+                f"model, optimizer and scheduler ({one_line(exc)[:200]})"
+            ) from exc
+    return Setup(model, optimizer, scheduler, dataset, device)
+
+
+def channels_last(cfg: DictConfig, device: torch.device) -> bool:
+    """Whether this run trains in channels_last: see `engine.trains_channels_last`."""
+    return engine.trains_channels_last(
+        bool(cfg.trainer.channels_last), device, cfg.data.batch_size, str(cfg.trainer.precision)
+    )
+
+
+def share_of_cores(launcher: DictConfig | None) -> int:
+    """All cores, or in a parallel sweep this job's share, so jobs do not oversubscribe them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    if launcher is None:
+        return cores
+    n_jobs = launcher.get("n_jobs")
+    if not n_jobs:  # submitit and Ray reserve cores per job (SLURM also pins them)
+        per_job = launcher.get("cpus_per_task") or OmegaConf.select(launcher, "ray.remote.num_cpus")
+        return min(cores, per_job or cores)
+    if n_jobs < 0:  # joblib: -1 is all cores, -2 all but one, ...
+        n_jobs = max(1, cores + 1 + n_jobs)
+    return max(1, cores // n_jobs)

@@ -1,0 +1,61 @@
+"""The loop's listeners that record: metrics to the run, and a resume checkpoint each epoch.
+
+Each stands alone: neither depends on the other, nor on their order in the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import Tensor
+
+from mnist_exp import names
+from mnist_exp.runner.build import Setup
+from mnist_exp.tracking.recorder import Recorder
+from mnist_exp.training import checkpoint, engine
+
+
+class MetricsLogger(engine.Callback):
+    """`train_loss` every `every` steps, the epoch's metrics, and `startup_s` at the first step.
+
+    `latest` holds the last value of each metric it logged, for the run's optimized metric.
+    """
+
+    def __init__(self, run: Recorder, every: int, startup_s: Callable[[], float]) -> None:
+        self.run = run
+        self.every = every
+        self.startup_s = startup_s
+        self.latest: dict[str, float] = {}
+        self._started = False
+
+    def on_train_step(self, step: int, epoch: int, batch: int, loss: Tensor) -> None:
+        if not self._started:
+            self._started = True
+            self.run.log_metric(names.STARTUP_S, self.startup_s(), step)
+        if step % self.every == 0:
+            self.run.log_metric(names.TRAIN_LOSS, loss, step)
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        epoch_metrics = {**metrics, names.EPOCH: float(epoch)}
+        self.run.log_metrics(epoch_metrics, step)
+        self.latest |= epoch_metrics
+
+
+class Checkpointer(engine.Callback):
+    """After each epoch, an atomic resume checkpoint, kept in the run folder and in MLflow.
+
+    The upload waits until every loss logged so far is recorded, so MLflow's copy never
+    claims steps whose losses MLflow does not hold. While the tracking server is away the
+    local copy is written all the same and the upload waits (`defer`).
+    """
+
+    def __init__(self, setup: Setup, run: Recorder, path: Path) -> None:
+        self.setup, self.run, self.path = setup, run, path
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        s = self.setup
+        state = engine.training_state(s.model, s.optimizer, s.scheduler, epoch, step)
+        checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
+        self.run.sync()
+        self.run.log_artifact(self.path, names.CHECKPOINTS, defer=True)

@@ -1,0 +1,122 @@
+"""How a run ends when training does not: KILLED on Ctrl-C or SIGTERM, FAILED on an error.
+
+One wrapper, so that every way out records the run's end truthfully and says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+from mnist_exp import names
+from mnist_exp.errors import TrackingUnavailable, UserError, one_line
+from mnist_exp.tracking.recorder import Recorder
+
+log = logging.getLogger("mnist_exp")
+# What an OSError says when the disk is full or a folder cannot be written.
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@contextlib.contextmanager
+def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[None]:
+    """Record the end of `run` if the block does not finish; signal handlers restored after.
+
+    SIGTERM (a job scheduler's stop) is treated as Ctrl-C. `checkpoint` is the resume
+    checkpoint of the run folder; `start_epoch` the epoch a resumed run started after.
+    """
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    except KeyboardInterrupt:
+        # A second Ctrl-C must not cut the recording of the first short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if not run.opened():
+            raise
+        _log_again(run, checkpoint)
+        _end_quietly(run, "KILLED")
+        raise KeyboardInterrupt(
+            f"interrupted: MLflow run {run.run_id} marked KILLED; continue it from its last "
+            f"complete epoch with: mnist-rerun {run.run_id} --resume"
+        ) from None
+    except BaseException as exc:
+        if not run.opened():
+            raise
+        error = _failed(run, exc, checkpoint, start_epoch)
+        if error is exc:
+            raise
+        raise error from exc
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _failed(run: Recorder, exc: BaseException, last: Path, start_epoch: int) -> BaseException:
+    """Mark the run FAILED with why; the error to raise in place of `exc`."""
+    from mnist_exp.training.engine import NonFiniteLossError  # torch is loaded by now
+
+    if isinstance(exc, NonFiniteLossError):
+        failure = {
+            names.ERROR_TAG: str(exc),
+            names.FAILED_STEP_TAG: str(exc.step),
+            names.FAILED_EPOCH_TAG: str(exc.epoch),
+        }
+        _end_quietly(run, "FAILED", failure)
+        if exc.epoch > start_epoch + 1:
+            kept = f"{last} keeps epoch {exc.epoch - 1}"
+        elif start_epoch:
+            kept = f"the checkpoint of epoch {start_epoch} it resumed from is unchanged"
+        else:
+            kept = "no epoch of this run completed, so it wrote no checkpoint"
+        return UserError(
+            f"training diverged: {exc} (epoch {exc.epoch}); MLflow run {run.run_id} marked "
+            f"FAILED; {kept}: lower optimizer.lr (or add a warm-up: scheduler=onecycle)"
+        )
+    _end_quietly(run, "FAILED", {names.ERROR_TAG: one_line(exc)})
+    if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
+        return UserError(
+            f"cannot write {exc.filename or 'to disk'} ({exc.strerror}): free space there "
+            f"or set hydra.run.dir / mlflow.tracking_uri to a writable folder; MLflow run "
+            f"{run.run_id} marked FAILED"
+        )
+    if isinstance(exc, TrackingUnavailable):
+        kept = (
+            f"the checkpoint of the last complete epoch is {last} (continue with "
+            f"trainer.resume={last} once the server is back)"
+            if last.is_file()
+            else "no epoch was complete, so there is no checkpoint"
+        )
+        return TrackingUnavailable(f"{exc}; {kept}")
+    if isinstance(exc, UserError):
+        return UserError(f"{exc}; MLflow run {run.run_id} marked FAILED")
+    return exc
+
+
+def _log_again(run: Recorder, path: Path) -> None:
+    """Log the (atomically written) checkpoint again: a stop may have cut its upload short."""
+    if path.is_file():
+        try:
+            run.log_artifact(path, names.CHECKPOINTS)
+        except Exception as exc:
+            log.error(f"could not log {path} to MLflow run {run.run_id}: {exc}")
+
+
+def _end_quietly(run: Recorder, status: str, tags: dict[str, str] | None = None) -> None:
+    """Record the end of a failed run without hiding the original error behind a new one."""
+    failed = None
+    try:
+        if tags:
+            run.set_tags(tags)
+    except Exception as exc:
+        failed = exc
+    try:
+        run.end(status)  # also when the tags failed: it lets the tracker process exit
+    except Exception as exc:
+        failed = failed or exc
+    if failed and not run.gave_up:  # else the error that follows says the server is gone
+        log.error(f"could not mark MLflow run {run.run_id} {status}: {failed}")

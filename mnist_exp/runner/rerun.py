@@ -1,0 +1,93 @@
+"""A recorded run's config made runnable again: `rerun.yaml`, for `mnist-rerun`."""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_exp import names
+from mnist_exp.config.paths import compose_config
+from mnist_exp.errors import UserError
+from mnist_exp.runner.naming import describing
+from mnist_exp.tracking.store import get_run, open_store
+
+# Groups that only matter to a sweep, never replayed into a single run.
+_NOT_REPLAYED = ("hydra/", "hparams_search")
+
+
+def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir: Path) -> str:
+    """Write `conf_dir/rerun.yaml`: today's defaults, the recorded choices and values on top.
+
+    `source` is a run id or a Hydra run folder; returns the run's id (or the folder).
+    """
+    cfg = compose_config([o for o in overrides if o.startswith("mlflow.")])
+    uri = cfg.mlflow.tracking_uri
+    client, experiment_id = open_store(uri, cfg.mlflow.experiment_name)
+    folder = Path(source)
+    if folder.is_dir():
+        hydra_dir = folder / ".hydra"
+        if not (hydra_dir / "config.yaml").is_file():
+            raise UserError(
+                f"{folder} has no .hydra/config.yaml: pass a Hydra run folder or run id"
+            )
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{names.OUTPUT_DIR_TAG}` = '{folder.resolve()}'"
+        )
+        run = found[0] if found else None
+        recorded_tags = run.data.tags if run else {}
+        run_id = run.info.run_id if run else str(folder.resolve())
+    else:
+        run = get_run(client, source, uri)
+        recorded_tags, run_id = run.data.tags, source
+        hydra_dir = Path(
+            client.download_artifacts(source, names.HYDRA_FILES, str(conf_dir / "recorded"))
+        )
+    if resume and run is None:
+        raise UserError(f"--resume: no MLflow run recorded {folder}: pass its run id")
+    recorded = OmegaConf.load(hydra_dir / "config.yaml")
+    choices = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices
+    warn_about_environment(recorded_tags)
+
+    defaults: list = ["config"]
+    defaults += [
+        {f"override /{group}": choice}
+        for group, choice in choices.items()
+        if choice is not None and not group.startswith(_NOT_REPLAYED)
+    ]
+    defaults.append("_self_")
+    assert isinstance(recorded, DictConfig)
+    recorded.trainer.resume = None
+    if not resume:
+        name = recorded_tags.get(names.RUN_NAME_TAG) or run_id
+        changed = describing(overrides)
+        recorded.mlflow.run_name = f"rerun of {name}" + (
+            f" ({' '.join(changed)})" if changed else ""
+        )
+        recorded.mlflow.tags = {
+            names.RERUN_OF_TAG: run_id,
+            names.RERUN_OVERRIDES_TAG: " ".join(overrides),
+        }
+    text = OmegaConf.to_yaml(OmegaConf.merge({"defaults": defaults}, recorded))
+    (conf_dir / "rerun.yaml").write_text(text)
+    return run_id
+
+
+def warn_about_environment(tags: dict[str, str]) -> None:
+    """Say which recorded versions differ from this environment's: results may differ."""
+    for key, recorded in sorted(tags.items()):
+        package = key.removeprefix(names.VERSION_TAG)
+        if package == key or package == "python":
+            continue
+        try:
+            here = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            here = "not installed"
+        if here != recorded:
+            print(
+                f"warning: {package} {here} here, {recorded} in the recorded run: "
+                f"results may differ",
+                file=sys.stderr,
+            )

@@ -1,0 +1,137 @@
+"""One experiment from its composed config: build, train, test, record. Shared by CLI and API.
+
+It runs inside a Hydra job (the command line's, or the API's), whose folder and overrides
+it reads from `HydraConfig`. The run's end is recorded by `lifecycle.recording`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_exp import names
+from mnist_exp.config.paths import PROJECT_ROOT
+from mnist_exp.errors import UserError
+from mnist_exp.runner import lifecycle
+from mnist_exp.runner.naming import name_from
+from mnist_exp.tracking import processes
+from mnist_exp.tracking.http import configure_requests
+from mnist_exp.tracking.redaction import redact
+from mnist_exp.tracking.remote import RemoteRun
+
+log = logging.getLogger("mnist_exp")
+_LOADED = time.perf_counter()
+
+
+@dataclass
+class RunResult:
+    """What a finished run left: its MLflow run, its metrics and files."""
+
+    run_id: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)  # the last value of each
+    checkpoint: Path | None = None  # the final weights (a state_dict)
+    output_dir: Path | None = None  # the run's Hydra folder
+
+
+def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
+    """Train, test and record the experiment `cfg` describes, as a run of MLflow.
+
+    Raises `UserError` (with the run marked FAILED once it exists) for what the user can
+    fix, and `KeyboardInterrupt` (the run marked KILLED) on Ctrl-C or SIGTERM.
+    """
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    uri = cfg.mlflow.tracking_uri
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    configure_requests(cfg.mlflow.get("request_max_retries"), cfg.mlflow.get("request_timeout_s"))
+    retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0)
+    tags = {
+        names.OVERRIDES_TAG: " ".join(overrides),
+        names.OUTPUT_DIR_TAG: str(out_dir),
+        **{str(k): str(v) for k, v in cfg.mlflow.tags.items()},
+        **(extra_tags or {}),
+    }
+    state, start = None, (0, 0)
+    if cfg.trainer.resume:
+        from mnist_exp.runner.resume import resumable  # imports MLflow: only when resuming
+
+        state, run_id = resumable(cfg, config)
+        start = (state["epoch"], state["step"])
+    # The tracker process imports MLflow and opens the store while this one imports torch.
+    recorder = RemoteRun(uri, cfg.mlflow.experiment_name)
+    try:
+        # torch is imported only now, while the tracker process starts on another core.
+        from mnist_exp.runner.build import build
+
+        setup = build(cfg, state, hydra_cfg.launcher if in_sweep else None)
+    except BaseException:
+        recorder.close()
+        raise
+    _startup_done()
+    log.info(f"Training on {setup.device}; recording in {redact(uri)}")
+    files = out_dir / hydra_cfg.output_subdir
+    if state is None:
+        recorder.start(
+            run_name=cfg.mlflow.run_name or name_from(overrides),
+            config=config,
+            tags=tags,
+            project_root=PROJECT_ROOT,
+            files=(files, names.HYDRA_FILES),
+            retry_for_s=retry_for_s,
+        )
+    else:
+        tags[names.RESUMED_FROM_EPOCH_TAG] = str(start[0])
+        resumed_files = (files, f"{names.HYDRA_FILES}/resumed-{start[0]}")
+        recorder.reopen(run_id, tags=tags, files=resumed_files, retry_for_s=retry_for_s)
+        log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
+    with lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]):
+        from mnist_exp.runner.train_and_test import train_and_test
+
+        test, metrics = train_and_test(cfg, setup, recorder, out_dir, start, in_sweep, _age)
+    recorder.end("FINISHED")
+    from mnist_exp.report.console import summary
+
+    log.info(
+        summary(
+            run_id=recorder.run_id,
+            run_name=recorder.name,
+            test=test,
+            checkpoint=out_dir / "model.ckpt",
+            tracking_uri=redact(uri),
+            experiment_id=recorder.experiment_id,
+            has_model=cfg.mlflow.log_model,
+        )
+    )
+    return RunResult(recorder.run_id, "FINISHED", metrics, out_dir / "model.ckpt", out_dir)
+
+
+def optimized(result: RunResult, key: str) -> float:
+    """The run's value of `optimized_metric`, for sweepers."""
+    if key not in result.metrics:
+        raise UserError(f"optimized_metric={key!r} was never logged by this run")
+    return result.metrics[key]
+
+
+def _startup_done() -> None:
+    """Turn the garbage collector back on (the CLI turns it off while starting), leaving out
+    what start-up made: modules, config, data and model live till the end."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
+
+
+def _age() -> float:
+    """Seconds since this process started (or, where /proc cannot tell, since this loaded)."""
+    age = processes.age()
+    return age if age is not None else time.perf_counter() - _LOADED

@@ -1,0 +1,122 @@
+"""The run's middle: train with the callbacks, test, save the weights, record what users look at."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from mnist_exp import names
+from mnist_exp.report import plots
+from mnist_exp.report.console import Console, wants_progress_bar
+from mnist_exp.runner.build import Setup, channels_last
+from mnist_exp.runner.callbacks import Checkpointer, MetricsLogger
+from mnist_exp.tracking.recorder import Recorder
+from mnist_exp.training import checkpoint, engine
+
+log = logging.getLogger("mnist_exp")
+
+
+def train_and_test(
+    cfg: DictConfig,
+    setup: Setup,
+    run: Recorder,
+    out_dir: Path,
+    start: tuple[int, int],
+    in_sweep: bool,
+    startup_s: Callable[[], float],
+) -> tuple[engine.EvalResult, dict[str, float]]:
+    """Train after `start` (epoch, step), checkpointing each epoch; test; save `model.ckpt`.
+
+    Then per-class test accuracy, the pictures (`mlflow.log_plots`) and the servable model
+    (`mlflow.log_model`). Returns the test result and the last value of each metric logged.
+    """
+    net = torch.compile(setup.model) if cfg.trainer.compile else setup.model
+    layout = channels_last(cfg, setup.device)
+    steps = engine.StepOptions(
+        precision=str(cfg.trainer.precision),
+        channels_last=layout,
+        label_smoothing=cfg.trainer.label_smoothing,
+        check_every=cfg.trainer.log_every_n_steps,
+        cuda_graph=cfg.trainer.cuda_graph,
+    )
+    logger = MetricsLogger(run, cfg.trainer.log_every_n_steps, startup_s)
+    progress_bar = wants_progress_bar(cfg.trainer.progress_bar, in_sweep)
+    callbacks = [
+        logger,
+        Console(cfg.trainer.print_every_n_steps, cfg.data.batch_size, progress_bar),
+        Checkpointer(setup, run, out_dir / names.RESUME_CHECKPOINT),
+    ]
+    with logging_redirect_tqdm():
+        step = engine.fit(
+            net,
+            setup.optimizer,
+            setup.data,
+            engine.Schedule(
+                epochs=cfg.trainer.epochs,
+                batch_size=cfg.data.batch_size,
+                eval_batch_size=cfg.data.eval_batch_size,
+                seed=cfg.trainer.seed,
+                start_epoch=start[0],
+                start_step=start[1],
+            ),
+            device=setup.device,
+            steps=steps,
+            augmentation=engine.Augmentation(
+                max_shift=cfg.data.max_shift,
+                max_rotation=cfg.data.max_rotation,
+                max_scale=cfg.data.max_scale,
+            ),
+            scheduler=setup.scheduler,
+            callbacks=callbacks,
+        )
+    test = engine.evaluate(
+        net,
+        setup.data.test.to(setup.device),
+        batch_size=cfg.data.eval_batch_size,
+        precision=steps.precision,
+        channels_last=layout,
+        keep_predictions=True,
+    )
+    log.info(
+        f"Test Accuracy of the model on the {test.total} test images: "
+        f"{100 * test.correct / max(test.total, 1)} %"
+    )
+    assert test.targets is not None and test.predictions is not None
+    confusion = plots.confusion_matrix(test.targets, test.predictions, cfg.model.num_classes)
+    per_class = {
+        f"{names.TEST_ACCURACY_CLASS}{k}": v for k, v in plots.per_class_accuracy(confusion).items()
+    }
+    test_metrics = {names.TEST_LOSS: test.loss, names.TEST_ACCURACY: test.accuracy, **per_class}
+    run.log_metrics(test_metrics, step)
+    weights = out_dir / "model.ckpt"
+    # Saved from the CPU whatever the device, so that it loads on a machine without a GPU.
+    checkpoint.write_atomic({k: v.cpu() for k, v in setup.model.state_dict().items()}, weights)
+    run.log_artifact(weights, names.CHECKPOINTS)
+    if cfg.mlflow.log_model:  # the tracker builds the model while this process draws
+        kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+        assert isinstance(kwargs, dict)
+        target = kwargs.pop("_target_")
+        example = setup.data.test.images[:3, 0].numpy()
+        run.log_model(out_dir / "mlflow_model", weights, target, kwargs, example)
+    if cfg.mlflow.log_plots:
+        _record_plots(run, test, confusion, setup.data.test.images, out_dir / names.PLOTS)
+    return test, logger.latest | test_metrics
+
+
+def _record_plots(
+    run: Recorder, test: engine.EvalResult, confusion: Tensor, images: Tensor, folder: Path
+) -> None:
+    """Learning curves (read back from the run, so a resumed run's too), confusion, mistakes."""
+    assert test.targets is not None and test.predictions is not None
+    history = run.metric_history(plots.CURVES)
+    folder.mkdir(parents=True, exist_ok=True)
+    plots.learning_curves(history, folder / "learning_curves.png")
+    plots.confusion_plot(confusion, folder / "confusion_matrix.png")
+    plots.misclassified_grid(images, test.targets, test.predictions, folder / "misclassified.png")
+    run.log_artifacts(folder, names.PLOTS)

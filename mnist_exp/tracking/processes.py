@@ -1,0 +1,52 @@
+"""Which process holds a run open, so that a run whose process is gone can be told apart."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from mnist_exp.names import HOST_TAG, PID_START_TAG, PID_TAG
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux); None if it has ended."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has ended
+
+
+def age() -> float | None:
+    """Seconds since this process started (Linux), or None where /proc cannot tell."""
+    ticks = start_ticks(os.getpid())
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if ticks is None else uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_tags() -> dict[str, str]:
+    """This process, as `store.fail_orphans` recognises it: host, pid and start time."""
+    ticks = start_ticks(os.getpid())
+    return {
+        HOST_TAG: platform.node(),
+        PID_TAG: str(os.getpid()),
+        PID_START_TAG: "" if ticks is None else str(ticks),
+    }
+
+
+def alive(pid: int, started: str | None) -> bool:
+    """Whether process `pid` still runs, and (where known) is the one that started then."""
+    if Path("/proc/self/stat").is_file():
+        now = start_ticks(pid)
+        return now is not None and (not started or str(now) == started)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,265 @@
+"""One MLflow run: params, tags, buffered metrics and artifacts, through a server outage.
+
+It knows MLflow and nothing of the training loop: it is handed flat values to record.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, SupportsFloat, TypeVar
+
+from mlflow.entities import Metric, Param, RunInfo, RunTag
+from mlflow.tracking import MlflowClient
+
+from mnist_exp import names
+from mnist_exp.tracking import processes
+from mnist_exp.tracking.limits import MAX_METRICS_PER_BATCH, MAX_PARAM_LENGTH, MAX_PARAMS_PER_BATCH
+from mnist_exp.tracking.outage import RETRY_PAUSE_S, Outage, unreachable
+from mnist_exp.tracking.redaction import redact
+
+_T = TypeVar("_T")
+
+# Set by the sweep callback for the jobs it launches: their runs become children of this run.
+PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+class Run:
+    """One MLflow run. Metrics are buffered and sent `MAX_METRICS_PER_BATCH` at a time.
+
+    Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the sweep's parent run.
+    When the server cannot be reached, metrics stay queued (training goes on) and are sent
+    once it answers again; other calls wait for it. An outage longer than `retry_for_s`
+    raises `TrackingUnavailable`.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        info: RunInfo,
+        recorded: dict[str, int],
+        retry_for_s: float = 0.0,
+    ) -> None:
+        self.client = client
+        self.run_id: str = info.run_id
+        self.experiment_id: str = info.experiment_id
+        self.artifact_uri: str = info.artifact_uri
+        self.name: str = info.run_name
+        self._recorded = recorded  # the last step already in MLflow, by metric key
+        self._pending: list[tuple[str, SupportsFloat, int, int]] = []
+        self._held_artifacts: dict[tuple[Path, str | None], None] = {}  # uploads for later
+        self._outage = Outage(
+            str(client.tracking_uri),
+            retry_for_s,
+            lambda: (
+                f": {len(self._pending)} metric values and {len(self._held_artifacts)} artifact "
+                f"files of run {self.run_id} were not sent"
+            ),
+        )
+
+    @property
+    def gave_up(self) -> bool:
+        """Whether an outage outlasted `retry_for_s` (calls are then tried once, not retried)."""
+        return self._outage.gave_up
+
+    @classmethod
+    def start(
+        cls,
+        client: MlflowClient,
+        experiment_id: str,
+        *,
+        run_name: str | None,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        retry_for_s: float = 0.0,
+    ) -> Run:
+        """Create the run with its params (credentials in values are redacted) and tags."""
+        tags = {k: redact(str(v)) for k, v in tags.items()} | processes.process_tags()
+        if os.environ.get(PARENT_RUN_ENV):
+            tags.setdefault(names.PARENT_RUN_TAG, os.environ[PARENT_RUN_ENV])
+        outage = Outage(str(client.tracking_uri), retry_for_s)
+        info = outage.call(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
+        run = cls(client, info.info, {}, retry_for_s)
+        items = [Param(k, param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            chunk = items[i : i + MAX_PARAMS_PER_BATCH]
+            run._call(lambda chunk=chunk: client.log_batch(run.run_id, params=chunk))
+        return run
+
+    @classmethod
+    def reopen(cls, client: MlflowClient, run_id: str, retry_for_s: float = 0.0) -> Run:
+        """Continue a stopped run: RUNNING again, and steps it already holds are not re-sent.
+
+        The run now belongs to this process, and the tags of an earlier failure are dropped.
+        A server outage of up to `retry_for_s` is waited out, as when a run starts.
+        """
+        outage = Outage(str(client.tracking_uri), retry_for_s)
+        info = outage.call(lambda: client.get_run(run_id))
+        recorded = {
+            key: max(
+                m.step for m in outage.call(lambda key=key: client.get_metric_history(run_id, key))
+            )
+            for key in info.data.metrics
+        }
+        for key in names.FAILURE_TAGS:
+            if key in info.data.tags:
+                outage.call(lambda key=key: client.delete_tag(run_id, key))
+        tags = [RunTag(k, v) for k, v in processes.process_tags().items()]
+        outage.call(lambda: client.log_batch(run_id, tags=tags))
+        outage.call(lambda: client.update_run(run_id, status="RUNNING"))
+        return cls(client, info.info, recorded, retry_for_s)
+
+    def opened(self) -> bool:
+        """Always: a `Run` exists once made."""
+        return True
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
+        self._call(lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_metric(self, key: str, value: SupportsFloat, step: int) -> None:
+        """Queue one value; `value` may be a device tensor, converted only when sent."""
+        if step <= self._recorded.get(key, -1):
+            return
+        self._pending.append((key, value, int(time.time() * 1000), step))
+        if (
+            len(self._pending) >= MAX_METRICS_PER_BATCH
+            and time.monotonic() >= self._outage.next_try
+        ):
+            self.flush()
+
+    def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None:
+        for key, value in metrics.items():
+            self.log_metric(key, value, step)
+
+    def log_values(self, values: list[tuple[str, float, int, int]]) -> None:
+        """Record `(key, value, timestamp_ms, step)` items, as a tracker process sends them."""
+        self._pending += [v for v in values if v[3] > self._recorded.get(v[0], -1)]
+        self.flush()
+
+    def flush(self, wait: bool = False) -> None:
+        """Send the queued metrics, then the artifacts held back by an outage.
+
+        While the server is unreachable they stay queued for a later call; with `wait` this
+        call retries until all is sent. Either way an outage longer than `retry_for_s`
+        raises `TrackingUnavailable`.
+        """
+        while True:
+            try:
+                self._send_held()
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                self._outage.failed(exc)
+                if not wait:
+                    return
+                time.sleep(RETRY_PAUSE_S)
+            else:
+                self._outage.over()
+                return
+
+    def sync(self) -> None:
+        """Send everything queued, waiting out an outage of up to `retry_for_s`."""
+        self.flush(wait=True)
+
+    def metrics(self) -> dict[str, float]:
+        """The latest value of each metric, as MLflow holds it after a flush."""
+        self.flush(wait=True)
+        return self._call(lambda: self.client.get_run(self.run_id).data.metrics)
+
+    def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
+        """(step, value) of every value of each key MLflow holds, by step, after a flush."""
+        self.flush(wait=True)
+        return {
+            key: sorted(
+                (m.step, m.value)
+                for m in self._call(
+                    lambda key=key: self.client.get_metric_history(self.run_id, key)
+                )
+            )
+            for key in keys
+        }
+
+    def log_artifact(
+        self, path: Path, artifact_path: str | None = None, *, defer: bool = False
+    ) -> None:
+        """Upload a file; with `defer`, during an outage it is uploaded (as it is then) later."""
+        if defer:
+            self._held_artifacts[(path, artifact_path)] = None
+            self.flush()
+        else:
+            self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self._call(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call(lambda: self.client.log_text(self.run_id, text, artifact_file))
+
+    def log_config_files(self, folder: Path, artifact_path: str) -> None:
+        """Upload the text files of `folder` (Hydra's), with credentials in URIs redacted."""
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            self.log_text(redact(path.read_text()), f"{artifact_path}/{path.name}")
+
+    def log_model(
+        self,
+        folder: Path,
+        weights: Path,
+        model_target: str,
+        model_kwargs: Mapping[str, Any],
+        example: Any,
+    ) -> None:
+        """Write the servable model of `weights` anew in `folder` and log it as `model`."""
+        from mnist_exp.report import serving
+
+        shutil.rmtree(folder, ignore_errors=True)
+        serving.save(folder, weights, model_target, model_kwargs, example)
+        self.log_artifacts(folder, names.MODEL)
+
+    def end(self, status: str) -> None:
+        """Send what is buffered, then mark the run FINISHED, FAILED or KILLED."""
+        try:
+            self.flush(wait=True)
+            if self.gave_up and (self._pending or self._held_artifacts):
+                raise self._outage.error()
+        finally:
+            self._call(lambda: self.client.set_terminated(self.run_id, status))
+
+    def _send_held(self) -> None:
+        while self._pending:
+            chunk = self._pending[:MAX_METRICS_PER_BATCH]
+            metrics = [Metric(k, float(v), t, s) for k, v, t, s in chunk]
+            self.client.log_batch(self.run_id, metrics=metrics)
+            del self._pending[: len(chunk)]
+        for path, artifact_path in list(self._held_artifacts):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            del self._held_artifacts[(path, artifact_path)]
+
+    def _call(self, op: Callable[[], _T]) -> _T:
+        """`op()`, retried while the server is unreachable; an outage stays open while
+        metrics or artifacts wait to be sent."""
+        result = self._outage.call(op)
+        if not self._pending and not self._held_artifacts:
+            self._outage.over()
+        return result
+
+
+def param_value(value: Any) -> str:
+    """A value as MLflow stores it as a param: text, redacted, cut to MLflow's length limit."""
+    text = redact(str(value))
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."

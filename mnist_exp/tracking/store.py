@@ -1,0 +1,152 @@
+"""The MLflow store: opening it (and the experiment), runs left behind, where a run came from."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from mlflow.entities import Run as MlflowRun
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mnist_exp import names
+from mnist_exp.errors import UserError
+from mnist_exp.tracking import processes
+from mnist_exp.tracking.outage import reason
+from mnist_exp.tracking.redaction import redact
+
+# MLflow draws a progress bar for every artifact download, prints a link to each run it
+# ends (its URI unredacted; the run prints its own), and announces each new SQLite store's
+# schema migration; a run's output has no room for these.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+# urllib3 warns at each of MLflow's request retries; an outage is reported once, by the `Run`.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+# The MLflow UI opens an experiment of this kind on its table of training runs (else on
+# its GenAI overview).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, str]:
+    """Open (creating if new) the store and the experiment; returns the client and its id.
+
+    A new experiment on a SQLite store keeps its artifacts in `artifacts/` beside the
+    database file, not in MLflow's default of `./mlruns` under whatever the current folder is.
+    """
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        artifact_location = (db.parent / "artifacts").resolve().as_uri()
+    try:
+        if artifact_location:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            try:
+                return client, client.create_experiment(
+                    experiment_name, artifact_location, tags=EXPERIMENT_TAGS
+                )
+            except MlflowException:  # another job created it a moment ago
+                experiment = client.get_experiment_by_name(experiment_name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise UserError(
+                f"MLflow experiment {experiment_name!r} in {redact(tracking_uri)} is deleted: "
+                f"restore it in the MLflow UI or choose another mlflow.experiment_name"
+            )
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+        fail_orphans(client, experiment.experiment_id)
+        return client, experiment.experiment_id
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(
+            f"cannot open the MLflow tracking store {redact(tracking_uri)} ({reason(exc)}): "
+            f"fix mlflow.tracking_uri or MLFLOW_TRACKING_URI"
+        ) from exc
+
+
+def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this host whose process has ended; returns their ids.
+
+    A process killed without a word (`kill -9`, a power cut) leaves its run RUNNING; the
+    next process to open the store closes it. Runs started on other hosts are left alone:
+    whether their process lives cannot be told from here. One query, filtered by status.
+    """
+    host = platform.node()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{names.HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    failed = []
+    for run in runs:
+        pid = run.data.tags.get(names.PID_TAG, "")
+        if not pid.isdigit() or processes.alive(int(pid), run.data.tags.get(names.PID_START_TAG)):
+            continue
+        why = f"process {pid} on host {host} ended without closing the run"
+        client.set_tag(run.info.run_id, names.ERROR_TAG, why)
+        client.set_terminated(run.info.run_id, "FAILED")
+        failed.append(run.info.run_id)
+    return failed
+
+
+def source_tags(project_root: Path) -> dict[str, str]:
+    """Where a run came from: git commit and dirtiness, user, host, versions, command line."""
+    tags = {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": "mnist_exp.train",
+        "mlflow.user": getpass.getuser(),
+        names.COMMAND_TAG: redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+        names.HOST_TAG: platform.node(),
+        names.VERSION_TAG + "python": platform.python_version(),
+    }
+    for package in ("mnist-exp", "torch", "torchvision", "hydra-core", "mlflow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[names.VERSION_TAG + package] = metadata.version(package)
+    commit = _git(project_root, "rev-parse", "HEAD")
+    if commit:
+        tags[names.GIT_COMMIT_TAG] = commit
+        tags[names.GIT_DIRTY_TAG] = str(bool(_git(project_root, "status", "--porcelain")))
+    return tags
+
+
+def installed_requirements() -> str:
+    """`name==version` of every installed distribution, sorted: the run's environment."""
+    dists = {d.metadata["Name"]: d.version for d in metadata.distributions() if d.metadata["Name"]}
+    return "".join(f"{name}=={dists[name]}\n" for name in sorted(dists, key=str.lower))
+
+
+def get_run(client: MlflowClient, run_id: str, tracking_uri: str) -> MlflowRun:
+    """The run with this id, or a `UserError` saying there is none in this store."""
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise UserError(
+            f"no MLflow run {run_id!r} in {redact(tracking_uri)}: pass a run id shown by "
+            f"mnist-compare or the MLflow UI (or set mlflow.tracking_uri to the store holding it)"
+        ) from exc
+
+
+def _git(cwd: Path, *args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()

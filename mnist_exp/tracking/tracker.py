@@ -1,0 +1,144 @@
+"""The tracker process (`python -m mnist_exp.tracking.tracker FD`): records one run for `RemoteRun`.
+
+It imports MLflow and opens the store while the training process imports torch, then
+records what it is sent over the socket. If the training process dies without a word, the
+tracker sees its end of the socket close and marks the run FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import signal
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from mnist_exp import names
+from mnist_exp.errors import UserError, one_line
+
+log = logging.getLogger("mnist_exp")
+
+ORPHANED = "the training process ended without closing the run (killed or crashed)"
+
+
+def _serve(conn: Connection) -> None:
+    """The tracker process: open the store, then the run, then record what it is sent."""
+    # Ctrl-C and a job scheduler's SIGTERM reach the whole process group; the training
+    # process handles them and then tells this one how the run ended.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # What MLflow's import and the opening make lives till the end: the collector's full
+    # passes over it would cost 0.3 s of CPU while training starts (see train.main).
+    gc.disable()
+    try:
+        tracking_uri, experiment_name = conn.recv()
+    except (EOFError, OSError):
+        return
+    from mnist_exp.tracking.store import open_store
+
+    try:
+        store = open_store(tracking_uri, experiment_name)
+    except Exception as exc:
+        store = exc
+    try:
+        _, (opening,) = conn.recv()
+    except (EOFError, OSError):
+        return  # the training process stopped before it began: no run
+    try:
+        if isinstance(store, Exception):
+            raise store
+        run = _open(*store, opening)
+    except Exception as exc:
+        conn.send((False, _error(exc)))
+        return
+    conn.send((True, (run.run_id, run.name, run.experiment_id)))
+    gc.freeze()  # left out of later passes, the first of which fell on the first metric
+    gc.enable()
+    handlers = {
+        "log_values": run.log_values,
+        "set_tags": run.set_tags,
+        "log_artifact": lambda path, into, defer: run.log_artifact(path, into, defer=defer),
+        "log_artifacts": run.log_artifacts,
+        "metric_history": run.metric_history,
+        "log_model": run.log_model,
+        "end": run.end,
+    }
+    while True:
+        try:
+            method, args = conn.recv()
+        except (EOFError, OSError):
+            break
+        try:
+            answer = (True, handlers[method](*args))
+        except Exception as exc:
+            answer = (False, _error(exc))
+        if method == "end":
+            with contextlib.suppress(OSError):
+                conn.send(answer)
+            return
+        try:
+            conn.send(answer)
+        except OSError:
+            break
+    try:
+        run.set_tags({names.ERROR_TAG: ORPHANED})
+        run.end("FAILED")
+    except Exception as exc:
+        if not run.gave_up:  # a server given up on was reported by the training process
+            log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
+
+
+def _open(client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:
+    """Start or reopen the run and record what it was made from; FAILED if that fails."""
+    from mnist_exp.tracking.run import Run, flatten
+    from mnist_exp.tracking.store import installed_requirements, source_tags
+
+    if "run_id" in opening:
+        run = Run.reopen(client, opening["run_id"], opening["retry"])
+        tags = opening["tags"]
+    else:
+        run = Run.start(
+            client,
+            experiment_id,
+            run_name=opening["run_name"],
+            params=flatten(opening["params"]),
+            tags=source_tags(opening["project_root"]) | opening["tags"],
+            retry_for_s=opening["retry"],
+        )
+        tags = {}
+    try:
+        if tags:
+            run.set_tags(tags)
+        if opening["files"]:
+            run.log_config_files(*opening["files"])
+        run.log_text(installed_requirements(), names.REQUIREMENTS)
+    except Exception as exc:
+        run.set_tags({names.ERROR_TAG: str(_error(exc))})
+        run.end("FAILED")
+        raise
+    return run
+
+
+def _error(exc: Exception) -> UserError:
+    """The error to raise in the training process: a `UserError` as it is, others in one line.
+
+    An unexpected one carries its traceback as `detail`, which the training process logs
+    into the run's log.
+    """
+    if isinstance(exc, UserError):
+        return exc
+    error = UserError(f"MLflow tracking failed ({one_line(exc)})")
+    error.detail = traceback.format_exc()  # type: ignore[attr-defined]
+    return error
+
+
+if __name__ == "__main__":
+    _serve(Connection(int(sys.argv[1])))
+    # All is recorded: skip tearing down MLflow's modules, about a second the run waits for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

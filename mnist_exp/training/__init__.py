@@ -1,0 +1,1 @@
+"""Training without Hydra or MLflow: models, data in memory, the loop, checkpoints."""
