@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torchvision.transforms.functional import to_tensor
 
-from mnist_exp.training.data import Split, batch_indices, load
 from mnist_exp.errors import UserError
+from mnist_exp.training.data import Split, batch_indices, load
 
 MNIST = "torchvision.datasets.MNIST"
 

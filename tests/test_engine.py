@@ -1,6 +1,7 @@
 """The loop on a tiny in-memory set: deterministic, listened to, evaluated without gradients."""
 
 import copy
+import dataclasses
 import functools
 import math
 
@@ -12,6 +13,8 @@ from mnist_exp.training.data import Data, Split, batch_indices
 from mnist_exp.training.engine import (
     Callback,
     NonFiniteLossError,
+    Schedule,
+    StepOptions,
     _warm_up,
     cpu_threads,
     epoch_generator,
@@ -46,7 +49,7 @@ class Recorder(Callback):
         self.epochs.append((epoch, step, metrics))
 
 
-def _fit(seed: int, precision: str = "32", **kwargs) -> tuple[Recorder, ConvNet]:
+def _fit(seed: int, precision: str = "32", **steps) -> tuple[Recorder, ConvNet]:
     seed_everything(seed)
     model = ConvNet()
     recorder = Recorder()
@@ -54,14 +57,10 @@ def _fit(seed: int, precision: str = "32", **kwargs) -> tuple[Recorder, ConvNet]
         model,
         torch.optim.Adam(model.parameters(), lr=1e-3),
         _tiny(),
-        epochs=2,
-        batch_size=32,
-        eval_batch_size=50,
-        seed=seed,
+        Schedule(epochs=2, batch_size=32, eval_batch_size=50, seed=seed),
         device=torch.device("cpu"),
-        precision=precision,
+        steps=StepOptions(precision=precision, **steps),
         callbacks=[recorder],
-        **kwargs,
     )
     return recorder, model
 
@@ -127,12 +126,9 @@ def test_only_fp32_steps_at_batch_size_1_leave_onednn(batch_size, precision, one
         model,
         torch.optim.Adam(model.parameters()),
         _tiny(8),
-        epochs=1,
-        batch_size=batch_size,
-        eval_batch_size=8,
-        seed=0,
+        Schedule(epochs=1, batch_size=batch_size, eval_batch_size=8, seed=0),
         device=torch.device("cpu"),
-        precision=precision,
+        steps=StepOptions(precision=precision),
     )
     assert plain_cpu_convolutions(torch.device("cpu"), batch_size, precision) is not onednn
     assert seen == {"train": {onednn}, "eval": {True}}
@@ -171,28 +167,20 @@ def test_resuming_from_a_saved_state_matches_an_uninterrupted_fit(tmp_path) -> N
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=6)
         return model, optimizer, scheduler
 
-    kwargs = dict(
-        batch_size=32, eval_batch_size=50, seed=5, device=torch.device("cpu"), channels_last=True
-    )
+    kwargs = dict(device=torch.device("cpu"), steps=StepOptions(channels_last=True))
+    two = Schedule(epochs=2, batch_size=32, eval_batch_size=50, seed=5)
     straight, recorder = setup(5), Recorder()
-    fit(*straight[:2], _tiny(), epochs=2, scheduler=straight[2], callbacks=[recorder], **kwargs)
+    fit(*straight[:2], _tiny(), two, scheduler=straight[2], callbacks=[recorder], **kwargs)
 
     first, stopped = setup(5), Recorder()
-    step = fit(*first[:2], _tiny(), epochs=1, scheduler=first[2], callbacks=[stopped], **kwargs)
+    one = dataclasses.replace(two, epochs=1)
+    step = fit(*first[:2], _tiny(), one, scheduler=first[2], callbacks=[stopped], **kwargs)
     checkpoint.save(training_state(*first, epoch=1, step=step) | {"run_id": "r"}, tmp_path / "c")
     torch.manual_seed(123)  # the RNGs must come back from the checkpoint, not from here
     second = setup(99)
     epoch, step = restore_training_state(checkpoint.load(tmp_path / "c"), *second)
-    fit(
-        *second[:2],
-        _tiny(),
-        epochs=2,
-        scheduler=second[2],
-        callbacks=[stopped],
-        **kwargs,
-        start_epoch=epoch,
-        start_step=step,
-    )
+    resumed = dataclasses.replace(two, start_epoch=epoch, start_step=step)
+    fit(*second[:2], _tiny(), resumed, scheduler=second[2], callbacks=[stopped], **kwargs)
     assert stopped.losses == recorder.losses
     for x, y in zip(
         straight[0].state_dict().values(), second[0].state_dict().values(), strict=True
@@ -213,12 +201,13 @@ class _PoisonedFrom(torch.nn.Module):
         return out * float("nan") if self.calls >= self.bad else out
 
 
-def _diverge(model, lr: float, split, recorder, **kwargs) -> NonFiniteLossError:
+def _diverge(model, lr: float, split, recorder, epochs: int, **steps) -> NonFiniteLossError:
     """Train with SGD at `lr` at batch size 32 until `fit` raises; returns its error."""
     with pytest.raises(NonFiniteLossError) as info:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        fit(model, optimizer, split, batch_size=32, eval_batch_size=50, seed=0,
-            device=torch.device("cpu"), callbacks=[recorder], **kwargs)  # fmt: skip
+        schedule = Schedule(epochs, batch_size=32, eval_batch_size=50, seed=0)
+        cpu, options = torch.device("cpu"), StepOptions(**steps)
+        fit(model, optimizer, split, schedule, device=cpu, steps=options, callbacks=[recorder])
     return info.value
 
 
@@ -229,8 +218,9 @@ def test_a_checkpoint_saved_in_another_layout_resumes_the_same_fused_adam_step()
     seed_everything(0)
     saved = ConvNet().to(memory_format=torch.channels_last)
     adam = torch.optim.Adam(saved.parameters(), lr=0.01, fused=True)
-    kwargs = dict(batch_size=32, eval_batch_size=50, seed=0, device=torch.device("cpu"))
-    step = fit(saved, adam, _tiny(), epochs=1, channels_last=True, **kwargs)
+    one = Schedule(epochs=1, batch_size=32, eval_batch_size=50, seed=0)
+    cpu = torch.device("cpu")
+    step = fit(saved, adam, _tiny(), one, device=cpu, steps=StepOptions(channels_last=True))
     state = training_state(saved, adam, None, epoch=1, step=step)
     grads = [torch.randn(p.shape) for p in saved.parameters()]
     stepped = []

@@ -15,7 +15,8 @@ import torch
 from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
 
-from mnist_exp import checkpoint, tracking
+from mnist_exp.tracking import processes, store
+from mnist_exp.training import checkpoint
 
 TINY = ("data.max_train_samples=64", "data.max_test_samples=64", "trainer.print_every_n_steps=0")
 
@@ -133,11 +134,11 @@ def test_an_unwritable_run_folder_is_one_line_and_no_run(train, tracking_uri, tm
 
 
 def test_runs_left_running_by_a_dead_process_of_this_host_are_failed(tracking_uri):
-    client, experiment_id = tracking.open_store(tracking_uri, "mnist-exp")
+    client, experiment_id = store.open_store(tracking_uri, "mnist-exp")
     here = platform.node()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    me = tracking._process_tags()
+    me = processes.process_tags()
 
     def running(name: str, **tags: str) -> str:
         return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
@@ -154,7 +155,7 @@ def test_runs_left_running_by_a_dead_process_of_this_host_are_failed(tracking_ur
     finished = running("finished", **{"mnist_exp.host": here, "mnist_exp.pid": str(dead.pid)})
     client.set_terminated(finished, "FINISHED")
 
-    tracking.open_store(tracking_uri, "mnist-exp")
+    store.open_store(tracking_uri, "mnist-exp")
     status = {name: client.get_run(run_id).info.status for name, run_id in ids.items()}
     assert status == {
         "dead": "FAILED",

@@ -15,10 +15,10 @@ import torch
 from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
 
-from mnist_exp.training import checkpoint
 from mnist_exp.errors import UserError
-from mnist_exp.training.models import ConvNet
 from mnist_exp.tracking.tracker import ORPHANED
+from mnist_exp.training import checkpoint
+from mnist_exp.training.models import ConvNet
 
 SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
 # Long enough to be stopped halfway: 1200 steps an epoch, train_loss sent every 1000 steps.
