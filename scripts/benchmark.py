@@ -44,11 +44,13 @@ from torchvision import transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mnist_exp import allocator, data, engine, tracking  # noqa: E402
 from mnist_exp.config.paths import compose_config  # noqa: E402
+from mnist_exp.runner.callbacks import MetricsLogger  # noqa: E402
+from mnist_exp.tracking import processes  # noqa: E402
+from mnist_exp.tracking.remote import RemoteRun  # noqa: E402
+from mnist_exp.tracking.store import open_store  # noqa: E402
+from mnist_exp.training import allocator, data, engine  # noqa: E402
 from mnist_exp.training.models import ConvNet  # noqa: E402
-from mnist_exp.tracker import RemoteRun  # noqa: E402
-from mnist_exp.train import MlflowLogger  # noqa: E402
 
 # Images every training loop (a, b, c) is timed over, by batch size: a whole epoch from batch
 # 64 on, so that the once-an-epoch wait for the last losses to be recorded weighs as much as
@@ -121,7 +123,7 @@ def seed_eval(root: str, batch: int) -> float:
     return total / (time.perf_counter() - start)
 
 
-class _TimedLogger(MlflowLogger):
+class _TimedLogger(MetricsLogger):
     """The run's MLflow callback, adding up the time the loop spends in it."""
 
     seconds = 0.0
@@ -133,7 +135,9 @@ class _TimedLogger(MlflowLogger):
 
     def on_epoch_end(self, *args: Any) -> None:
         start = time.perf_counter()
-        super().on_epoch_end(*args)  # sends the last losses and waits until they are recorded
+        super().on_epoch_end(*args)
+        # A run's Checkpointer waits here until every loss is recorded: so does this loop.
+        self.run.sync()
         self.seconds += time.perf_counter() - start
 
 
@@ -166,25 +170,22 @@ def ours_train(
         None,
         split.test,
     )
-    kwargs = dict(
-        batch_size=batch,
-        eval_batch_size=mode["eval_batch_size"],
-        seed=0,
-        device=torch.device("cpu"),
-        precision=mode["precision"],
-        channels_last=mode["channels_last"],
+    schedule = engine.Schedule(
+        epochs=1, batch_size=batch, eval_batch_size=mode["eval_batch_size"], seed=0
     )
-    engine.fit(model, optimizer, warm, epochs=1, **kwargs)
+    steps = engine.StepOptions(precision=mode["precision"], channels_last=mode["channels_last"])
+    cpu = torch.device("cpu")
+    engine.fit(model, optimizer, warm, schedule, device=cpu, steps=steps)
     callbacks = []
     if log_to:  # as a run records: through its tracker process, which is ready before timing
         run = RemoteRun(log_to, "benchmark")
         run.start(run_name="bench", config={}, tags={}, project_root=ROOT)
         run.sync()
-        logger = _TimedLogger(run, every=1)
+        logger = _TimedLogger(run, 1, lambda: processes.age() or 0.0)
         callbacks = [logger]
         tracker_cpu = _cpu_seconds(run.pid)
     start = time.perf_counter()
-    engine.fit(model, optimizer, split, epochs=1, callbacks=callbacks, **kwargs)
+    engine.fit(model, optimizer, split, schedule, device=cpu, steps=steps, callbacks=callbacks)
     seconds = time.perf_counter() - start
     if not log_to:
         return len(split.train) / seconds
@@ -362,7 +363,7 @@ def end_to_end(root: str, tmp: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     store = f"sqlite:///{tmp}/e2e.db"
-    tracking.open_store(store, "mnist-exp")
+    open_store(store, "mnist-exp")
     client = MlflowClient(store)
     figures: dict = {}
     wall, code, _ = command(["model=resnet999"], store, f"{tmp}/bad")
@@ -386,7 +387,7 @@ def fast_runs(root: str, store: str, tmp: str, *overrides: str) -> list[dict]:
     """`experiment=fast` (with `overrides`) for seeds 0, 1, 2: accuracy and time to 99%."""
     from mlflow.tracking import MlflowClient
 
-    tracking.open_store(store, "mnist-exp")
+    open_store(store, "mnist-exp")
     client = MlflowClient(store)
     fast = []
     for seed in (0, 1, 2):

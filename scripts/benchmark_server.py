@@ -23,19 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from mnist_exp import tracking  # noqa: E402
 from mnist_exp.config.paths import compose_config  # noqa: E402
+from mnist_exp.tracking.http import configure_requests  # noqa: E402
+from mnist_exp.tracking.run import Run, flatten  # noqa: E402
+from mnist_exp.tracking.store import open_store  # noqa: E402
 
 STEPS_PER_EPOCH = 938  # 60,000 images at batch 64
 
 
 def _runs(uri: str, experiment: str, count: int) -> float:
     """Create and finish `count` runs as jobs do; returns the seconds it took."""
-    client, experiment_id = tracking.open_store(uri, experiment)
-    params = tracking.flatten(OmegaConf.to_container(compose_config(), resolve=True))
+    client, experiment_id = open_store(uri, experiment)
+    params = flatten(OmegaConf.to_container(compose_config(), resolve=True))
     started = time.perf_counter()
     for _ in range(count):
-        run = tracking.Run.start(
+        run = Run.start(
             client, experiment_id, run_name=None, params=params, tags={"mnist_exp.bench": "1"}
         )
         for step in range(1, 101):
@@ -46,7 +48,7 @@ def _runs(uri: str, experiment: str, count: int) -> float:
 
 def runs_per_minute(uri: str, processes: int, runs: int) -> float:
     experiment = f"benchmark-runs-{int(time.time())}"
-    tracking.open_store(uri, experiment)  # create it once, before the processes race to
+    open_store(uri, experiment)  # create it once, before the processes race to
     started = time.perf_counter()
     with ProcessPoolExecutor(processes) as pool:
         list(pool.map(_runs, [uri] * processes, [experiment] * processes, [runs] * processes))
@@ -55,10 +57,10 @@ def runs_per_minute(uri: str, processes: int, runs: int) -> float:
 
 def epoch_seconds(uri: str, rounds: int = 3) -> float:
     """Best of `rounds`: log one epoch of per-step losses, buffered, and flush."""
-    client, experiment_id = tracking.open_store(uri, f"benchmark-epoch-{int(time.time())}")
+    client, experiment_id = open_store(uri, f"benchmark-epoch-{int(time.time())}")
     best = float("inf")
     for _ in range(rounds):
-        run = tracking.Run.start(client, experiment_id, run_name=None, params={}, tags={})
+        run = Run.start(client, experiment_id, run_name=None, params={}, tags={})
         started = time.perf_counter()
         for step in range(1, STEPS_PER_EPOCH + 1):
             run.log_metric("train_loss", 1.0 / step, step)
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="jobs logging at once")
     parser.add_argument("--runs", type=int, default=20, help="runs per process")
     args = parser.parse_args()
-    tracking.configure_requests(1, 30)
+    configure_requests(1, 30)
     rate = runs_per_minute(args.server, args.processes, args.runs)
     print(f"server: {rate:.0f} runs/min from {args.processes} processes ({args.runs} runs each)")
     server_s = epoch_seconds(args.server)
