@@ -1,0 +1,161 @@
+"""The project from Python: `train(overrides)` runs an experiment, `runs()` lists the recorded ones.
+
+```python
+from mnist_exp.api import train, runs
+result = train(["optimizer.lr=0.003", "trainer.epochs=1"])
+result.run_id, result.status, result.metrics["test_accuracy"], result.checkpoint
+runs()                         # the experiment's runs, as a pandas DataFrame
+runs(parent_run_id=sweep_id)   # one sweep's children
+```
+
+`train` composes the config with Hydra's compose API and runs it as a Hydra job through
+the same runner as `mnist-train`, so its MLflow run has the same params, metrics, tags and
+artifacts (plus `mnist_exp.source=python`). It can be called many times in one process: it
+never exits, and puts back Hydra's global state, the logging set-up and signal handlers.
+Bad input raises `mnist_exp.UserError` with the command line's one-line message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.utils import JobStatus, run_job
+from hydra.errors import HydraException
+from hydra.types import HydraContext
+from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from mnist_exp import names
+from mnist_exp.config.checks import check_config, check_overrides
+from mnist_exp.config.paths import CONF_DIR, compose_config
+from mnist_exp.errors import UserError, one_line
+from mnist_exp.runner.run import RunResult
+from mnist_exp.runner.run import run as run_experiment
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["RunResult", "runs", "train"]
+
+
+def train(overrides: Sequence[str] = ()) -> RunResult:
+    """Run one experiment with these overrides (as on `mnist-train`'s command line).
+
+    Returns the finished run. Raises `UserError` for bad input (the run, if it already
+    existed, marked FAILED), and `KeyboardInterrupt` on Ctrl-C (the run marked KILLED).
+    """
+    overrides = list(overrides)
+    if any(o.startswith("-") for o in overrides):
+        raise UserError(
+            f"{' '.join(o for o in overrides if o.startswith('-'))}: train() takes overrides "
+            f"only (key=value); for a sweep, use mnist-train -m"
+        )
+    check_overrides(overrides)
+    failures: list[Exception] = []  # what the job raised: Hydra's job keeps only a wrapper
+    with _hydra(overrides) as (cfg, context):
+        _unique_run_dir(cfg, overrides)
+        task = partial(_task, tags={names.SOURCE_TAG: "python"}, failures=failures)
+        with _logging_restored():
+            job = run_job(task, cfg, "hydra.run.dir", None, context, configure_logging=True)
+    if job.status == JobStatus.FAILED:
+        raise failures[0]
+    result = job.return_value
+    assert isinstance(result, RunResult)
+    return result
+
+
+def runs(
+    experiment_name: str | None = None,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
+    """The experiment's runs (newest first) as `mlflow.search_runs` shows them.
+
+    With `parent_run_id`, only that sweep's child runs. The experiment and store default
+    to the config's `mlflow.experiment_name` and `mlflow.tracking_uri`.
+    """
+    import mlflow
+
+    from mnist_exp.tracking.redaction import redact
+
+    cfg = compose_config()
+    uri = tracking_uri or str(cfg.mlflow.tracking_uri)
+    name = experiment_name or str(cfg.mlflow.experiment_name)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no MLflow store at {redact(uri)}: train a run first or pass tracking_uri")
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise UserError(
+            f"no MLflow experiment {name!r} in {redact(uri)}: pass experiment_name of one there"
+        )
+    parent = f"tags.`{names.PARENT_RUN_TAG}` = '{parent_run_id}'" if parent_run_id else ""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = mlflow.search_runs(
+            [experiment.experiment_id], filter_string=parent, order_by=["start_time DESC"]
+        )
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert not isinstance(found, list)
+    return found
+
+
+def _task(cfg: DictConfig, tags: dict[str, str], failures: list[Exception]) -> RunResult:
+    try:
+        check_config(cfg)
+        return run_experiment(cfg, tags)
+    except Exception as exc:
+        failures.append(exc)
+        raise
+
+
+@contextmanager
+def _hydra(overrides: list[str]) -> Iterator[tuple[DictConfig, HydraContext]]:
+    """The composed config (with its `hydra` node) and a context to run it as a job in."""
+    from hydra._internal.callbacks import Callbacks
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="train"):
+        try:
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise UserError(f"{one_line(exc).partition(': ')[2]}: fix the override") from None
+        loader = GlobalHydra.instance().config_loader()
+        yield cfg, HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
+
+
+def _unique_run_dir(cfg: DictConfig, overrides: list[str]) -> None:
+    """Two calls in the same second would share the default folder (named by the time)."""
+    if any(o.startswith("hydra.run.dir=") for o in overrides):
+        return
+    folder = Path(str(cfg.hydra.run.dir))
+    unique, n = folder, 1
+    while unique.exists():
+        unique, n = folder.with_name(f"{folder.name}-{n}"), n + 1
+    with open_dict(cfg):
+        cfg.hydra.run.dir = str(unique)
+
+
+@contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Hydra's job logging replaces the root logger's handlers; the caller's come back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    ours = logging.getLogger("mnist_exp")
+    our_handlers, our_level, our_propagate = ours.handlers[:], ours.level, ours.propagate
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+        ours.handlers[:], ours.level, ours.propagate = our_handlers, our_level, our_propagate

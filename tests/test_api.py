@@ -1,0 +1,164 @@
+"""From Python, as in a notebook: `mnist_exp.api.train` and `runs`, called again and again."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+from mlflow.tracking import MlflowClient
+
+from mnist_exp import UserError
+from mnist_exp.api import runs, train
+
+TINY = [
+    "trainer.epochs=1",
+    "data.max_train_samples=256",
+    "data.max_test_samples=128",
+    "mlflow.log_model=false",
+    "mlflow.log_plots=false",
+    "optimizer.lr=0.003",
+]
+
+
+@pytest.fixture
+def where(tmp_path: Path, data_root: Path, tracking_uri: str):
+    """Overrides that put the data, the store and the run folder (`name`) under the test's."""
+
+    def overrides(name: str) -> list[str]:
+        return [
+            f"data.root={data_root}",
+            f"mlflow.tracking_uri={tracking_uri}",
+            f"hydra.run.dir={tmp_path / name}",
+        ]
+
+    return overrides
+
+
+def test_train_twice_in_one_process_records_two_runs_and_leaves_the_process_as_it_was(
+    where, tracking_uri: str
+) -> None:
+    """A notebook calls train() again: two FINISHED runs, equal results, nothing left behind."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    root_handlers = logging.getLogger().handlers[:]
+
+    first = train([*TINY, *where("first")])
+    second = train([*TINY, *where("second")])
+
+    assert first.status == second.status == "FINISHED"
+    assert first.run_id != second.run_id
+    assert first.metrics["test_accuracy"] == second.metrics["test_accuracy"]
+    assert first.checkpoint is not None and first.checkpoint.is_file()
+    assert first.output_dir is not None and (first.output_dir / ".hydra/config.yaml").is_file()
+    client = MlflowClient(tracking_uri)
+    for result in (first, second):
+        run = client.get_run(result.run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mnist_exp.source"] == "python"
+        assert run.data.metrics["test_accuracy"] == result.metrics["test_accuracy"]
+        assert run.data.params["optimizer.lr"] == "0.003"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert logging.getLogger().handlers == root_handlers
+    assert not GlobalHydra.instance().is_initialized()
+
+    table = runs(tracking_uri=tracking_uri)
+    assert list(table["run_id"]) == [second.run_id, first.run_id]  # newest first
+    assert set(table["status"]) == {"FINISHED"}
+
+
+def test_bad_values_raise_user_error_in_one_line_and_record_nothing(
+    where, tracking_uri: str
+) -> None:
+    """A bad value or an unknown key is a `UserError` saying what to change; no run exists."""
+    with pytest.raises(UserError, match=r"^trainer\.epochs=-1 must be .*: change it") as bad:
+        train([*TINY, *where("bad"), "trainer.epochs=-1"])
+    with pytest.raises(UserError, match="trainer.epoch") as unknown:
+        train([*TINY, *where("unknown"), "trainer.epoch=3"])
+    with pytest.raises(UserError, match="mnist-train -m"):
+        train(["-m", *TINY])
+    for error in (bad, unknown):
+        assert "\n" not in str(error.value)
+    with pytest.raises(UserError, match="no MLflow store"):
+        runs(tracking_uri=tracking_uri)
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_run_killed_and_is_raised_again(where, tracking_uri: str) -> None:
+    """Ctrl-C during training: the run is KILLED, KeyboardInterrupt reaches the caller."""
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    log = Path(where("killed")[-1].partition("=")[2]) / "train.log"
+
+    def interrupt_once_training() -> None:
+        # The run's log, not its store: a second opener of a new SQLite store races its creation.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if log.is_file() and "Epoch [1/200] done" in log.read_text():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=interrupt_once_training, daemon=True)
+    watcher.start()
+    long_run = ["trainer.epochs=200", "data.max_train_samples=512", "trainer.progress_bar=false"]
+    with pytest.raises(KeyboardInterrupt, match="marked KILLED"):
+        train([*TINY, *where("killed"), *long_run])
+    watcher.join()
+    (run,) = MlflowClient(tracking_uri).search_runs(["1"])
+    assert run.info.status == "KILLED"
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+@pytest.mark.slow
+def test_python_and_the_command_line_record_the_same_run(
+    where, train_command, tracking_uri: str
+) -> None:
+    """The same overrides through train() and mnist-train: the same keys and test accuracy."""
+    import subprocess
+
+    from conftest import ROOT
+
+    from_python = train([*TINY, *where("python")])
+    cmd, env = train_command(*TINY)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    client = MlflowClient(tracking_uri)
+    python_run = client.get_run(from_python.run_id)
+    (cli_run,) = [r for r in client.search_runs(["1"]) if r.info.run_id != from_python.run_id]
+
+    assert python_run.data.params.keys() == cli_run.data.params.keys()
+    assert python_run.data.metrics.keys() == cli_run.data.metrics.keys()
+    assert python_run.data.tags.keys() - cli_run.data.tags.keys() == {"mnist_exp.source"}
+    assert cli_run.data.tags.keys() <= python_run.data.tags.keys()
+    assert python_run.data.metrics["test_accuracy"] == cli_run.data.metrics["test_accuracy"]
+
+    def artifacts(run_id: str, path: str = "") -> set[str]:
+        found = set()
+        for item in client.list_artifacts(run_id, path):
+            found |= artifacts(run_id, item.path) if item.is_dir else {item.path}
+        return found
+
+    assert artifacts(python_run.info.run_id) == artifacts(cli_run.info.run_id)
+    assert runs(tracking_uri=tracking_uri)["run_id"].tolist()[0] == cli_run.info.run_id
+
+
+@pytest.mark.slow
+def test_runs_lists_one_sweeps_children(train_command, tracking_uri: str) -> None:
+    """`runs(parent_run_id=...)`: the jobs of that sweep only, not the sweep's parent."""
+    import subprocess
+
+    from conftest import ROOT
+
+    cmd, env = train_command("-m", *TINY, "trainer.seed=0,1")
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    everything = runs(tracking_uri=tracking_uri)
+    (parent,) = everything.loc[everything["tags.mnist_exp.sweep"] == "true", "run_id"]
+
+    children = runs(parent_run_id=parent, tracking_uri=tracking_uri)
+    assert len(children) == 2
+    assert set(children["params.trainer.seed"]) == {"0", "1"}
+    assert set(children["tags.mlflow.parentRunId"]) == {parent}
