@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import math
 import os
@@ -163,11 +164,12 @@ def _idx(path: Path) -> Tensor:
 
 
 def _download(dataset: str, root: str, *, train: bool, download: bool) -> None:
-    from hydra.utils import get_class
-
+    module, _, name = dataset.rpartition(".")
     try:
-        dataset_cls = get_class(dataset)
-    except (ImportError, ValueError) as exc:
+        dataset_cls = getattr(importlib.import_module(module), name)
+        if not isinstance(dataset_cls, type):
+            raise ValueError(f"{dataset} is not a class")
+    except (ImportError, ValueError, AttributeError) as exc:
         raise UserError(
             f"data.dataset={dataset!r} is not a dataset class that can be imported: name a "
             f"torchvision dataset such as torchvision.datasets.MNIST, or pick data=mnist"

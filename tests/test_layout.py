@@ -1,0 +1,103 @@
+"""The package's shape: no import circle, and each folder keeps to its concern."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+PACKAGE = ROOT / "mnist_exp"
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> Iterator[str]:
+    """Every module of ours that `path` imports, at its top or inside a function."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            # `from pkg import mod` imports pkg.mod when that is a module of ours
+            names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+        else:
+            continue
+        for name in names:
+            if name in MODULES:
+                yield name
+
+
+GRAPH = {name: set(_imports(path)) - {name} for name, path in MODULES.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph`, as the list of its modules, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No import circle between modules, counting imports made inside functions."""
+    assert _cycle(GRAPH) is None, " -> ".join(_cycle(GRAPH) or [])
+
+
+def test_no_folder_imports_itself_back() -> None:
+    """Folders depend one way: training <- report <- tracking <- runner <- cli, api."""
+    folders: dict[str, set[str]] = {}
+    for module, imported in GRAPH.items():
+        folder = ".".join(module.split(".")[:2])
+        folders.setdefault(folder, set()).update(".".join(m.split(".")[:2]) for m in imported)
+    folders = {k: v - {k} for k, v in folders.items()}
+    assert _cycle(folders) is None, " -> ".join(_cycle(folders) or [])
+
+
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        ("training", ("hydra", "omegaconf", "mlflow", "mnist_exp.tracking", "mnist_exp.runner")),
+        ("tracking", ("torch", "mnist_exp.training", "mnist_exp.runner", "mnist_exp.cli")),
+        ("config", ("torch", "mlflow", "mnist_exp.training", "mnist_exp.runner")),
+        ("runner", ("mnist_exp.cli", "mnist_exp.api")),
+    ],
+)
+def test_each_folder_knows_nothing_of_what_it_must_not(folder: str, forbidden: tuple) -> None:
+    """The loop knows no Hydra or MLflow; tracking knows no torch; config no torch."""
+    for path in (PACKAGE / folder).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(forbidden), f"{path.relative_to(ROOT)} imports {name}"
