@@ -12,7 +12,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mnist_exp.config.paths import compose_config
+from mnist_exp.errors import UserError
 from mnist_exp.names import METRIC_TAG, SWEEP_TAG
+from mnist_exp.report.table import render, table
+from mnist_exp.tracking.queries import latest_sweep, sweep_runs
+from mnist_exp.tracking.redaction import redact
+from mnist_exp.tracking.store import open_store
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -27,13 +33,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
     parser.add_argument("--output", type=Path, help="write to this file instead of the terminal")
     args = parser.parse_args(argv)
-
-    from mnist_exp.config.paths import compose_config
-    from mnist_exp.errors import UserError
-    from mnist_exp.report.table import render, table
-    from mnist_exp.tracking.queries import latest_sweep, sweep_runs
-    from mnist_exp.tracking.redaction import redact
-    from mnist_exp.tracking.store import open_store
 
     cfg = compose_config()
     uri = args.tracking_uri or cfg.mlflow.tracking_uri

@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from mlflow.exceptions import MlflowException
+import requests
+from mlflow.exceptions import MlflowException, RestException
 
 from mnist_exp.errors import TrackingUnavailable
 from mnist_exp.tracking.redaction import redact
@@ -36,20 +37,19 @@ def reason(exc: BaseException) -> str:
 
 def unreachable(exc: BaseException) -> bool:
     """Whether an error means the server could not be reached or briefly could not answer."""
-    import requests
-
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, requests.ConnectionError | requests.Timeout):
             return True
         if isinstance(seen, requests.HTTPError) and seen.response is not None:
             return seen.response.status_code in _TRANSIENT_STATUS
-        if isinstance(seen, MlflowException) and seen.get_http_status_code() in _TRANSIENT_STATUS:
-            # MLflow wraps a failed connection in an exception without a cause.
-            from mlflow.exceptions import RestException
-
-            if isinstance(seen, RestException) or str(seen).startswith("API request to"):
-                return True
+        # MLflow wraps a failed connection in an exception without a cause.
+        if (
+            isinstance(seen, MlflowException)
+            and seen.get_http_status_code() in _TRANSIENT_STATUS
+            and (isinstance(seen, RestException) or str(seen).startswith("API request to"))
+        ):
+            return True
         seen = seen.__cause__ or seen.__context__
     return False
 

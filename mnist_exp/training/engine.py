@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -137,8 +138,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     with contextlib.suppress(ImportError):
-        import numpy as np
-
         np.random.seed(seed % 2**32)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -161,8 +160,6 @@ def training_state(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     with contextlib.suppress(ImportError):
-        import numpy as np
-
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         rng["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
     return {
@@ -195,8 +192,6 @@ def restore_training_state(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     if "numpy" in rng:
-        import numpy as np
-
         kind, keys, pos, has_gauss, gauss = rng["numpy"]
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     return state["epoch"], state["step"]
