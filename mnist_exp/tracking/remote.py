@@ -27,7 +27,7 @@ log = logging.getLogger("mnist_exp")
 
 # Buffered metrics are sent at least this often: the MLflow UI follows a run within seconds,
 # and an epoch's end (`sync`) waits for a few seconds' worth only. More often costs the
-# tracker more CPU than it saves (each message is a store transaction of ~6 ms).
+# tracker more CPU than it saves: each message is a store transaction.
 FLUSH_EVERY_S = 2.0
 
 

@@ -32,7 +32,7 @@ def _serve(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # What MLflow's import and the opening make lives till the end: the collector's full
-    # passes over it would cost 0.3 s of CPU while training starts (see train.main).
+    # passes over it would take CPU from training as it starts (as in cli/train.main).
     gc.disable()
     try:
         tracking_uri, experiment_name = conn.recv()

@@ -2,10 +2,8 @@
 
 Each step allocates and frees the same activations and gradients, several MB each. glibc's
 malloc hands the freed top of its heap back to the system (and serves the largest blocks with
-mmap), so the next step faults every page in again and the kernel zeroes it: on 2 cores,
-2,000-6,000 page faults and 2-6 ms of system time per step of model=wide_convnet at batch
-128. Keeping that memory made its epochs 1.04x, 1.14x and 1.37x faster in 3 alternating
-pairs. The seed's ConvNet at batch 64 rarely lost its memory that way, and gains little.
+mmap), so the next step faults every page in again and the kernel zeroes it. Figures:
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse; False where the C library is not glibc.
 
     What was freed stays with the process, for its next step, instead of going back to the
-    system. Its peak memory barely changes, as a step's memory is in use at the peak anyway
-    (experiment=best, one epoch: 920-935 MB against 860-890 MB).
+    system. Its peak memory barely changes, as a step's memory is in use at the peak anyway.
     """
     if platform.libc_ver()[0] != "glibc":
         return False

@@ -138,8 +138,8 @@ def _take(split: Split, index: Tensor | slice) -> Split:
 def _read(dataset: str, root: str, *, train: bool, download: bool) -> Split:
     """The IDX files torchvision keeps in `root/<Name>/raw/`, read directly when present.
 
-    Importing torchvision costs about 2 s of start-up (it pulls in torch._dynamo), so it is
-    only imported to download missing files; tests check both paths give the same tensors.
+    Importing torchvision is slow (it pulls in torch._dynamo), so it is only imported to
+    download missing files; tests check both paths give the same tensors.
     """
     raw = Path(root) / dataset.rsplit(".", 1)[-1] / "raw"
     prefix = "train" if train else "t10k"

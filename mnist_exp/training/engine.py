@@ -30,9 +30,8 @@ from mnist_exp.training.data import Data, Split, batch_indices
 log = logging.getLogger(__name__)
 
 _DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16), strict=True))  # autocast to
-# Up to this batch size a CPU step runs on one thread: measured on 2 cores, a second thread
-# costs more in synchronisation than it shares (0.88x at batch size 1, 1.04x at 4, 1.2x at
-# 8), and leaves a core to the run's MLflow tracker.
+# Up to this batch size a CPU step runs on one thread: a second thread costs more in
+# synchronisation than it shares, and the other core is left to the run's MLflow tracker.
 ONE_THREAD_UP_TO = 4
 
 
@@ -96,9 +95,7 @@ def plain_cpu_convolutions(device: torch.device, batch_size: int, precision: str
     """Whether training here runs faster on PyTorch's own convolutions, in NCHW.
 
     On a CPU at batch size 1 in fp32 they beat oneDNN's, which repack the weights at every
-    call: measured 1.2-1.4x the steps a second on 2 cores (NCHW about 15% faster than
-    channels_last there). From batch size 2 on, and in bf16 (a third of the speed), oneDNN's
-    win.
+    call. From batch size 2 on, and in bf16, oneDNN's win (docs/performance.md).
     """
     return device.type == "cpu" and batch_size == 1 and _DTYPES[precision] is None
 
@@ -202,7 +199,7 @@ def _lay_out_like_params(optimizer: torch.optim.Optimizer) -> None:
 
     A checkpoint saved in another memory layout (channels_last, say, where batch size 1 now
     trains in NCHW) loads with its own strides, and torch's fused CPU Adam then silently pairs
-    the wrong elements (measured: weights 0.017 off after one step at lr 0.01).
+    the wrong elements (tests/test_engine.py shows it).
     """
     for group in optimizer.param_groups:
         for param in group["params"]:
