@@ -100,7 +100,7 @@ def save(
 
     `model_target` names the network's class (e.g. `mnist_exp.models.ConvNet`), built with
     `model_kwargs`; `example` is a few images, float32 `(N, 28, 28)`, kept as input example.
-    The package goes along as code, so loading needs no installed mnist-exp.
+    The mnist_exp package goes along as code, so loading needs no installed mnist-exp.
     """
     requirements = [
         f"mlflow=={mlflow.__version__}",
@@ -114,7 +114,7 @@ def save(
             python_model=Path(__file__),
             model_config={"model_target": model_target, "model_kwargs": dict(model_kwargs)},
             artifacts={"weights": str(weights)},
-            code_paths=[str(Path(__file__).parent)],
+            code_paths=[str(Path(__file__).parents[1])],  # the whole mnist_exp package
             signature=signature(),
             input_example=example.astype(np.float32),
             pip_requirements=requirements,
