@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
+# A run of a few seconds that still learns: 2 epochs of 640 images, tested on 200.
+SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
 
 
 @pytest.fixture(scope="session")
@@ -103,3 +106,38 @@ def runs_in(tracking_uri: str, experiment: str = "mnist-exp") -> list:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def only_run(uri: str, **tags: str):
+    """The one run whose tags include `tags`; fails when there are none or several."""
+    runs = [r for r in runs_in(uri) if all(r.data.tags.get(k) == v for k, v in tags.items())]
+    assert len(runs) == 1, [r.data.tags for r in runs]
+    return runs[0]
+
+
+def loss_history(uri: str, run_id: str) -> list[tuple[int, float]]:
+    """(step, value) of every `train_loss` the run recorded."""
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train_loss")]
+
+
+def cli(module: str, *args: str, uri: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m module args mlflow.tracking_uri=uri` as a user runs it: no MLFLOW_TRACKING_URI."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, f"mlflow.tracking_uri={uri}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and proc.returncode:
+        raise AssertionError(proc.stdout + proc.stderr)
+    return proc
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

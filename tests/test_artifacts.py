@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, runs_in
+from conftest import ROOT, free_port, runs_in
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -236,14 +235,8 @@ def test_mnist_predict_refuses_bad_input_in_one_line(
 # mlflow models serve
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_predictions(trained: Trained, pyfunc):
-    port = _free_port()
+    port = free_port()
     # As in an activated virtual environment: the server runs `uvicorn` from the PATH.
     path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained.uri, "PATH": path}

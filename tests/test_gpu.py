@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import runs_in
+from conftest import SMALL, cli, loss_history, only_run, runs_in
 from mlflow.tracking import MlflowClient
-from test_rerun import SMALL, _cli, _history, _only_run
 
 from mnist_exp.training.data import Data, Split
-from mnist_exp.training.engine import Callback, fit, seed_everything
+from mnist_exp.training.engine import Callback, Schedule, StepOptions, fit, seed_everything
 from mnist_exp.training.models import ConvNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -41,9 +40,9 @@ def test_a_deterministic_gpu_run_reruns_bit_for_bit(
     train("device=cuda", "trainer.deterministic=true", f"trainer.cuda_graph={graph}", *SMALL)
     (original,) = runs_in(tracking_uri)
     run_id = original.info.run_id
-    _cli("mnist_exp.rerun", run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
-    again = _only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
-    assert _history(tracking_uri, again.info.run_id) == _history(tracking_uri, run_id)
+    cli("mnist_exp.rerun", run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
+    again = only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
+    assert loss_history(tracking_uri, again.info.run_id) == loss_history(tracking_uri, run_id)
     assert again.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
     first = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
     second = torch.load(tmp_path / "rerun" / "model.ckpt", weights_only=True)
@@ -84,9 +83,10 @@ def _fit_on_gpu(cuda_graph: bool) -> tuple[list[float], dict]:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8)
     losses = _Losses()
-    fit(model, optimizer, Data(split, None, split), epochs=2, batch_size=32, eval_batch_size=50,
-        seed=0, device=torch.device("cuda"), scheduler=scheduler, callbacks=[losses],
-        cuda_graph=cuda_graph)  # fmt: skip
+    fit(model, optimizer, Data(split, None, split),
+        Schedule(epochs=2, batch_size=32, eval_batch_size=50, seed=0),
+        device=torch.device("cuda"), steps=StepOptions(cuda_graph=cuda_graph),
+        scheduler=scheduler, callbacks=[losses])  # fmt: skip
     return losses.values, model.state_dict()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, runs_in, stop
+from conftest import ROOT, SMALL, cli, loss_history, only_run, runs_in, stop
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.errors import UserError
@@ -20,7 +20,6 @@ from mnist_exp.tracking.tracker import ORPHANED
 from mnist_exp.training import checkpoint
 from mnist_exp.training.models import ConvNet
 
-SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
 # Long enough to be stopped halfway: 1200 steps an epoch, train_loss sent every 1000 steps.
 LONG = (
     "data.max_train_samples=2400",
@@ -31,43 +30,18 @@ LONG = (
 )
 
 
-def _history(uri: str, run_id: str) -> list[tuple[int, float]]:
-    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "train_loss")]
-
-
-def _only_run(uri: str, **tags: str):
-    runs = [r for r in runs_in(uri) if all(r.data.tags.get(k) == v for k, v in tags.items())]
-    assert len(runs) == 1, [r.data.tags for r in runs]
-    return runs[0]
-
-
-def _cli(module: str, *args: str, uri: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *args, f"mlflow.tracking_uri={uri}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and proc.returncode:
-        raise AssertionError(proc.stdout + proc.stderr)
-    return proc
-
-
 def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
     train("optimizer=sgd", "optimizer.lr=0.02", *SMALL)
     (original,) = runs_in(tracking_uri)
     run_id = original.info.run_id
-    _cli("mnist_exp.rerun", run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
-    again = _only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
+    cli("mnist_exp.rerun", run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
+    again = only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
     assert again.info.status == "FINISHED"
     assert again.info.run_name.startswith("rerun of ")
     assert again.data.params["optimizer._target_"] == "torch.optim.SGD"
     same = {k: v for k, v in original.data.params.items() if not k.startswith("mlflow.")}
     assert {k: again.data.params[k] for k in same} == same
-    assert _history(tracking_uri, again.info.run_id) == _history(tracking_uri, run_id)
+    assert loss_history(tracking_uri, again.info.run_id) == loss_history(tracking_uri, run_id)
     assert again.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
     first = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
     second = torch.load(tmp_path / "rerun" / "model.ckpt", weights_only=True)
@@ -77,19 +51,19 @@ def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
 def test_a_rerun_from_a_run_folder_with_overrides_on_top(train, tracking_uri, tmp_path):
     train(*SMALL)
     (original,) = runs_in(tracking_uri)
-    _cli(
+    cli(
         "mnist_exp.rerun",
         str(tmp_path / "run"),
         "trainer.epochs=3",
         f"hydra.run.dir={tmp_path}/longer",
         uri=tracking_uri,
     )
-    longer = _only_run(tracking_uri, **{"mnist_exp.rerun_of": original.info.run_id})
+    longer = only_run(tracking_uri, **{"mnist_exp.rerun_of": original.info.run_id})
     assert longer.data.tags["mnist_exp.rerun_overrides"].startswith("trainer.epochs=3")
     assert longer.data.params["trainer.epochs"] == "3"
-    history = _history(tracking_uri, longer.info.run_id)
+    history = loss_history(tracking_uri, longer.info.run_id)
     assert len(history) == 30
-    assert history[:20] == _history(tracking_uri, original.info.run_id)
+    assert history[:20] == loss_history(tracking_uri, original.info.run_id)
 
 
 def _start(data_root: Path, uri: str, run_dir: Path) -> subprocess.Popen:
@@ -122,17 +96,17 @@ def uninterrupted(data_root, tmp_path_factory):
     """The LONG config run straight through once, for the resume tests to compare with."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    _cli("mnist_exp.train", f"data.root={data_root}", *LONG, f"hydra.run.dir={tmp}/run", uri=uri)
+    cli("mnist_exp.train", f"data.root={data_root}", *LONG, f"hydra.run.dir={tmp}/run", uri=uri)
     (run,) = runs_in(uri)
     weights = torch.load(tmp / "run" / "model.ckpt", weights_only=True)
-    return run, _history(uri, run.info.run_id), weights
+    return run, loss_history(uri, run.info.run_id), weights
 
 
 def _resumed_equals(uri: str, run_id: str, run_dir: Path, uninterrupted) -> None:
     reference, history, weights = uninterrupted
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert _history(uri, run_id) == history
+    assert loss_history(uri, run_id) == history
     assert run.data.metrics["test_accuracy"] == reference.data.metrics["test_accuracy"]
     resumed = torch.load(run_dir / "model.ckpt", weights_only=True)
     assert all(torch.equal(resumed[k], weights[k]) for k in weights)
@@ -146,10 +120,10 @@ def test_sigterm_after_an_epoch_then_resume_ends_as_if_never_stopped(
     stderr = stop(proc, signal.SIGTERM)
     assert proc.returncode != 0
     assert "--resume" in stderr.strip().splitlines()[-1]
-    stopped = _only_run(tracking_uri, **{"mnist_exp.output_dir": str(tmp_path / "stopped")})
+    stopped = only_run(tracking_uri, **{"mnist_exp.output_dir": str(tmp_path / "stopped")})
     assert stopped.info.status == "KILLED"
     run_id = stopped.info.run_id
-    _cli(
+    cli(
         "mnist_exp.rerun", run_id, "--resume", f"hydra.run.dir={tmp_path}/resumed", uri=tracking_uri
     )
     _resumed_equals(tracking_uri, run_id, tmp_path / "resumed", uninterrupted)
@@ -175,7 +149,7 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
     # Killed without a word; its tracker process sees it gone and closes the run.
     where = {"mnist_exp.output_dir": str(tmp_path / "stopped")}
     deadline = time.monotonic() + 60
-    while (stopped := _only_run(tracking_uri, **where)).info.status == "RUNNING":
+    while (stopped := only_run(tracking_uri, **where)).info.status == "RUNNING":
         assert time.monotonic() < deadline, "the run was left RUNNING"
         time.sleep(0.2)
     assert stopped.info.status == "FAILED"
@@ -183,7 +157,7 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
     state = checkpoint.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
     assert state["epoch"] == 1
     # A user who repeats the command with trainer.resume continues the same run.
-    _cli(
+    cli(
         "mnist_exp.train",
         f"data.root={data_root}",
         *LONG,
@@ -207,7 +181,7 @@ def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, 
     other = tmp_path / "other-model.ckpt"
     state = checkpoint.load(good)
     checkpoint.save(state | {"epoch": 1, "model": ConvNet(num_classes=5).state_dict()}, other)
-    before = (_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
+    before = (loss_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
     cases = [  # files that are not whole resume checkpoints: test_checkpoint_load_refuses_...
         (evil, "is truncated, corrupt or not a safe tensor file"),
         (other, f"the checkpoint of run {run.info.run_id} does not fit this model"),
@@ -218,20 +192,18 @@ def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, 
         assert proc.returncode != 0
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], proc.stderr
-    proc = _cli(
-        "mnist_exp.rerun", "0123456789abcdef0123456789abcdef", uri=tracking_uri, check=False
-    )
+    proc = cli("mnist_exp.rerun", "0123456789abcdef0123456789abcdef", uri=tracking_uri, check=False)
     assert proc.returncode != 0 and "no MLflow run" in proc.stderr
     # mnist-rerun --resume reads the run's own checkpoint: one that would run code is refused.
     good.write_bytes(evil.read_bytes())
-    proc = _cli("mnist_exp.rerun", run.info.run_id, "--resume", uri=tracking_uri, check=False)
+    proc = cli("mnist_exp.rerun", run.info.run_id, "--resume", uri=tracking_uri, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert f"{good} is truncated, corrupt or not a safe tensor file" in lines[0]
     assert not (tmp_path / "pwned").exists()
     pickle.loads(evil.read_bytes())  # the payload is real: an unsafe load runs it
     assert (tmp_path / "pwned").exists()
-    after = (_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
+    after = (loss_history(tracking_uri, run.info.run_id), client.get_run(run.info.run_id).info)
     assert after[0] == before[0]
     assert (after[1].status, after[1].end_time) == (before[1].status, before[1].end_time)
     assert len(runs_in(tracking_uri)) == 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, free_port
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -36,12 +35,6 @@ SMALL = (
 )
 STEPS = 16
 START_TIMEOUT_S = 240  # a server's first start creates its tables; slow on a busy machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _postgres_bin() -> Path:
@@ -61,7 +54,7 @@ def postgres() -> Iterator[str]:
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         shutil.chown(folder, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
 
     def pg(tool: str, *args: str) -> None:
         subprocess.run([*as_user, str(bindir / tool), *args], check=True, capture_output=True)
@@ -81,7 +74,7 @@ class TrackingServer:
     """`scripts/tracking-server.sh` in its own process group, which can be killed and restarted."""
 
     def __init__(self, database: str, folder: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = folder / "server.log"
         self.env = os.environ | {

@@ -12,12 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, runs_in, stop
+from conftest import ROOT, SMALL, runs_in, stop
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.training.models import ConvNet
-
-SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
 
 
 def test_a_small_run_records_everything_in_mlflow(train, tracking_uri: str, tmp_path: Path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port
 from mlflow.tracking import MlflowClient
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -41,12 +40,6 @@ SWEEP = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """A store holding a two-job sweep, served by `mlflow server` on a free local port."""
@@ -58,7 +51,7 @@ def ui(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
          f"mlflow.tracking_uri={uri}", f"hydra.sweep.dir={tmp}/sweep", *SWEEP],
         cwd=ROOT, env=env, check=True, capture_output=True, timeout=600,
     )  # fmt: skip
-    port = _free_port()
+    port = free_port()
     log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed after the server stops
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
