@@ -61,7 +61,11 @@ def train(overrides: Sequence[str] = ()) -> RunResult:
     failures: list[Exception] = []  # what the job raised: Hydra's job keeps only a wrapper
     with _hydra(overrides) as (cfg, context):
         _unique_run_dir(cfg, overrides)
-        task = partial(_task, tags={names.SOURCE_TAG: "python"}, failures=failures)
+        tags = {
+            names.SOURCE_TAG: "python",
+            names.COMMAND_TAG: f"mnist_exp.api.train({overrides!r})",
+        }
+        task = partial(_task, tags=tags, failures=failures)
         with _logging_restored():
             job = run_job(task, cfg, "hydra.run.dir", None, context, configure_logging=True)
     if job.status == JobStatus.FAILED:

@@ -135,6 +135,9 @@ def test_python_and_the_command_line_record_the_same_run(
     assert python_run.data.tags.keys() - cli_run.data.tags.keys() == {"mnist_exp.source"}
     assert cli_run.data.tags.keys() <= python_run.data.tags.keys()
     assert python_run.data.metrics["test_accuracy"] == cli_run.data.metrics["test_accuracy"]
+    # Each records how it was started: the command line, or the call.
+    assert cli_run.data.tags["mnist_exp.command"] == " ".join(["train.py", *cmd[3:]])
+    assert python_run.data.tags["mnist_exp.command"].startswith("mnist_exp.api.train([")
 
     def artifacts(run_id: str, path: str = "") -> set[str]:
         found = set()

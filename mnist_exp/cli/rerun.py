@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(f"{USAGE}\n\n{(__doc__ or '').strip()}")
         sys.exit(0 if args else 2)
+    command = " ".join([Path(sys.argv[0]).name, *args])
     source, rest = args[0], args[1:]
     resume = "--resume" in rest
     overrides = [a for a in rest if a != "--resume"]
@@ -35,4 +36,4 @@ def main(argv: Sequence[str] | None = None) -> None:
         if resume:
             overrides.append(f"trainer.resume={run_id}")
         sys.argv = ["mnist-train", "--config-dir", conf_dir, "--config-name", "rerun", *overrides]
-        train.run_command(overrides)
+        train.run_command(overrides, command)

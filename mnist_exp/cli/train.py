@@ -11,6 +11,8 @@ import gc
 import logging
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,10 +22,21 @@ from omegaconf import DictConfig
 from mnist_exp.config.checks import check_config, check_overrides
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.errors import UserError
+from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner import run as runner
 
 log = logging.getLogger("mnist_exp")
-_finished: list[bool] = []  # a single run (not a sweep's job) that finished appends True
+
+
+@dataclass
+class _Invocation:
+    """What Hydra's task function needs to know of the command line it runs for."""
+
+    command: str = ""  # as the user typed it, recorded with each run
+    finished: bool = False  # a single run (not a sweep's job) finished
+
+
+_invocation = _Invocation()
 
 
 def main() -> None:
@@ -42,9 +55,10 @@ def main() -> None:
         os._exit(0)
 
 
-def run_command(args: list[str]) -> bool:
+def run_command(args: list[str], command: str | None = None) -> bool:
     """Run the command line `args` (already in `sys.argv`, where Hydra reads it).
 
+    `command` is what the user typed, when another command (`mnist-rerun`) calls this.
     True when it was a single run that finished. Exits with a one-line message on bad input
     or Ctrl-C.
     """
@@ -52,12 +66,13 @@ def run_command(args: list[str]) -> bool:
         check_overrides(args)
     except UserError as exc:
         sys.exit(f"error: {exc}")
-    _finished.clear()
+    _invocation.command = command or " ".join([Path(sys.argv[0]).name, *args])
+    _invocation.finished = False
     try:
         _main()
     except KeyboardInterrupt as exc:
         sys.exit(str(exc) or "interrupted")
-    return bool(_finished)
+    return _invocation.finished
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -66,9 +81,8 @@ def _main(cfg: DictConfig) -> float:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         check_config(cfg)
-        result = runner.run(cfg)
-        if not in_sweep:
-            _finished.append(True)
+        result = runner.run(cfg, {COMMAND_TAG: _invocation.command})
+        _invocation.finished = not in_sweep
         return runner.optimized(result, cfg.optimized_metric)
     except UserError as exc:
         if not in_sweep:
