@@ -1,0 +1,177 @@
+"""README.md against the code: it names what exists, and what it names exists.
+
+- the layout table has a row for every module of `mnist_exp/` (every `.py` file but
+  `__init__.py`, whose package gets a row as `folder/`), and no row for anything missing;
+- the quick start still holds the two commands CI and newcomers run;
+- every `mnist-*` command is an entry point of pyproject.toml, every `python -m mnist_exp.*`
+  a runnable module, every project path a file or folder, and every `mnist-train` command's
+  overrides compose into a config that passes the range checks.
+
+Nothing here trains or starts a process: it reads files and composes configs.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from mnist_exp.config.checks import check_config
+from mnist_exp.config.paths import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PERFORMANCE = ROOT / "docs" / "performance.md"
+PACKAGE = ROOT / "mnist_exp"
+# The top-level folders the layout table names beside the package.
+TOP_LEVEL = ("conf/", "scripts/", "tests/", "outputs/", "mlruns/", "docs/")
+QUICK_START = ("bash scripts/setup.sh && .venv/bin/mnist-train", "bash scripts/test.sh")
+NOT_COMMANDS = {"mnist-exp"}  # the project's name, not a command
+
+
+def _section(title: str) -> str:
+    """The text of README's `## title` section, up to the next `## ` heading."""
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README.read_text(), re.M | re.S)
+    assert found, f"README.md has no '## {title}' section"
+    return found.group(1)
+
+
+def _layout_rows() -> list[str]:
+    """The first cell of each row of the Layout section's tables, without its backticks."""
+    return re.findall(r"^\|\s*`([^`]+)`\s*\|", _section("Layout"), re.M)
+
+
+def _package_entries() -> set[str]:
+    """What the table must name: modules as `runner/run.py`, sub-packages as `runner/`."""
+    entries = set()
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        if path.name != "__init__.py":
+            entries.add(relative.as_posix())
+        elif relative.parent != Path("."):
+            entries.add(f"{relative.parent.as_posix()}/")
+    return entries
+
+
+def _documents() -> list[tuple[str, str]]:
+    return [(p.relative_to(ROOT).as_posix(), p.read_text()) for p in (README, PERFORMANCE)]
+
+
+def _entry_points() -> dict[str, str]:
+    """pyproject.toml's [project.scripts]: command name -> `module:function`."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    assert section, "pyproject.toml has no [project.scripts]"
+    return dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]+)"', section.group(1), re.M))
+
+
+def _module_file(module: str) -> Path | None:
+    """The file `python -m module` runs, if the module is ours and exists."""
+    path = ROOT.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__main__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _train_commands() -> list[tuple[str, ...]]:
+    """The arguments of every `mnist-train` command in the README and docs/performance.md.
+
+    A command ends at a backtick, a table cell, a comment or the end of the line.
+    """
+    pattern = r"\bmnist-train((?: +[^\s`|#]+)*)"
+    return sorted(
+        {tuple(shlex.split(a)) for _, text in _documents() for a in re.findall(pattern, text)}
+    )
+
+
+def test_layout_table_names_every_module_and_package() -> None:
+    missing = sorted(_package_entries() - set(_layout_rows()))
+    assert not missing, f"README.md's layout table has no row for {missing} (under mnist_exp/)"
+
+
+def test_layout_table_names_the_top_level_folders() -> None:
+    missing = [folder for folder in TOP_LEVEL if folder not in _layout_rows()]
+    assert not missing, f"README.md's layout table has no row for {missing}"
+
+
+def test_layout_table_names_nothing_that_is_not_there() -> None:
+    rows = _layout_rows()
+    assert len(rows) == len(set(rows)), "README.md's layout table names a path twice"
+    gone = []
+    for row in rows:
+        if row in TOP_LEVEL:
+            exists = (ROOT / row).is_dir()
+        elif row.endswith("/"):
+            exists = (PACKAGE / row / "__init__.py").is_file()
+        else:
+            exists = row.endswith(".py") and (PACKAGE / row).is_file()
+        if not exists:
+            gone.append(row)
+    assert not gone, f"README.md's layout table names {gone}, which mnist_exp/ does not have"
+
+
+def test_quick_start_holds_the_two_commands() -> None:
+    first = re.search(r"^## (.+)$", README.read_text(), re.M)
+    assert first and first.group(1) == "Quick start", "README must open on its quick start"
+    blocks = re.findall(r"^```bash\n(.*?)^```", _section("Quick start"), re.M | re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    for command in QUICK_START:
+        assert command in lines, f"README.md's quick start lost `{command}`"
+    assert (ROOT / "scripts" / "setup.sh").is_file() and (ROOT / "scripts" / "test.sh").is_file()
+
+
+def test_every_mnist_command_is_an_entry_point() -> None:
+    scripts = _entry_points()
+    named = {m for _, text in _documents() for m in re.findall(r"\bmnist-[a-z]+\b", text)}
+    named -= NOT_COMMANDS
+    assert named, "README.md names no mnist-* command"
+    unknown = sorted(named - set(scripts))
+    assert not unknown, f"{unknown} named in the docs are not in pyproject's [project.scripts]"
+    for command, target in scripts.items():
+        module, _, function = target.partition(":")
+        path = _module_file(module)
+        assert path, f"{command} = {target}: no module {module}"
+        assert re.search(rf"^def {function}\(", path.read_text(), re.M), (
+            f"{command} = {target}: {path.relative_to(ROOT)} defines no {function}()"
+        )
+
+
+def test_every_python_m_module_is_runnable() -> None:
+    pattern = r"python -m (mnist_exp[\w.]*)"
+    named = {m for _, text in _documents() for m in re.findall(pattern, text)}
+    assert named, "README.md names no `python -m mnist_exp.*` command"
+    for module in sorted(named):
+        path = _module_file(module)
+        assert path, f"`python -m {module}` is named in the docs, but there is no such module"
+        assert path.name == "__main__.py" or '__name__ == "__main__"' in path.read_text(), (
+            f"`python -m {module}`: {path.relative_to(ROOT)} does nothing when run"
+        )
+
+
+def test_every_project_path_named_exists() -> None:
+    pattern = r"(?<![\w./-])((?:conf|scripts|tests|docs|mnist_exp)/[\w./-]*[\w/])"
+    missing = [
+        (name, path)
+        for name, text in _documents()
+        for path in sorted(set(re.findall(pattern, text)))
+        if not (ROOT / path).exists()
+    ]
+    assert not missing, f"paths named in the docs that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("args", _train_commands(), ids=lambda args: " ".join(args) or "defaults")
+def test_every_mnist_train_command_composes(args: tuple[str, ...]) -> None:
+    """Its overrides compose and pass the range checks (a sweep: its first job)."""
+    sweep = "-m" in args
+    overrides = []
+    for arg in args:
+        if "=" not in arg:  # flags (-m, --cfg) and their values
+            continue
+        key, _, value = arg.partition("=")
+        if sweep and "," in value and not value.startswith(("[", "{")):
+            value = value.split(",")[0]
+        overrides.append(f"{key}={value}")
+    check_config(compose_config(overrides))
