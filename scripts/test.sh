@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv with the test tools, then lint and run the whole test suite.
 # Offline, the tests read MNIST from $MNIST_EXP_DATA; when unset and ../shared/data is
-# beside the project, a temporary copy is seeded from it. Extra arguments go to pytest.
+# beside the project, a temporary copy is seeded from it. Extra arguments go to pytest; the
+# quick tier (under a minute) is: bash scripts/test.sh -m "not slow and not server and not browser"
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh dev

@@ -40,6 +40,7 @@ def where(tmp_path: Path, data_root: Path, tracking_uri: str):
     return overrides
 
 
+@pytest.mark.slow
 def test_train_twice_in_one_process_records_two_runs_and_leaves_the_process_as_it_was(
     where, tracking_uri: str
 ) -> None:

@@ -77,6 +77,7 @@ def pyfunc(trained: Trained) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
 
 
+@pytest.mark.slow
 def test_the_run_holds_three_valid_pictures(trained: Trained, tmp_path: Path):
     client = MlflowClient(trained.uri)
     listed = {a.path for a in client.list_artifacts(trained.run_id, "plots")}
@@ -91,6 +92,7 @@ def test_the_run_holds_three_valid_pictures(trained: Trained, tmp_path: Path):
         assert pixels.std() > 10, f"{name} is blank"
 
 
+@pytest.mark.slow
 def test_per_class_accuracy_adds_up_to_the_test_accuracy(trained: Trained):
     metrics = MlflowClient(trained.uri).get_run(trained.run_id).data.metrics
     per_class = [metrics[f"test_accuracy_class_{k}"] for k in range(10)]
@@ -101,6 +103,7 @@ def test_per_class_accuracy_adds_up_to_the_test_accuracy(trained: Trained):
     assert metrics["test_accuracy"] > 0.8  # the pictures and the CLI tests need a fair model
 
 
+@pytest.mark.slow
 def test_the_logged_model_predicts_raw_pixels_like_the_checkpoint(
     trained: Trained, pyfunc, tmp_path: Path
 ):
@@ -146,6 +149,7 @@ def test_saving_the_model_imports_no_torch(tmp_path: Path):
     assert len(loaded.predict(np.zeros((3, 28, 28), np.float32))) == 3
 
 
+@pytest.mark.slow
 def test_without_a_terminal_plain_lines_and_a_summary(trained: Trained):
     out = trained.stdout
     assert "Test Accuracy of the model on the 500 test images: " in out
@@ -181,6 +185,7 @@ def _predict(*args: str, uri: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_mnist_predict_reads_digits_of_any_size_and_background(
     trained: Trained, pyfunc, tmp_path: Path
 ):
@@ -205,6 +210,7 @@ def test_mnist_predict_reads_digits_of_any_size_and_background(
         assert 10 <= float(match[2]) <= 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
@@ -235,6 +241,7 @@ def test_mnist_predict_refuses_bad_input_in_one_line(
 # mlflow models serve
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_predictions(trained: Trained, pyfunc):
     port = free_port()
     # As in an activated virtual environment: the server runs `uvicorn` from the PATH.

@@ -11,9 +11,12 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, runs_in
 from mlflow.tracking import MlflowClient
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # each test runs mnist-train
 
 QUICK = ("trainer.epochs=1", "data.max_train_samples=1500", "data.max_test_samples=200")
 

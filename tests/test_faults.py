@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
@@ -25,6 +26,7 @@ def _ckpt_artifact(uri: str, run_id: str, dest: Path) -> Path:
     return Path(MlflowClient(uri).download_artifacts(run_id, "checkpoints/last.ckpt", str(dest)))
 
 
+@pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
     data_root, tracking_uri, tmp_path
 ):
@@ -69,6 +71,7 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
     assert logged.read_bytes() == (run_dir / "checkpoints" / "last.ckpt").read_bytes()
 
 
+@pytest.mark.slow
 def test_a_nan_loss_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint(
     train, tracking_uri, tmp_path
 ):
@@ -104,6 +107,7 @@ def test_a_nan_loss_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint
     assert "test_accuracy" not in run.data.metrics
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_run_with_one_line_naming_the_folder(train, tracking_uri, tmp_path):
     # The checkpoint's temporary file leads to /dev/full: its writes fail with ENOSPC.
     folder = tmp_path / "run" / "checkpoints"

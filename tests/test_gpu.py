@@ -16,6 +16,7 @@ from mnist_exp.training.models import ConvNet
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_a_gpu_run_records_everything_and_its_checkpoint_loads_without_a_gpu(
     train, tracking_uri: str, tmp_path: Path, precision: str
@@ -33,6 +34,7 @@ def test_a_gpu_run_records_everything_and_its_checkpoint_loads_without_a_gpu(
     ConvNet().load_state_dict(weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("graph", ["false", "true"])
 def test_a_deterministic_gpu_run_reruns_bit_for_bit(
     train, tracking_uri: str, tmp_path: Path, graph: str
@@ -49,6 +51,7 @@ def test_a_deterministic_gpu_run_reruns_bit_for_bit(
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "graphed"),
     [(("model=wide_convnet",), True), (("data.max_shift=2", "trainer.epochs=1"), False)],

@@ -30,6 +30,7 @@ LONG = (
 )
 
 
+@pytest.mark.slow
 def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
     train("optimizer=sgd", "optimizer.lr=0.02", *SMALL)
     (original,) = runs_in(tracking_uri)
@@ -48,6 +49,7 @@ def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow
 def test_a_rerun_from_a_run_folder_with_overrides_on_top(train, tracking_uri, tmp_path):
     train(*SMALL)
     (original,) = runs_in(tracking_uri)
@@ -112,6 +114,7 @@ def _resumed_equals(uri: str, run_id: str, run_dir: Path, uninterrupted) -> None
     assert all(torch.equal(resumed[k], weights[k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_sigterm_after_an_epoch_then_resume_ends_as_if_never_stopped(
     data_root, tracking_uri, tmp_path, uninterrupted
 ):
@@ -130,6 +133,7 @@ def test_sigterm_after_an_epoch_then_resume_ends_as_if_never_stopped(
     assert MlflowClient(tracking_uri).get_run(run_id).data.tags["mnist_exp.resumed_from_epoch"]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
     data_root, tracking_uri, tmp_path, uninterrupted
 ):
@@ -169,6 +173,7 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
     assert "mnist_exp.error" not in client.get_run(stopped.info.run_id).data.tags
 
 
+@pytest.mark.slow
 def test_bad_resume_sources_are_refused_and_change_nothing(train, tracking_uri, tmp_path):
     train(*SMALL, "trainer.epochs=3")
     (run,) = runs_in(tracking_uri)

@@ -25,6 +25,8 @@ from conftest import ROOT, free_port
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
 # 1024 images at batch 64: 16 steps an epoch.
 SMALL = (
     "data.max_train_samples=1024",

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import ROOT, runs_in
 from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.slow  # each test runs a sweep or a run
 
 SMALL = (
     "data.max_train_samples=256",

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from mnist_exp.training.models import ConvNet
 
 
+@pytest.mark.slow
 def test_a_small_run_records_everything_in_mlflow(train, tracking_uri: str, tmp_path: Path):
     proc = train(*SMALL, "optimizer.lr=0.002", "trainer.print_every_n_steps=5")
     assert "Epoch [2/2], Step [10/10], Loss: " in proc.stdout
@@ -58,6 +59,7 @@ def test_a_small_run_records_everything_in_mlflow(train, tracking_uri: str, tmp_
     assert (tmp_path / "run" / "model.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_log_every_n_steps_and_a_validation_split(train, tracking_uri: str):
     train(*SMALL, "trainer.log_every_n_steps=3", "data.val_size=500")
     (run,) = runs_in(tracking_uri)
@@ -70,6 +72,7 @@ def test_log_every_n_steps_and_a_validation_split(train, tracking_uri: str):
     assert run.data.params["data.val_size"] == "500"
 
 
+@pytest.mark.slow
 def test_the_seeds_own_setting_trains_one_image_a_step(train, tracking_uri: str):
     train("experiment=seed", "data.max_train_samples=24", "data.max_test_samples=50")
     (run,) = runs_in(tracking_uri)
@@ -80,6 +83,7 @@ def test_the_seeds_own_setting_trains_one_image_a_step(train, tracking_uri: str)
     assert 0 <= run.data.metrics["test_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_an_exception_during_training_marks_the_run_failed(train, tracking_uri: str):
     # Ten digit classes into a five-way classifier: cross-entropy fails on the first batch.
     proc = train(*SMALL, "model.num_classes=5", check=False)
@@ -89,6 +93,7 @@ def test_an_exception_during_training_marks_the_run_failed(train, tracking_uri: 
     assert "out of bounds" in run.data.tags["mnist_exp.error"]
 
 
+@pytest.mark.slow
 def test_sigterm_marks_the_run_killed(data_root: Path, tracking_uri: str, tmp_path: Path):
     cmd = [
         sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
@@ -140,9 +145,14 @@ def test_unknown_option_or_key_fails_in_hydra_without_a_run(
         ("optimizer.lr=0", "optimizer.lr"),
         ("data.batch_size=0", "data.batch_size"),
         ("trainer.epochs=-1", "trainer.epochs"),
-        ("data.val_size=60000", "data.val_size"),
+        # Refused only once torch is imported (and the data loaded): seconds, not a fraction.
+        pytest.param("data.val_size=60000", "data.val_size", marks=pytest.mark.slow),
     ]
-    + ([] if torch.cuda.is_available() else [("device=cuda", "device=cuda")]),
+    + (
+        []
+        if torch.cuda.is_available()
+        else [pytest.param("device=cuda", "device=cuda", marks=pytest.mark.slow)]
+    ),
 )
 def test_impossible_values_are_one_clear_line_without_a_run(train, tracking_uri, override, key):
     proc = train(override, check=False)
@@ -153,6 +163,7 @@ def test_impossible_values_are_one_clear_line_without_a_run(train, tracking_uri,
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_one_clear_line(train, tracking_uri, tmp_path: Path):
     proc = train(f"data.root={tmp_path}/empty", "data.download=false", check=False)
     assert proc.returncode != 0
@@ -162,6 +173,7 @@ def test_missing_dataset_is_one_clear_line(train, tracking_uri, tmp_path: Path):
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.slow
 def test_a_store_that_cannot_be_opened_is_named(train, tmp_path: Path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")

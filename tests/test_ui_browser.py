@@ -19,6 +19,8 @@ import pytest
 from conftest import ROOT, free_port
 from mlflow.tracking import MlflowClient
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # and a sweep to show
+
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
     "--headless",
