@@ -80,20 +80,21 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
         raise
     _startup_done()
     log.info(f"Training on {setup.device}; recording in {redact(uri)}")
-    files = out_dir / hydra_cfg.output_subdir
+    # hydra.output_subdir=null: Hydra kept no copy of the config, so there is none to record.
+    files = out_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
     if state is None:
         recorder.start(
             run_name=cfg.mlflow.run_name or name_from(overrides),
             config=config,
             tags=tags,
             project_root=PROJECT_ROOT,
-            files=(files, names.HYDRA_FILES),
+            files=(files, names.HYDRA_FILES) if files else None,
             retry_for_s=retry_for_s,
         )
     else:
         tags[names.RESUMED_FROM_EPOCH_TAG] = str(start[0])
-        resumed_files = (files, f"{names.HYDRA_FILES}/resumed-{start[0]}")
-        recorder.reopen(run_id, tags=tags, files=resumed_files, retry_for_s=retry_for_s)
+        resumed = (files, f"{names.HYDRA_FILES}/resumed-{start[0]}") if files else None
+        recorder.reopen(run_id, tags=tags, files=resumed, retry_for_s=retry_for_s)
         log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
     with lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]):
         from mnist_exp.runner.train_and_test import train_and_test

@@ -85,7 +85,7 @@ class RemoteRun:
         run_id: str,
         *,
         tags: Mapping[str, str],
-        files: tuple[Path, str],
+        files: tuple[Path, str] | None,
         retry_for_s: float = 0.0,
     ) -> None:
         """Continue a stopped run (see `run.Run.reopen`), adding tags and files as `start`."""
