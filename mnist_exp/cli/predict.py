@@ -36,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         predictions = model.predict(pixels)
     except UserError as exc:
         sys.exit(f"error: {exc}")
+    import pandas as pd  # loaded with MLflow by now
+
+    # Any model's output may be many things; the classifier's (serving.py) is a DataFrame.
+    assert isinstance(predictions, pd.DataFrame)
     for path, label, probability in zip(
         args.images, predictions["label"], predictions["probability"], strict=True
     ):

@@ -21,6 +21,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema, TensorSpec
 from mlflow.types.schema import Array
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 IMAGE_SIZE = 28
 
 
-class MnistClassifier(mlflow.pyfunc.PythonModel):
+class MnistClassifier(PythonModel):
     """Predicts on float32 images of pixel values in [0, 255], shaped `(N, 28, 28)`.
 
     Pixels as the MNIST files hold them: 0 is the dark background, 255 the brightest ink.
@@ -41,7 +42,7 @@ class MnistClassifier(mlflow.pyfunc.PythonModel):
     def __init__(self) -> None:
         self.net: torch.nn.Module | None = None
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         """Build the network class named in the model config and load the logged weights."""
         import torch
 
@@ -54,7 +55,7 @@ class MnistClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(
         self,
-        context: mlflow.pyfunc.PythonModelContext,
+        context: PythonModelContext,
         model_input: np.ndarray,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:

@@ -27,8 +27,8 @@ def plot_sweep(runs: Sequence[Run], metric: str, path: Path) -> bool:
     for ax, param in zip(axes[0], params, strict=True):
         values = [overrides.get(param, "") for overrides in given]
         ys = [r.data.metrics[metric] for r in scored]
-        numbers = [_float(v) for v in values]
-        if all(n is not None for n in numbers):
+        numbers = [n for n in map(_float, values) if n is not None]
+        if len(numbers) == len(values):
             ax.scatter(numbers, ys)
             if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
                 ax.set_xscale("log")

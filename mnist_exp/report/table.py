@@ -50,8 +50,9 @@ def rank(runs: Sequence[Run], metric: str) -> list[Run]:
 
     def key(run: Run) -> tuple[bool, float]:
         value = run.data.metrics.get(metric)
-        missing = value is None or math.isnan(value)
-        return missing, 0.0 if missing else sign * value
+        if value is None or math.isnan(value):
+            return True, 0.0
+        return False, sign * value
 
     return sorted(runs, key=key)
 

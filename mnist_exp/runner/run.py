@@ -52,8 +52,9 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     overrides = list(hydra_cfg.overrides.task)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     uri = cfg.mlflow.tracking_uri
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(tree, dict)
+    config = {str(k): v for k, v in tree.items()}
     configure_requests(cfg.mlflow.get("request_max_retries"), cfg.mlflow.get("request_timeout_s"))
     retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0)
     tags = {

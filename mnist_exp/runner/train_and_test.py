@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch.nn import Module
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnist_exp import names
@@ -36,7 +38,8 @@ def train_and_test(
     Then per-class test accuracy, the pictures (`mlflow.log_plots`) and the servable model
     (`mlflow.log_model`). Returns the test result and the last value of each metric logged.
     """
-    net = torch.compile(setup.model) if cfg.trainer.compile else setup.model
+    # torch.compile makes an OptimizedModule, a Module, which torch annotates as a callable.
+    net = cast(Module, torch.compile(setup.model)) if cfg.trainer.compile else setup.model
     layout = channels_last(cfg, setup.device)
     steps = engine.StepOptions(
         precision=str(cfg.trainer.precision),
@@ -99,8 +102,9 @@ def train_and_test(
     checkpoint.write_atomic({k: v.cpu() for k, v in setup.model.state_dict().items()}, weights)
     run.log_artifact(weights, names.CHECKPOINTS)
     if cfg.mlflow.log_model:  # the tracker builds the model while this process draws
-        kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-        assert isinstance(kwargs, dict)
+        tree = OmegaConf.to_container(cfg.model, resolve=True)
+        assert isinstance(tree, dict)
+        kwargs = {str(k): v for k, v in tree.items()}
         target = kwargs.pop("_target_")
         example = setup.data.test.images[:3, 0].numpy()
         run.log_model(out_dir / "mlflow_model", weights, target, kwargs, example)

@@ -259,5 +259,5 @@ def _signals_held() -> Iterator[None]:
     finally:
         for number, handler in zip(held, previous, strict=True):
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
-        for number in caught:
-            signal.raise_signal(number)
+        for signum in caught:
+            signal.raise_signal(signum)

@@ -5,6 +5,7 @@ It knows MLflow and nothing of the training loop: it is handed flat values to re
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -98,7 +99,7 @@ class Run:
         items = [Param(k, param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             chunk = items[i : i + MAX_PARAMS_PER_BATCH]
-            run._call(lambda chunk=chunk: client.log_batch(run.run_id, params=chunk))
+            run._call(functools.partial(client.log_batch, run.run_id, params=chunk))
         return run
 
     @classmethod
@@ -112,13 +113,14 @@ class Run:
         info = outage.call(lambda: client.get_run(run_id))
         recorded = {
             key: max(
-                m.step for m in outage.call(lambda key=key: client.get_metric_history(run_id, key))
+                m.step
+                for m in outage.call(functools.partial(client.get_metric_history, run_id, key))
             )
             for key in info.data.metrics
         }
         for key in names.FAILURE_TAGS:
             if key in info.data.tags:
-                outage.call(lambda key=key: client.delete_tag(run_id, key))
+                outage.call(functools.partial(client.delete_tag, run_id, key))
         tags = [RunTag(k, v) for k, v in processes.process_tags().items()]
         outage.call(lambda: client.log_batch(run_id, tags=tags))
         outage.call(lambda: client.update_run(run_id, status="RUNNING"))
@@ -189,7 +191,7 @@ class Run:
             key: sorted(
                 (m.step, m.value)
                 for m in self._call(
-                    lambda key=key: self.client.get_metric_history(self.run_id, key)
+                    functools.partial(self.client.get_metric_history, self.run_id, key)
                 )
             )
             for key in keys

@@ -15,10 +15,13 @@ import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnist_exp import names
 from mnist_exp.errors import UserError, one_line
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("mnist_exp")
 
@@ -40,6 +43,7 @@ def _serve(conn: Connection) -> None:
         return
     from mnist_exp.tracking.store import open_store
 
+    store: tuple[MlflowClient, str] | Exception
     try:
         store = open_store(tracking_uri, experiment_name)
     except Exception as exc:

@@ -56,11 +56,12 @@ def write_atomic(obj: Any, path: Path) -> None:
 def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
     """The `KeyboardInterrupt` that `exc` is, or was raised while handling, if any."""
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__context__
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__context__
     return None
 
 

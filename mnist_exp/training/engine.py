@@ -119,7 +119,8 @@ def step_kernels(device: torch.device, batch_size: int, precision: str) -> Itera
     """
     before = torch.backends.mkldnn.enabled
     if plain_cpu_convolutions(device, batch_size, precision):
-        torch.backends.mkldnn.enabled = False
+        # torch annotates the switch as its descriptor (ContextProp); it takes a bool.
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
     try:
         yield
     finally:
@@ -157,7 +158,9 @@ def training_state(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     with contextlib.suppress(ImportError):
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = np.random.get_state()  # the legacy tuple, not the dict of legacy=False
+        assert isinstance(state, tuple)
+        kind, keys, pos, has_gauss, gauss = state
         rng["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
     return {
         "epoch": epoch,
