@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv with the test tools, then lint and run the whole test suite.
+# Set up .venv with the test tools, then lint, type-check and run the whole test suite.
 # Offline, the tests read MNIST from $MNIST_EXP_DATA; when unset and ../shared/data is
 # beside the project, a temporary copy is seeded from it. Extra arguments go to pytest; the
 # quick tier (under a minute) is: bash scripts/test.sh -m "not slow and not server and not browser"
@@ -14,5 +14,6 @@ if [[ -z ${MNIST_EXP_DATA:-} && -x ../shared/data/seed.sh ]]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy mnist_exp
 # pytest exits 5 when it collects no test: that is a failure here, as any non-zero code.
 .venv/bin/python -m pytest "$@"
