@@ -1,16 +1,21 @@
 """Every option of every config group composes, validates and instantiates."""
 
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from mnist_exp.config import schema
+from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import CONF_DIR, PROJECT_ROOT, compose_config
-from mnist_exp.training.engine import resolve_device
 from mnist_exp.errors import UserError
 from mnist_exp.tracking.redaction import redact
-from mnist_exp.config.checks import check_config
+from mnist_exp.training.engine import resolve_device
 
 OPTIONS = sorted(
     (group.name, option.stem)
@@ -145,3 +150,85 @@ def test_launcher_ray_cluster_extends_the_ray_plugin(monkeypatch) -> None:
     assert launcher["ray"]["remote"] == {"num_cpus": 2, "num_gpus": 0, "max_retries": 0}
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert _launcher("ray_cluster")["ray"]["init"]["address"] == "ray://head:10001"
+
+
+def _compose_in(conf_dir: Path, overrides: list[str]) -> dict:
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize(
+    ("group", "option", "base", "key", "value"),
+    [
+        ("data", "fashion_mnist", "mnist", "batch_size", 48),
+        ("data", "fashion_mnist", "mnist", "max_shift", 3),
+        ("mlflow", "server", "local", "experiment_name", "elsewhere"),
+        ("mlflow", "server", "local", "log_model", False),
+        ("optimizer", "adamw", "adam", "betas", [0.8, 0.9]),
+    ],
+)
+def test_an_option_inherits_what_its_base_option_sets(
+    tmp_path: Path, group: str, option: str, base: str, key: str, value: object
+) -> None:
+    """Change a default of the base option in a copy of conf/: the option extending it follows."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    assert _compose_in(conf, [f"{group}={option}"])[group][key] != value
+    base_file = conf / group / f"{base}.yaml"
+    text = OmegaConf.load(base_file)
+    text[key] = value
+    OmegaConf.save(text, base_file)
+    assert _compose_in(conf, [f"{group}={option}"])[group][key] == value
+
+
+def test_fashion_mnist_is_mnist_with_another_dataset() -> None:
+    mnist, fashion = compose_config(), compose_config(["data=fashion_mnist"])
+    assert fashion.data.dataset == "torchvision.datasets.FashionMNIST"
+    assert {k: v for k, v in fashion.data.items() if k != "dataset"} == {
+        k: v for k, v in mnist.data.items() if k != "dataset"
+    }
+
+
+def test_mlflow_server_has_every_key_of_local_and_its_http_settings(monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local, server = compose_config().mlflow, compose_config(["mlflow=server"]).mlflow
+    assert set(server) == set(local) | {"request_max_retries", "request_timeout_s"}
+    assert (server.tracking_uri, server.retry_for_s) == ("http://127.0.0.1:5000", 300)
+    same = set(local) - {"tracking_uri", "retry_for_s", "tags"}
+    assert {k: server[k] for k in same} == {k: local[k] for k in same}
+
+
+def test_each_group_is_typed_by_its_schema() -> None:
+    """Closed groups are their schema's objects; `_target_` groups type the keys they have."""
+    for option in ("convnet", "wide_convnet"):
+        cfg = compose_config([f"model={option}", "optimizer=sgd", "scheduler=onecycle"])
+        for group, group_schema in schema.CLOSED_GROUPS.items():
+            assert issubclass(group_schema, OmegaConf.get_type(cfg[group])), group
+        assert OmegaConf.get_type(cfg) is schema.ConfigSchema
+        for group in schema.TARGET_GROUPS:
+            assert OmegaConf.get_type(cfg[group]) is dict  # open to a `_target_`'s arguments
+        # Each typed key refuses a value of another type.
+        for group, name in [
+            ("model", "num_classes"),
+            ("optimizer", "lr"),
+            ("scheduler", "div_factor"),
+        ]:
+            with pytest.raises(UserError, match=f"^{group}.{name}="):
+                compose_config(
+                    [f"model={option}", "optimizer=sgd", "scheduler=onecycle", f"{group}.{name}=x"]
+                )
+
+
+def test_the_schemas_hold_types_only_and_every_field_is_a_key_of_an_option() -> None:
+    """Defaults live once, in the YAML files; a field no option sets would be a dead key."""
+    set_by_options: dict[str, set[str]] = {}
+    for group in {g for g, _ in schema.SCHEMAS if g}:
+        for path in (CONF_DIR / group).glob("*.yaml"):
+            node = compose_config([f"{group}={path.stem}"])[group]
+            set_by_options.setdefault(group, set()).update(str(k) for k in node)
+    for (group, _), group_schema in schema.SCHEMAS.items():
+        for field in fields(group_schema):
+            assert OmegaConf.is_missing(OmegaConf.structured(group_schema), field.name)
+            if group:
+                assert field.name in set_by_options[group], f"{group}.{field.name}"

@@ -1,15 +1,21 @@
-"""Refuse config values that cannot work, before torch is imported and before any run exists."""
+"""Refuse config values that cannot work, before torch is imported and before any run exists.
+
+The schema (`mnist_exp.config.schema`) has already refused a value of the wrong type and an
+unknown key while Hydra composed the config; these are the checks no type can express.
+"""
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mnist_exp.config import schema
 from mnist_exp.config.paths import CONF_DIR
+from mnist_exp.config.refusals import MAX_SHOWN, composition_refusal, refusal
 from mnist_exp.errors import UserError
 from mnist_exp.names import OPTIMIZABLE_METRICS, PRECISIONS
 
@@ -17,6 +23,7 @@ from mnist_exp.names import OPTIMIZABLE_METRICS, PRECISIONS
 def check_config(cfg: DictConfig) -> None:
     """Raise `UserError` naming the first key whose value cannot work."""
     _resolve(cfg)
+    _fits_schema(cfg)
     _number(cfg, "optimizer.lr", low=0.0, strict=True)
     _integer(cfg, "data.batch_size", low=1)
     _integer(cfg, "data.eval_batch_size", low=1)
@@ -28,6 +35,8 @@ def check_config(cfg: DictConfig) -> None:
     _integer(cfg, "trainer.seed", low=0, high=2**64 - 1)  # what torch.manual_seed takes
     _integer(cfg, "trainer.log_every_n_steps", low=1)
     _integer(cfg, "trainer.print_every_n_steps", low=0)
+    # The model group stays open to a user's own `_target_`, whose file need not extend the
+    # schema: its keys are checked here whatever their type.
     _integer(cfg, "model.num_classes", low=2, high=MAX_CLASSES)
     channels = _get(cfg, "model.channels")
     if channels is not None and not (
@@ -46,24 +55,9 @@ def check_config(cfg: DictConfig) -> None:
     if str(precision) not in PRECISIONS:
         _refuse("trainer.precision", precision, f"must be one of {', '.join(PRECISIONS)}")
     device = _get(cfg, "device.type")
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
         _refuse("device.type", device, "must be auto, cpu, cuda or cuda:N")
     _integer(cfg, "trainer.num_threads", low=1, high=MAX_THREADS, optional=True)
-    for key in (
-        "trainer.deterministic",
-        "trainer.channels_last",
-        "trainer.compile",
-        "trainer.cuda_graph",
-        "data.download",
-        "mlflow.log_plots",
-        "mlflow.log_model",
-    ):
-        if not isinstance(_get(cfg, key), bool):
-            _refuse(key, _get(cfg, key), "must be true or false")
-    if not isinstance(_get(cfg, "trainer.progress_bar"), bool | None):
-        _refuse(
-            "trainer.progress_bar", _get(cfg, "trainer.progress_bar"), "must be true, false or null"
-        )
     metric = _get(cfg, "optimized_metric")
     if not isinstance(metric, str) or metric not in OPTIMIZABLE_METRICS:
         _refuse("optimized_metric", metric, f"must be one of {', '.join(OPTIMIZABLE_METRICS)}")
@@ -73,23 +67,20 @@ def check_config(cfg: DictConfig) -> None:
         pct = _get(cfg, "scheduler.pct_start")
         if pct is not None and not (_is_number(pct) and 0 < pct < 1):
             _refuse("scheduler.pct_start", pct, "must be a number between 0 and 1")
-    for key in (
-        "data.dataset",
-        "data.root",
-        "mlflow.run_name",
-        "mlflow.experiment_name",
-        "mlflow.tracking_uri",
-    ):
-        value = _get(cfg, key)
-        if not isinstance(value, str | None) or (value is not None and not value.strip()):
-            _refuse(key, value, "must be text" + (" or null" if key.endswith("run_name") else ""))
+    for key in ("data.dataset", "data.root", "mlflow.experiment_name", "mlflow.tracking_uri"):
+        if not str(_get(cfg, key)).strip():
+            _refuse(key, _get(cfg, key), "must not be blank")
+    name = _get(cfg, "mlflow.run_name")
+    if name is not None and not str(name).strip():
+        _refuse("mlflow.run_name", name, "must not be blank (null: named after the overrides)")
 
 
 def check_overrides(args: list[str]) -> None:
-    """Refuse a config group set to a non-name (`device=null`, `optimizer=1`) before Hydra.
+    """Refuse before Hydra what it would take or answer with a stack trace.
 
-    Hydra itself answers those with a stack trace. Arguments Hydra cannot parse are left
-    for Hydra to report.
+    A config group set to a non-name (`device=null`, `optimizer=1`), and a flag set to
+    anything but true or false (OmegaConf would read `trainer.compile=2` or `=yes` as true).
+    Arguments Hydra cannot parse are left for Hydra to report.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -102,14 +93,17 @@ def check_overrides(args: list[str]) -> None:
             (override,) = parser.parse_overrides([arg])
         except OverrideParseException:
             continue
-        group = override.key_or_group
-        if group not in GROUPS or override.is_delete() or override.is_sweep_override():
+        if override.is_delete() or override.is_sweep_override():
             continue
-        if not isinstance(override.value(), str | list):
+        key, value = override.key_or_group, override.value()
+        if key in GROUPS and not isinstance(value, str | list):
             raise UserError(
-                f"{group}={override.get_value_element_as_str()} is not an option of {group}: "
-                f"name one of {', '.join(GROUPS[group])}"
+                f"{key}={override.get_value_element_as_str()} is not an option of {key}: "
+                f"name one of {', '.join(GROUPS[key])}"
             )
+        interpolation = isinstance(value, str) and "${" in value
+        if key in FLAGS and not isinstance(value, bool | None) and not interpolation:
+            raise refusal(key, value, "must be true or false" + (" or null" if FLAGS[key] else ""))
 
 
 def check_search_space(cfg: DictConfig) -> None:
@@ -133,12 +127,12 @@ GROUPS = {
     for group in sorted(CONF_DIR.iterdir())
     if group.is_dir()
 }
+FLAGS = schema.bool_keys()  # `group.key` -> whether null is allowed too
 MAX_SHIFT = 27  # pixels: a larger shift moves every 28x28 image out of its frame
 MAX_CLASSES = 10_000
 MAX_CHANNELS = 1024
 MAX_THREADS = 1024
 MAX_INT = 2**31 - 1  # counts beyond this are typos, and overflow torch's index arithmetic
-MAX_SHOWN = 80  # characters of a refused value quoted in the message
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -146,7 +140,7 @@ def _get(cfg: DictConfig, key: str) -> Any:
 
 
 def _resolve(cfg: DictConfig) -> None:
-    """Refuse an interpolation (`${...}`) that does not resolve, naming its top-level key."""
+    """Refuse an interpolation (`${...}`) that does not resolve, naming its key."""
     for key in cfg:
         if key == "hydra":
             continue
@@ -156,16 +150,29 @@ def _resolve(cfg: DictConfig) -> None:
                 OmegaConf.to_container(node, resolve=True)
         except OmegaConfBaseException as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][: MAX_SHOWN * 2]
+            where = exc.full_key if isinstance(exc.full_key, str) and exc.full_key else str(key)
             raise UserError(
-                f"{key}: the config does not resolve ({reason}): fix the ${{...}} value"
+                f"{where}: the config does not resolve ({reason}): fix the ${{...}} value"
             ) from exc
 
 
-def _refuse(key: str, value: Any, why: str) -> None:
-    shown = repr(value)
-    if len(shown) > MAX_SHOWN:
-        shown = shown[: MAX_SHOWN - 3] + "..."
-    raise UserError(f"{key}={shown} {why}: change it on the command line or in conf/")
+def _fits_schema(cfg: DictConfig) -> None:
+    """Each closed group fits its schema, also where composition could not check it: keys
+    added with `+` (Hydra lets them into a schema), a user's option file not extending it."""
+    for group, group_schema in schema.CLOSED_GROUPS.items():
+        node = _get(cfg, group)
+        if not isinstance(node, DictConfig):
+            continue  # a group not chosen: the range checks name the key it lacks
+        try:
+            # As plain values: a node typed by a narrower schema cannot merge into a wider one.
+            values = OmegaConf.to_container(node, resolve=False)
+            OmegaConf.merge({group: OmegaConf.structured(group_schema)}, {group: values})
+        except OmegaConfBaseException as exc:
+            raise composition_refusal(exc) from None
+
+
+def _refuse(key: str, value: Any, why: str) -> NoReturn:
+    raise refusal(key, value, why)
 
 
 def _is_number(value: Any) -> bool:

@@ -5,15 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mnist_exp.config import schema
+from mnist_exp.config.refusals import composition_refusal
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+# The option files in conf/ extend these schemas: they must be stored before any composition,
+# here or through the `@hydra.main` of mnist_exp.cli.train, which imports this module.
+schema.register()
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The config `mnist-train` would run with these overrides (for tools beside training)."""
+    """The config `mnist-train` would run with these overrides (for tools beside training).
+
+    Raises `UserError` in one line for a value the schema refuses or an unknown key.
+    """
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides or []))
+        try:
+            return compose("config", overrides=list(overrides or []))
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise composition_refusal(exc) from None
