@@ -5,9 +5,12 @@ A wrong type or an unknown key is refused by the schema while Hydra composes the
 range by `check_config`. Both answer in the same one-line form.
 """
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from omegaconf import OmegaConf
 
 from mnist_exp.config.checks import check_config, check_overrides
@@ -162,6 +165,30 @@ def test_a_group_option_that_does_not_exist_is_refused_in_one_line() -> None:
 )
 def test_good_values_pass(override: str) -> None:
     _check([override])
+
+
+@pytest.mark.parametrize(
+    ("override", "start"),
+    [
+        ("trainer.epoch=3", "error: trainer.epoch is not a config key (did you mean"),
+        ("trainer.epochs=abc", "error: trainer.epochs='abc' must be a whole number: change it"),
+        ("data.batch_size=1.5", "error: data.batch_size=1.5 must be a whole number: change it"),
+        ("model=resnet", "error: model=resnet is not an option of model"),
+    ],
+)
+def test_the_command_refuses_a_composition_error_in_one_line(override: str, start: str) -> None:
+    """Hydra would print the error over several lines, or a stack trace."""
+    for args in ([override], [override, "--cfg", "job"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mnist_exp.train", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr.startswith(start) and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stdout == ""
 
 
 def test_every_option_file_extends_a_schema_or_an_option_that_does() -> None:

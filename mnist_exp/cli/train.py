@@ -16,11 +16,14 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from mnist_exp.config.checks import check_config, check_overrides
 from mnist_exp.config.paths import CONF_DIR
+from mnist_exp.config.refusals import composition_refusal
 from mnist_exp.errors import UserError
 from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner import run as runner
@@ -37,6 +40,12 @@ class _Invocation:
 
 
 _invocation = _Invocation()
+# Hydra prints a composition error (a wrong type, an unknown key) over several lines, or with
+# a stack trace; with HYDRA_FULL_ERROR set it raises the error instead, for run_command to
+# refuse in one line. Set only while Hydra composes (before the task, and between a sweep's
+# jobs), so that Hydra reports the task's own errors as before; a user's own is left alone.
+_FULL_ERROR = "HYDRA_FULL_ERROR"
+_owns_full_error: list[bool] = []  # holds True while run_command owns HYDRA_FULL_ERROR
 
 
 def main() -> None:
@@ -68,16 +77,37 @@ def run_command(args: list[str], command: str | None = None) -> bool:
         sys.exit(f"error: {exc}")
     _invocation.command = command or " ".join([Path(sys.argv[0]).name, *args])
     _invocation.finished = False
+    if _FULL_ERROR not in os.environ:
+        _owns_full_error.append(True)
+        _composing(True)
     try:
         _main()
     except KeyboardInterrupt as exc:
         sys.exit(str(exc) or "interrupted")
+    except (HydraException, OmegaConfBaseException) as exc:
+        if not _owns_full_error:
+            raise
+        sys.exit(f"error: {composition_refusal(exc)}")
+    finally:
+        _composing(False)
+        _owns_full_error.clear()
     return _invocation.finished
+
+
+def _composing(composing: bool) -> None:
+    """Whether Hydra's errors are raised (to be refused in one line) or reported by Hydra."""
+    if not _owns_full_error:
+        return
+    if composing:
+        os.environ[_FULL_ERROR] = "1"
+    else:
+        os.environ.pop(_FULL_ERROR, None)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig) -> float:
     """Train, evaluate, record; returns `cfg.optimized_metric` for sweepers."""
+    _composing(False)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         check_config(cfg)
@@ -92,6 +122,8 @@ def _main(cfg: DictConfig) -> float:
         if not in_sweep:
             raise
         log.exception("this job failed; the sweep goes on")
+    finally:
+        _composing(in_sweep)  # the sweep's next job is composed next
     # A failed job in a sweep: its run is FAILED; NaN tells Optuna the trial failed, and
     # Hydra's sweepers go on with the other jobs instead of stopping at the first failure.
     return float("nan")
