@@ -126,8 +126,8 @@ def test_sigterm_marks_the_run_killed(data_root: Path, tracking_uri: str, tmp_pa
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("model=resnet999", "Could not find 'model/resnet999'"),
-        ("optimizer.lrr=1", "Could not override 'optimizer.lrr'"),
+        ("model=resnet999", "error: model=resnet999 is not an option of model"),
+        ("optimizer.lrr=1", "error: optimizer.lrr is not a config key"),
     ],
 )
 def test_unknown_option_or_key_fails_in_hydra_without_a_run(
@@ -135,7 +135,8 @@ def test_unknown_option_or_key_fails_in_hydra_without_a_run(
 ):
     proc = train(override, check=False)
     assert proc.returncode != 0
-    assert expected in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()  # refused while Hydra composes, in one line
+    assert line.startswith(expected), line
     assert runs_in(tracking_uri) == []
 
 
