@@ -35,7 +35,8 @@ from omegaconf.errors import OmegaConfBaseException
 from mnist_exp import names
 from mnist_exp.config.checks import check_config, check_overrides
 from mnist_exp.config.paths import CONF_DIR, compose_config
-from mnist_exp.errors import UserError, one_line
+from mnist_exp.config.refusals import composition_refusal
+from mnist_exp.errors import UserError
 from mnist_exp.runner.run import RunResult
 from mnist_exp.runner.run import run as run_experiment
 
@@ -131,7 +132,7 @@ def _hydra(overrides: list[str]) -> Iterator[tuple[DictConfig, HydraContext]]:
         try:
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as exc:
-            raise UserError(f"{one_line(exc).partition(': ')[2]}: fix the override") from None
+            raise composition_refusal(exc) from None
         loader = GlobalHydra.instance().config_loader()
         yield cfg, HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
 

@@ -40,7 +40,7 @@ def where(tmp_path: Path, data_root: Path, tracking_uri: str):
     return overrides
 
 
-@pytest.mark.slow
+# Not slow: the quick tier's happy path, in-process through the Python API.
 def test_train_twice_in_one_process_records_two_runs_and_leaves_the_process_as_it_was(
     where, tracking_uri: str
 ) -> None:
