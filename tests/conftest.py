@@ -16,26 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
 
 
-# Slow tests in modules that do not mark themselves yet (others are changing them): they start
-# runs, or build 60 configs (> 5 s). Delete an entry once its module says `slow` itself.
-_SLOW_ELSEWHERE = {
-    "test_contract.py": None,  # every test
-    "test_fuzz_config.py": {
-        "test_the_command_runs_or_says_why_in_one_line",
-        "test_any_override_is_accepted_or_refused_in_one_line",
-    },
-}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name not in _SLOW_ELSEWHERE:
-            continue
-        names = _SLOW_ELSEWHERE[item.path.name]
-        if names is None or getattr(item, "originalname", item.name) in names:
-            item.add_marker(pytest.mark.slow)
-
-
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`MNIST_EXP_DATA` when set (`.ci/run` seeds it), else a folder seeded from shared/data."""

@@ -20,6 +20,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test starts runs
 DATA = Path(__file__).resolve().parent / "data"
 KEYS = json.loads((DATA / "default_run_keys.json").read_text())
 RECORDED = DATA / "recorded_run"

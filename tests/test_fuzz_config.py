@@ -91,6 +91,7 @@ def _assert_one_clear_line(exc: UserError, overrides: list[str]) -> None:
     assert any(key in message for key in keys), (message, overrides)
 
 
+@pytest.mark.slow  # 60 composed configs
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
 @given(_overrides(KEYS))
 def test_any_override_is_accepted_or_refused_in_one_line(overrides: list[str]) -> None:
@@ -133,6 +134,7 @@ def cli(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     assert [r.info.run_id for r in runs_in(uri) if r.info.status == "RUNNING"] == []
 
 
+@pytest.mark.slow  # starts commands
 @settings(
     max_examples=10,
     deadline=None,
