@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, SupportsFloat
+from typing import TYPE_CHECKING, Any, Protocol, SupportsFloat
 
 
 class Recorder(Protocol):
@@ -51,3 +51,10 @@ class Recorder(Protocol):
     ) -> None: ...
 
     def end(self, status: str) -> None: ...
+
+
+if TYPE_CHECKING:  # mypy checks that both recorders have every method, with its signature
+    from mnist_exp.tracking.remote import RemoteRun
+    from mnist_exp.tracking.run import Run
+
+    _RECORDERS: tuple[type[Recorder], ...] = (Run, RemoteRun)
