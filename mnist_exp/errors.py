@@ -9,9 +9,14 @@ class UserError(Exception):
     """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of the exception's message, or its type's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def one_line(exc: BaseException) -> str:
     """`Type: first line of the message`, as a failed run's error tag shows an exception."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    return f"{type(exc).__name__}: {first_line(exc) if str(exc).strip() else ''}"
 
 
 class TrackingUnavailable(UserError):

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mnist_exp.config import schema
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import MAX_SHOWN, composition_refusal, refusal
-from mnist_exp.errors import UserError
+from mnist_exp.errors import UserError, first_line
 from mnist_exp.names import OPTIMIZABLE_METRICS, PRECISIONS
 
 
@@ -149,7 +149,7 @@ def _resolve(cfg: DictConfig) -> None:
             if isinstance(node, DictConfig | ListConfig):
                 OmegaConf.to_container(node, resolve=True)
         except OmegaConfBaseException as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][: MAX_SHOWN * 2]
+            reason = first_line(exc)[: MAX_SHOWN * 2]
             where = exc.full_key if isinstance(exc.full_key, str) and exc.full_key else str(key)
             raise UserError(
                 f"{where}: the config does not resolve ({reason}): fix the ${{...}} value"

@@ -11,7 +11,7 @@ from typing import TypeVar
 import requests
 from mlflow.exceptions import MlflowException, RestException
 
-from mnist_exp.errors import TrackingUnavailable
+from mnist_exp.errors import TrackingUnavailable, first_line
 from mnist_exp.tracking.redaction import redact
 
 log = logging.getLogger("mnist_exp")
@@ -32,7 +32,7 @@ def reason(exc: BaseException) -> str:
     errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text) if unreachable(exc) else None
     if errno:
         return errno.group(0).strip()
-    return (text.splitlines() or [type(exc).__name__])[0][:200]
+    return redact(first_line(exc))[:200]
 
 
 def unreachable(exc: BaseException) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mnist_exp.errors import UserError
+from mnist_exp.errors import UserError, first_line
 
 FORMAT = "mnist-exp/resume-v1"
 KEYS = ("epoch", "step", "model", "optimizer", "rng", "run_id")
@@ -81,7 +81,7 @@ def load(path: Path) -> dict[str, Any]:
         ValueError,
         OSError,  # torch's zip reader on some truncations: "[Errno 22] Invalid argument"
     ) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:160]
+        reason = first_line(exc).split(". ")[0][:160]
         raise UserError(
             f"trainer.resume: {path} is truncated, corrupt or not a safe tensor file ({reason}): "
             f"resume from an intact checkpoints/last.ckpt or the run id"
