@@ -37,6 +37,7 @@ class _Invocation:
 
     command: str = ""  # as the user typed it, recorded with each run
     finished: bool = False  # a single run (not a sweep's job) finished
+    owns_full_error: bool = False  # run_command set HYDRA_FULL_ERROR (see _composing)
 
 
 _invocation = _Invocation()
@@ -45,7 +46,6 @@ _invocation = _Invocation()
 # refuse in one line. Set only while Hydra composes (before the task, and between a sweep's
 # jobs), so that Hydra reports the task's own errors as before; a user's own is left alone.
 _FULL_ERROR = "HYDRA_FULL_ERROR"
-_owns_full_error: list[bool] = []  # holds True while run_command owns HYDRA_FULL_ERROR
 
 
 def main() -> None:
@@ -77,26 +77,25 @@ def run_command(args: list[str], command: str | None = None) -> bool:
         sys.exit(f"error: {exc}")
     _invocation.command = command or " ".join([Path(sys.argv[0]).name, *args])
     _invocation.finished = False
-    if _FULL_ERROR not in os.environ:
-        _owns_full_error.append(True)
-        _composing(True)
+    _invocation.owns_full_error = _FULL_ERROR not in os.environ
+    _composing(True)
     try:
         _main()
     except KeyboardInterrupt as exc:
         sys.exit(str(exc) or "interrupted")
     except (HydraException, OmegaConfBaseException) as exc:
-        if not _owns_full_error:
+        if not _invocation.owns_full_error:
             raise
         sys.exit(f"error: {composition_refusal(exc)}")
     finally:
         _composing(False)
-        _owns_full_error.clear()
+        _invocation.owns_full_error = False
     return _invocation.finished
 
 
 def _composing(composing: bool) -> None:
     """Whether Hydra's errors are raised (to be refused in one line) or reported by Hydra."""
-    if not _owns_full_error:
+    if not _invocation.owns_full_error:
         return
     if composing:
         os.environ[_FULL_ERROR] = "1"
