@@ -175,6 +175,18 @@ def test_missing_dataset_is_one_clear_line(train, tracking_uri, tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_fewer_classes_than_the_data_has_is_one_clear_line(train, tracking_uri):
+    """`model.num_classes=3` on MNIST's 10 digits: refused before any run exists."""
+    proc = train("model.num_classes=3", *SMALL, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: model.num_classes=3 must be at least 10, the classes in data.dataset: "
+        "change it on the command line or in conf/"
+    ]
+    assert runs_in(tracking_uri) == []
+
+
+@pytest.mark.slow
 def test_a_store_that_cannot_be_opened_is_named(train, tmp_path: Path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")

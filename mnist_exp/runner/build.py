@@ -13,6 +13,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from mnist_exp.config.refusals import refusal
 from mnist_exp.errors import UserError, one_line
 from mnist_exp.training import allocator, data, engine
 
@@ -51,6 +52,7 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
         max_test_samples=cfg.data.max_test_samples,
         seed=cfg.trainer.seed,
     )
+    _check_classes(cfg, dataset)
     model = instantiate(cfg.model).to(device)
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
@@ -76,6 +78,17 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
                 f"model, optimizer and scheduler ({one_line(exc)[:200]})"
             ) from exc
     return Setup(model, optimizer, scheduler, dataset, device)
+
+
+def _check_classes(cfg: DictConfig, dataset: data.Data) -> None:
+    """Refuse a model with fewer outputs than the data has classes: its loss cannot be taken."""
+    wanted = cfg.model.get("num_classes")
+    labels = [dataset.train.labels, dataset.test.labels]
+    classes = int(max(int(split.max()) for split in labels if len(split))) + 1
+    if wanted is not None and wanted < classes:
+        raise refusal(
+            "model.num_classes", wanted, f"must be at least {classes}, the classes in data.dataset"
+        )
 
 
 def channels_last(cfg: DictConfig, device: torch.device) -> bool:
