@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -84,13 +85,26 @@ def test_the_seeds_own_setting_trains_one_image_a_step(train, tracking_uri: str)
 
 
 @pytest.mark.slow
-def test_an_exception_during_training_marks_the_run_failed(train, tracking_uri: str):
-    # Ten digit classes into a five-way classifier: cross-entropy fails on the first batch.
-    proc = train(*SMALL, "model.num_classes=5", check=False)
+def test_an_exception_during_training_marks_the_run_failed(
+    train_command, tracking_uri: str, tmp_path: Path
+):
+    """A model of one's own whose forward pass fails: the run exists by then, and is FAILED."""
+    (tmp_path / "faulty.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(784, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        raise RuntimeError('the forward pass failed')\n"
+    )
+    cmd, env = train_command(*SMALL, "model._target_=faulty.Net")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     (run,) = runs_in(tracking_uri)
     assert run.info.status == "FAILED"
-    assert "out of bounds" in run.data.tags["mnist_exp.error"]
+    assert run.data.tags["mnist_exp.error"] == "RuntimeError: the forward pass failed"
 
 
 @pytest.mark.slow
