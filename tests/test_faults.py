@@ -171,3 +171,22 @@ def test_runs_left_running_by_a_dead_process_of_this_host_are_failed(tracking_ur
     error = client.get_run(ids["dead"]).data.tags["mnist_exp.error"]
     assert error == f"process {dead.pid} on host {here} ended without closing the run"
     assert client.get_run(finished).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_six_commands_at_once_on_a_new_store_all_finish(train_command, tracking_uri, tmp_path):
+    """Several terminals (or `&` in a loop) on a store that does not exist yet: none is lost."""
+    procs = []
+    for seed in range(6):
+        cmd, env = train_command(*TINY, "trainer.epochs=2", f"trainer.seed={seed}")
+        cmd = [c.replace(f"{tmp_path}/run", f"{tmp_path}/run{seed}") for c in cmd]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, "\n".join(errors)
+    runs = runs_in(tracking_uri)
+    assert sorted(r.data.params["trainer.seed"] for r in runs) == [str(s) for s in range(6)]
+    client = MlflowClient(tracking_uri)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(1, 3))  # 64 images at batch 64, two epochs

@@ -12,6 +12,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock
 from mlflow.entities import Run as MlflowRun
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -50,27 +51,8 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
     try:
         if artifact_location:
             db.parent.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(tracking_uri)
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            try:
-                return client, client.create_experiment(
-                    experiment_name, artifact_location, tags=EXPERIMENT_TAGS
-                )
-            except MlflowException:  # another job created it a moment ago
-                experiment = client.get_experiment_by_name(experiment_name)
-                if experiment is None:
-                    raise
-        if experiment.lifecycle_stage == "deleted":
-            raise UserError(
-                f"MLflow experiment {experiment_name!r} in {redact(tracking_uri)} is deleted: "
-                f"restore it in the MLflow UI or choose another mlflow.experiment_name"
-            )
-        for key, value in EXPERIMENT_TAGS.items():
-            if key not in experiment.tags:
-                client.set_experiment_tag(experiment.experiment_id, key, value)
-        fail_orphans(client, experiment.experiment_id)
-        return client, experiment.experiment_id
+        with _first_use_lock(tracking_uri):
+            return _open(tracking_uri, experiment_name, artifact_location)
     except UserError:
         raise
     except Exception as exc:
@@ -78,6 +60,41 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
             f"cannot open the MLflow tracking store {redact(tracking_uri)} ({reason(exc)}): "
             f"fix mlflow.tracking_uri or MLFLOW_TRACKING_URI"
         ) from exc
+
+
+def _first_use_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
+    """One process at a time opens a SQLite store: MLflow creates a new one's tables on first
+    use, and two processes doing that at once fail. The lock file lies beside the database."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return FileLock(f"{tracking_uri.removeprefix('sqlite:///')}.lock")
+
+
+def _open(
+    tracking_uri: str, experiment_name: str, artifact_location: str | None
+) -> tuple[MlflowClient, str]:
+    """`open_store`'s work, once the store is this process's to open."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        try:
+            return client, client.create_experiment(
+                experiment_name, artifact_location, tags=EXPERIMENT_TAGS
+            )
+        except MlflowException:  # another process created it a moment ago
+            experiment = client.get_experiment_by_name(experiment_name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise UserError(
+            f"MLflow experiment {experiment_name!r} in {redact(tracking_uri)} is deleted: "
+            f"restore it in the MLflow UI or choose another mlflow.experiment_name"
+        )
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    fail_orphans(client, experiment.experiment_id)
+    return client, experiment.experiment_id
 
 
 def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
