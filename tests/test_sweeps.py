@@ -127,3 +127,14 @@ def test_compare_writes_markdown_for_an_experiment(train, tracking_uri, tmp_path
     assert lines[0].startswith("| run_id | run_name | status | test_accuracy")
     assert lines[1].startswith("| --- |")
     assert len(lines) == 3
+
+
+def test_each_job_of_a_sequential_sweep_counts_only_its_own_start_up(train, tracking_uri):
+    """`startup_s` of a sweep's later jobs leaves out the jobs before them."""
+    train("-m", "trainer.seed=0,1,2,3", *SMALL)
+    _, children = _sweep(tracking_uri)
+    by_seed = sorted(children, key=lambda c: int(c.data.params["trainer.seed"]))
+    startups = [c.data.metrics["startup_s"] for c in by_seed]
+    assert all(s < 10 for s in startups), startups
+    # The first job also imported torch and the rest; the others only built their run.
+    assert max(startups[1:]) < startups[0], startups

@@ -28,6 +28,7 @@ from mnist_exp.tracking.remote import RemoteRun
 
 log = logging.getLogger("mnist_exp")
 _LOADED = time.perf_counter()
+_runs_started: list[float] = []  # when each run of this process began (perf_counter)
 
 
 @dataclass
@@ -47,6 +48,7 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     Raises `UserError` (with the run marked FAILED once it exists) for what the user can
     fix, and `KeyboardInterrupt` (the run marked KILLED) on Ctrl-C or SIGTERM.
     """
+    _runs_started.append(time.perf_counter())
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
@@ -100,7 +102,7 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     with lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]):
         from mnist_exp.runner.train_and_test import train_and_test
 
-        test, metrics = train_and_test(cfg, setup, recorder, out_dir, start, in_sweep, _age)
+        test, metrics = train_and_test(cfg, setup, recorder, out_dir, start, in_sweep, _startup_s)
     recorder.end("FINISHED")
     from mnist_exp.report.console import summary
 
@@ -133,7 +135,11 @@ def _startup_done() -> None:
         gc.enable()
 
 
-def _age() -> float:
-    """Seconds since this process started (or, where /proc cannot tell, since this loaded)."""
+def _startup_s() -> float:
+    """Seconds since this run began: for a process's first run, since the process started
+    (or, where /proc cannot tell, since this loaded); for a sweep's later jobs or another
+    call from Python, since the job's own start."""
+    if len(_runs_started) > 1:
+        return time.perf_counter() - _runs_started[-1]
     age = processes.age()
     return age if age is not None else time.perf_counter() - _LOADED
