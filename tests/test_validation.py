@@ -145,6 +145,12 @@ def test_a_group_option_that_does_not_exist_is_refused_in_one_line() -> None:
     assert message == "model=resnet is not an option of model: name one of convnet, wide_convnet"
 
 
+def test_a_schema_is_not_an_option_to_pick() -> None:
+    """`data=base_data` holds types, not values: refused as any unknown option is."""
+    with pytest.raises(UserError, match=r"^data=base_data is not an option of data: name one of"):
+        check_overrides(["data=base_data"])
+
+
 @pytest.mark.parametrize(
     "override",
     [

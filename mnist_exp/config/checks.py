@@ -78,7 +78,8 @@ def check_config(cfg: DictConfig) -> None:
 def check_overrides(args: list[str]) -> None:
     """Refuse before Hydra what it would take or answer with a stack trace.
 
-    A config group set to a non-name (`device=null`, `optimizer=1`), and a flag set to
+    A config group set to a non-name (`device=null`, `optimizer=1`) or to a schema
+    (`data=base_data`, which holds types, not values), and a flag set to
     anything but true or false (OmegaConf would read `trainer.compile=2` or `=yes` as true).
     Arguments Hydra cannot parse are left for Hydra to report.
     """
@@ -96,7 +97,7 @@ def check_overrides(args: list[str]) -> None:
         if override.is_delete() or override.is_sweep_override():
             continue
         key, value = override.key_or_group, override.value()
-        if key in GROUPS and not isinstance(value, str | list):
+        if key in GROUPS and (not isinstance(value, str | list) or value in schema.schema_names()):
             raise UserError(
                 f"{key}={override.get_value_element_as_str()} is not an option of {key}: "
                 f"name one of {', '.join(GROUPS[key])}"
