@@ -102,7 +102,8 @@ def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
 
     A process killed without a word (`kill -9`, a power cut) leaves its run RUNNING; the
     next process to open the store closes it. Runs started on other hosts are left alone:
-    whether their process lives cannot be told from here. One query, filtered by status.
+    whether their process lives cannot be told from here. One query, filtered by status, and
+    one more read for each run whose process has ended.
     """
     host = platform.node()
     runs = client.search_runs(
@@ -114,6 +115,10 @@ def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
     for run in runs:
         pid = run.data.tags.get(names.PID_TAG, "")
         if not pid.isdigit() or processes.alive(int(pid), run.data.tags.get(names.PID_START_TAG)):
+            continue
+        # Its process may have ended the run between the query and now; once it is gone,
+        # what the store says is final.
+        if client.get_run(run.info.run_id).info.status != "RUNNING":
             continue
         why = f"process {pid} on host {host} ended without closing the run"
         client.set_tag(run.info.run_id, names.ERROR_TAG, why)
