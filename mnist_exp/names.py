@@ -60,6 +60,7 @@ BEST_OVERRIDES_TAG = "mnist_exp.best_overrides"
 
 # Artifact paths.
 CHECKPOINTS = "checkpoints"  # model.ckpt (the final state_dict) and last.ckpt (for resuming)
+FINAL_WEIGHTS = "model.ckpt"  # also its name in the run folder
 RESUME_CHECKPOINT = "checkpoints/last.ckpt"  # also its path inside the run folder
 HYDRA_FILES = "hydra"  # config.yaml, overrides.yaml, hydra.yaml; resumed-N/ for each resume
 REQUIREMENTS = "environment/requirements.txt"

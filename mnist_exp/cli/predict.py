@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from mnist_exp.errors import UserError
-from mnist_exp.report.predictions import load_model, mnist_pixels, read_image
+from mnist_exp.report.predictions import mnist_pixels, read_image
+from mnist_exp.tracking.queries import load_model
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_exp.config.checks import check_config, check_overrides
+from mnist_exp.config.checks import check_overrides
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import composition_refusal
 from mnist_exp.errors import UserError
@@ -109,7 +109,6 @@ def _main(cfg: DictConfig) -> float:
     _composing(False)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        check_config(cfg)
         result = runner.run(cfg, {COMMAND_TAG: _invocation.command})
         _invocation.finished = not in_sweep
         return runner.optimized(result, cfg.optimized_metric)

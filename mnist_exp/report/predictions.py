@@ -9,16 +9,11 @@ images were made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mnist_exp import names
 from mnist_exp.errors import UserError
-
-if TYPE_CHECKING:
-    from mlflow.pyfunc import PyFuncModel
 
 SIZE, BOX = 28, 20  # MNIST: 28x28 images, each digit fitted into the central 20x20
 
@@ -75,32 +70,3 @@ def _resize(gray: np.ndarray, height: int, width: int) -> np.ndarray:
     image = Image.fromarray(gray.clip(0, 255).astype(np.uint8))
     resized = image.resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(resized, dtype=np.float32)
-
-
-def load_model(run_id: str, tracking_uri: str) -> PyFuncModel:
-    """The run's logged `model`, or a `UserError` naming what is missing."""
-    import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    database = Path(tracking_uri.removeprefix("sqlite:///"))
-    if tracking_uri.startswith("sqlite:///") and not database.is_file():
-        raise UserError(
-            f"no MLflow store at {tracking_uri}: pass --tracking-uri of the store the run is in"
-        )
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException as exc:
-        raise UserError(
-            f"no MLflow run {run_id!r} in {tracking_uri}: pass a run id shown by mnist-compare "
-            f"or the MLflow UI, or --tracking-uri of the store that holds it"
-        ) from exc
-    model_file = f"{names.MODEL}/MLmodel"
-    if not any(a.path == model_file for a in client.list_artifacts(run_id, names.MODEL)):
-        raise UserError(
-            f"MLflow run {run_id} has no model (trained with mlflow.log_model=false, or "
-            f"before runs logged one): rerun it with mnist-rerun {run_id}"
-        )
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(f"runs:/{run_id}/{names.MODEL}")

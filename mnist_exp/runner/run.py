@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_exp import names
+from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import UserError
 from mnist_exp.runner import lifecycle
@@ -48,6 +49,7 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     Raises `UserError` (with the run marked FAILED once it exists) for what the user can
     fix, and `KeyboardInterrupt` (the run marked KILLED) on Ctrl-C or SIGTERM.
     """
+    check_config(cfg)
     _runs_started.append(time.perf_counter())
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
@@ -106,18 +108,19 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     recorder.end("FINISHED")
     from mnist_exp.report.console import summary
 
+    weights = out_dir / names.FINAL_WEIGHTS
     log.info(
         summary(
             run_id=recorder.run_id,
             run_name=recorder.name,
             test=test,
-            checkpoint=out_dir / "model.ckpt",
+            checkpoint=weights,
             tracking_uri=redact(uri),
             experiment_id=recorder.experiment_id,
             has_model=cfg.mlflow.log_model,
         )
     )
-    return RunResult(recorder.run_id, "FINISHED", metrics, out_dir / "model.ckpt", out_dir)
+    return RunResult(recorder.run_id, "FINISHED", metrics, weights, out_dir)
 
 
 def optimized(result: RunResult, key: str) -> float:

@@ -97,7 +97,7 @@ def train_and_test(
     }
     test_metrics = {names.TEST_LOSS: test.loss, names.TEST_ACCURACY: test.accuracy, **per_class}
     run.log_metrics(test_metrics, step)
-    weights = out_dir / "model.ckpt"
+    weights = out_dir / names.FINAL_WEIGHTS
     # Saved from the CPU whatever the device, so that it loads on a machine without a GPU.
     checkpoint.write_atomic({k: v.cpu() for k, v in setup.model.state_dict().items()}, weights)
     run.log_artifact(weights, names.CHECKPOINTS)

@@ -44,14 +44,15 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
     A new experiment on a SQLite store keeps its artifacts in `artifacts/` beside the
     database file, not in MLflow's default of `./mlruns` under whatever the current folder is.
     """
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        artifact_location = (db.parent / "artifacts").resolve().as_uri()
+    db = sqlite_path(tracking_uri)
+    artifact_location = (db.parent / "artifacts").resolve().as_uri() if db else None
     try:
-        if artifact_location:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        with _first_use_lock(tracking_uri):
+        if db is None:
+            return _open(tracking_uri, experiment_name, artifact_location)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # MLflow creates a new SQLite store's tables on first use, and two processes doing
+        # that at once fail: one process at a time, by a lock file beside the database.
+        with FileLock(f"{db}.lock"):
             return _open(tracking_uri, experiment_name, artifact_location)
     except UserError:
         raise
@@ -62,12 +63,10 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
         ) from exc
 
 
-def _first_use_lock(tracking_uri: str) -> contextlib.AbstractContextManager:
-    """One process at a time opens a SQLite store: MLflow creates a new one's tables on first
-    use, and two processes doing that at once fail. The lock file lies beside the database."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    return FileLock(f"{tracking_uri.removeprefix('sqlite:///')}.lock")
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` store; None for any other kind of store."""
+    prefix = "sqlite:///"
+    return Path(tracking_uri.removeprefix(prefix)) if tracking_uri.startswith(prefix) else None
 
 
 def _open(
