@@ -179,14 +179,9 @@ class Run:
         """Send everything queued, waiting out an outage of up to `retry_for_s`."""
         self.flush(wait=True)
 
-    def metrics(self) -> dict[str, float]:
-        """The latest value of each metric, as MLflow holds it after a flush."""
-        self.flush(wait=True)
-        return self._call(lambda: self.client.get_run(self.run_id).data.metrics)
-
     def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
         """(step, value) of every value of each key MLflow holds, by step, after a flush."""
-        self.flush(wait=True)
+        self.sync()
         return {
             key: sorted(
                 (m.step, m.value)

@@ -1,10 +1,9 @@
 """The Hydra callback that owns a sweep's MLflow parent run.
 
-Before any job starts it checks the sweep, creates the store (so parallel jobs never race
-through MLflow's first-use migration) and opens a parent run; each job's run becomes its
-child through an environment variable, so the training code never knows it is in a sweep.
-At the end the parent records how many jobs finished and failed, the best child, and a
-picture of the metric against each swept param.
+Before any job starts it checks the sweep, opens the store and a parent run; each job's run
+becomes its child through an environment variable, so the training code never knows it is in
+a sweep. At the end the parent records how many jobs finished and failed, the best child, and
+a picture of the metric against each swept param.
 """
 
 from __future__ import annotations
