@@ -24,18 +24,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobStatus, run_job
-from hydra.errors import HydraException
 from hydra.types import HydraContext
 from omegaconf import DictConfig, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
 from mnist_exp import names
 from mnist_exp.config.checks import check_overrides
-from mnist_exp.config.paths import CONF_DIR, compose_config
-from mnist_exp.config.refusals import composition_refusal
+from mnist_exp.config.paths import compose_config, composed
 from mnist_exp.errors import UserError
 from mnist_exp.runner.run import RunResult
 from mnist_exp.runner.run import run as run_experiment
@@ -129,11 +125,7 @@ def _hydra(overrides: list[str]) -> Iterator[tuple[DictConfig, HydraContext]]:
     """The composed config (with its `hydra` node) and a context to run it as a job in."""
     from hydra._internal.callbacks import Callbacks
 
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="train"):
-        try:
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
-        except (HydraException, OmegaConfBaseException) as exc:
-            raise composition_refusal(exc) from None
+    with composed(overrides, with_hydra=True) as cfg:
         loader = GlobalHydra.instance().config_loader()
         yield cfg, HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -26,8 +28,17 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
     Raises `UserError` in one line for a value the schema refuses or an unknown key.
     """
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with composed(list(overrides or [])) as cfg:
+        return cfg
+
+
+@contextmanager
+def composed(overrides: list[str], *, with_hydra: bool = False) -> Iterator[DictConfig]:
+    """The composed config, while Hydra's global state made for it lasts (a job needs it);
+    `with_hydra` keeps the `hydra` node. A refusal is a one-line `UserError`."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3", job_name="train"):
         try:
-            return compose("config", overrides=list(overrides or []))
+            cfg = compose("config", overrides=overrides, return_hydra_config=with_hydra)
         except (HydraException, OmegaConfBaseException) as exc:
             raise composition_refusal(exc) from None
+        yield cfg
