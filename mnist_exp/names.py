@@ -66,6 +66,9 @@ HYDRA_FILES = "hydra"  # config.yaml, overrides.yaml, hydra.yaml; resumed-N/ for
 REQUIREMENTS = "environment/requirements.txt"
 MODEL = "model"
 PLOTS = "plots"
+# The run folder's log (Hydra's job log: what the terminal showed), uploaded as the run ends;
+# a resumed run's next part goes to logs/resumed-<epoch>/train.log beside it.
+RUN_LOG = "logs/train.log"
 
 # Values of trainer.precision: fp32, as the seed, or bfloat16 autocast.
 PRECISIONS = ("32", "bf16-mixed")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mnist_exp import names
 from mnist_exp.errors import TrackingUnavailable, UserError, one_line
+from mnist_exp.runner import run_log
 from mnist_exp.tracking.recorder import Recorder
 
 log = logging.getLogger("mnist_exp")
@@ -39,6 +40,7 @@ def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[Non
         if not run.opened():
             raise
         _log_again(run, checkpoint)
+        run_log.upload(run, start_epoch)
         _end_quietly(run, "KILLED")
         raise KeyboardInterrupt(
             f"interrupted: MLflow run {run.run_id} marked KILLED; continue it from its last "
@@ -47,6 +49,7 @@ def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[Non
     except BaseException as exc:
         if not run.opened():
             raise
+        run_log.upload(run, start_epoch)
         error = _failed(run, exc, checkpoint, start_epoch)
         if error is exc:
             raise

@@ -20,7 +20,7 @@ from mnist_exp import names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import UserError
-from mnist_exp.runner import lifecycle
+from mnist_exp.runner import lifecycle, run_log
 from mnist_exp.runner.naming import name_from
 from mnist_exp.tracking import processes
 from mnist_exp.tracking.http import configure_requests
@@ -105,9 +105,10 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
         from mnist_exp.runner.train_and_test import train_and_test
 
         test, metrics = train_and_test(cfg, setup, recorder, out_dir, start, in_sweep, _startup_s)
-    recorder.end("FINISHED")
     from mnist_exp.report.console import summary
 
+    # All recorded (the model too) before the summary says so: their errors are raised here.
+    recorder.sync()
     weights = out_dir / names.FINAL_WEIGHTS
     log.info(
         summary(
@@ -120,6 +121,8 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
             has_model=cfg.mlflow.log_model,
         )
     )
+    run_log.upload(recorder, start[0])  # after the summary, so that the log holds it too
+    recorder.end("FINISHED")
     return RunResult(recorder.run_id, "FINISHED", metrics, weights, out_dir)
 
 
