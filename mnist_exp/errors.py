@@ -21,3 +21,7 @@ def one_line(exc: BaseException) -> str:
 
 class TrackingUnavailable(UserError):
     """The tracking server stayed unreachable longer than the run was told to wait."""
+
+
+class TrackerLost(UserError):
+    """The process recording the run died, and no new one could take the run over."""

@@ -47,6 +47,8 @@ RERUN_OF_TAG, RERUN_OVERRIDES_TAG = "mnist_exp.rerun_of", "mnist_exp.rerun_overr
 RUN_NAME_TAG = "mlflow.runName"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# How many times a new tracker process took over the run from one that died (kill -9, OOM).
+TRACKER_RESTARTS_TAG = "mnist_exp.tracker_restarts"
 
 # Tags of a sweep's parent run.
 SWEEP_TAG = "mnist_exp.sweep"  # "true"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, runs_in, stop
+from conftest import ROOT, loss_history, runs_in, stop
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.tracking import processes, store
@@ -190,3 +190,54 @@ def test_six_commands_at_once_on_a_new_store_all_finish(train_command, tracking_
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
         assert sorted(steps) == list(range(1, 3))  # 64 images at batch 64, two epochs
+
+
+def _tracker_of(pid: int) -> int:
+    """The tracker process a training process started (its child running the tracker module)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and b"mnist_exp.tracking.tracker" in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError(f"process {pid} has no tracker process")
+
+
+@pytest.mark.slow
+def test_a_tracker_killed_mid_epoch_leaves_the_history_of_an_uninterrupted_run(
+    train_command, tracking_uri, tmp_path
+):
+    """The OOM killer picks the tracker: training goes on, and a new tracker loses no step."""
+    same = (
+        "data.max_train_samples=2048", "data.batch_size=16", "data.max_test_samples=100",
+        "data.val_size=0", "trainer.epochs=3", "trainer.print_every_n_steps=0", "trainer.seed=3",
+    )  # fmt: skip
+    cmd, env = train_command(*same)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch ended"
+            time.sleep(0.02)
+        time.sleep(0.3)  # into epoch 2
+        os.kill(_tracker_of(proc.pid), signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert "tracker process ended unexpectedly (exit code -9); a new one" in out + err
+    (killed,) = runs_in(tracking_uri)
+    cmd, env = train_command(*same, f"hydra.run.dir={tmp_path}/again")
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    (again,) = [r for r in runs_in(tracking_uri) if r.info.run_id != killed.info.run_id]
+
+    assert killed.info.status == again.info.status == "FINISHED"
+    assert killed.data.tags["mnist_exp.tracker_restarts"] == "1"
+    history = loss_history(tracking_uri, killed.info.run_id)
+    assert [step for step, _ in history] == list(range(1, 3 * 128 + 1))
+    assert history == loss_history(tracking_uri, again.info.run_id)
+    assert killed.data.metrics["test_accuracy"] == again.data.metrics["test_accuracy"]

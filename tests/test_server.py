@@ -268,3 +268,34 @@ def test_a_server_that_never_returns_ends_the_run_keeping_its_checkpoint(
     assert "Traceback" not in err
     state = torch.load(checkpoint, weights_only=True)
     assert state["step"] in (256, 512, 768)  # a whole epoch, on disk
+
+
+def test_a_resume_waits_for_a_server_that_comes_back(train_command, server, tracking_uri, tmp_path):
+    """The stopped command repeated with trainer.resume while the server restarts: it waits
+    (up to mlflow.retry_for_s), then continues the run."""
+    cmd, env = train_command("mlflow=server", "mlflow.experiment_name=resume", *LONGER)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _first_epoch(tmp_path / "run", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    (stopped,) = _runs(tracking_uri, "resume")
+    assert stopped.info.status == "KILLED"
+    server.kill()
+    cmd, env = train_command(
+        "mlflow=server", "mlflow.experiment_name=resume", *LONGER,
+        f"trainer.resume={stopped.info.run_id}", f"hydra.run.dir={tmp_path}/resumed",
+    )  # fmt: skip
+    resume = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(4)
+    assert resume.poll() is None, resume.communicate()
+    server.start()
+    out, err = resume.communicate(timeout=600)
+    assert resume.returncode == 0, f"{out}\n{err}"
+    assert "MLflow tracking server unreachable" in out + err
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(stopped.info.run_id)
+    _assert_complete(client, run, 3 * 256, tmp_path)

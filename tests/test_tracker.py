@@ -1,14 +1,21 @@
-"""The tracker process behind `RemoteRun`: what reaches the training process when it fails."""
+"""The tracker process behind `RemoteRun`: what the training process sees when it fails or dies."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import loss_history
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import UserError
+from mnist_exp.errors import TrackerLost
+from mnist_exp.runner.lifecycle import recording
+from mnist_exp.tracking import remote
 from mnist_exp.tracking.recorder import Recorder
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.tracking.run import Run
@@ -41,3 +48,60 @@ def test_both_recorders_satisfy_the_protocol_the_callbacks_use() -> None:
         ]
         missing = [m for m in methods if not callable(getattr(recorder, m, None))]
         assert missing == [], f"{recorder.__name__} lacks {missing}"
+
+
+@pytest.mark.slow  # starts three tracker processes
+def test_a_killed_tracker_is_replaced_and_every_unconfirmed_value_recorded_once(
+    tmp_path: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 of the tracker (the OOM killer's pick) while it holds values it never confirmed."""
+    open_store(tracking_uri, "mnist-exp")
+    run = RemoteRun(tracking_uri, "mnist-exp")
+    run.start(run_name="t", config={"a": 1}, tags={}, project_root=tmp_path)
+    for step in range(1, 301):
+        run.log_metric("train_loss", 1 / step, step)
+    run.sync()
+    old = run.pid
+    os.kill(old, signal.SIGSTOP)  # what is sent now stays unconfirmed
+    for step in range(301, 601):
+        run.log_metric("train_loss", 1 / step, step)
+    run.flush()
+    os.kill(old, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, "mnist_exp"):
+        for step in range(601, 901):
+            run.log_metric("train_loss", 1 / step, step)
+        run.set_tags({"after": "yes"})
+    run.end("FINISHED")
+
+    assert "ended unexpectedly (exit code -9); a new one" in caplog.text
+    recorded = MlflowClient(tracking_uri).get_run(run.run_id)
+    assert recorded.info.status == "FINISHED"
+    assert recorded.data.tags["mnist_exp.tracker_restarts"] == "1"
+    assert recorded.data.tags["after"] == "yes"
+    assert recorded.data.tags["mnist_exp.pid"] == str(run.pid) != str(old)
+    assert loss_history(tracking_uri, run.run_id) == [(s, 1 / s) for s in range(1, 901)]
+
+
+@pytest.mark.slow
+def test_a_tracker_that_cannot_be_replaced_fails_the_run_from_the_training_process(
+    tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run ends FAILED, saying why and how to resume, and the message claims only that."""
+    open_store(tracking_uri, "mnist-exp")
+    run = RemoteRun(tracking_uri, "mnist-exp")
+    run.start(run_name="t", config={"a": 1}, tags={}, project_root=tmp_path)
+    run.log_metric("train_loss", 1.0, 1)
+    run.sync()
+    monkeypatch.setattr(remote, "TRACKER_COMMAND", (sys.executable, "-c", "raise SystemExit(3)"))
+    os.kill(run.pid, signal.SIGKILL)
+    with pytest.raises(TrackerLost) as error, recording(run, tmp_path / "last.ckpt", 0):
+        run.log_metric("train_loss", 0.5, 2)
+        run.sync()
+
+    message = str(error.value)
+    assert message.startswith("the MLflow tracker process ended unexpectedly (exit code -9)")
+    assert f"; MLflow run {run.run_id} marked FAILED; " in message
+    assert message.endswith(f"with: mnist-rerun {run.run_id} --resume")
+    recorded = MlflowClient(tracking_uri).get_run(run.run_id)
+    assert recorded.info.status == "FAILED"
+    assert "a new one could not continue" in recorded.data.tags["mnist_exp.error"]

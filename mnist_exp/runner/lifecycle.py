@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mnist_exp import names
-from mnist_exp.errors import TrackingUnavailable, UserError, one_line
+from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError, one_line
 from mnist_exp.runner import run_log
 from mnist_exp.tracking.recorder import Recorder
 
@@ -41,10 +41,10 @@ def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[Non
             raise
         _log_again(run, checkpoint)
         run_log.upload(run, start_epoch)
-        _end_quietly(run, "KILLED")
+        marked = _end_quietly(run, "KILLED")
         raise KeyboardInterrupt(
-            f"interrupted: MLflow run {run.run_id} marked KILLED; continue it from its last "
-            f"complete epoch with: mnist-rerun {run.run_id} --resume"
+            f"interrupted: {marked}; continue it from its last complete epoch with: "
+            f"mnist-rerun {run.run_id} --resume"
         ) from None
     except BaseException as exc:
         if not run.opened():
@@ -69,7 +69,7 @@ def _failed(run: Recorder, exc: BaseException, last: Path, start_epoch: int) -> 
             names.FAILED_STEP_TAG: str(exc.step),
             names.FAILED_EPOCH_TAG: str(exc.epoch),
         }
-        _end_quietly(run, "FAILED", failure)
+        marked = _end_quietly(run, "FAILED", failure)
         if exc.epoch > start_epoch + 1:
             kept = f"{last} keeps epoch {exc.epoch - 1}"
         elif start_epoch:
@@ -77,15 +77,14 @@ def _failed(run: Recorder, exc: BaseException, last: Path, start_epoch: int) -> 
         else:
             kept = "no epoch of this run completed, so it wrote no checkpoint"
         return UserError(
-            f"training diverged: {exc} (epoch {exc.epoch}); MLflow run {run.run_id} marked "
-            f"FAILED; {kept}: lower optimizer.lr (or add a warm-up: scheduler=onecycle)"
+            f"training diverged: {exc} (epoch {exc.epoch}); {marked}; {kept}: lower "
+            f"optimizer.lr (or add a warm-up: scheduler=onecycle)"
         )
-    _end_quietly(run, "FAILED", {names.ERROR_TAG: one_line(exc)})
+    marked = _end_quietly(run, "FAILED", {names.ERROR_TAG: one_line(exc)})
     if isinstance(exc, OSError) and exc.errno in _CANNOT_WRITE:
         return UserError(
             f"cannot write {exc.filename or 'to disk'} ({exc.strerror}): free space there "
-            f"or set hydra.run.dir / mlflow.tracking_uri to a writable folder; MLflow run "
-            f"{run.run_id} marked FAILED"
+            f"or set hydra.run.dir / mlflow.tracking_uri to a writable folder; {marked}"
         )
     if isinstance(exc, TrackingUnavailable):
         kept = (
@@ -95,8 +94,12 @@ def _failed(run: Recorder, exc: BaseException, last: Path, start_epoch: int) -> 
             else "no epoch was complete, so there is no checkpoint"
         )
         return TrackingUnavailable(f"{exc}; {kept}")
+    if isinstance(exc, TrackerLost):
+        # Its message ends with the resume command, which the run's state comes before.
+        why, resume = str(exc).rsplit("; ", 1)
+        return TrackerLost(f"{why}; {marked}; {resume}")
     if isinstance(exc, UserError):
-        return UserError(f"{exc}; MLflow run {run.run_id} marked FAILED")
+        return UserError(f"{exc}; {marked}")
     return exc
 
 
@@ -109,8 +112,11 @@ def _log_again(run: Recorder, path: Path) -> None:
             log.error(f"could not log {path} to MLflow run {run.run_id}: {exc}")
 
 
-def _end_quietly(run: Recorder, status: str, tags: dict[str, str] | None = None) -> None:
-    """Record the end of a failed run without hiding the original error behind a new one."""
+def _end_quietly(run: Recorder, status: str, tags: dict[str, str] | None = None) -> str:
+    """Record the end of a failed run without hiding the original error behind a new one.
+
+    Returns what became of the run, for the error message: marked, or could not be.
+    """
     failed = None
     try:
         if tags:
@@ -123,3 +129,6 @@ def _end_quietly(run: Recorder, status: str, tags: dict[str, str] | None = None)
         failed = failed or exc
     if failed and not run.gave_up:  # else the error that follows says the server is gone
         log.error(f"could not mark MLflow run {run.run_id} {status}: {failed}")
+    if failed:
+        return f"MLflow run {run.run_id} could not be marked {status} (see above)"
+    return f"MLflow run {run.run_id} marked {status}"

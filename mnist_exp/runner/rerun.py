@@ -25,7 +25,9 @@ def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir
     """
     cfg = compose_config([o for o in overrides if o.startswith("mlflow.")])
     uri = cfg.mlflow.tracking_uri
-    client, experiment_id = open_store(uri, cfg.mlflow.experiment_name)
+    # A run being resumed waits for a tracking server that is briefly away, as its run does.
+    retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0) if resume else 0.0
+    client, experiment_id = open_store(uri, cfg.mlflow.experiment_name, retry_for_s)
     folder = Path(source)
     if folder.is_dir():
         hydra_dir = folder / ".hydra"

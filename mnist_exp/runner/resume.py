@@ -88,7 +88,8 @@ def check_resumable(state: Mapping[str, Any], run: Run, params: Mapping[str, Any
 def resumable(cfg: DictConfig, config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """The checkpoint `trainer.resume` points at and its run, checked before the slow part."""
     uri = cfg.mlflow.tracking_uri
-    client, _ = open_store(uri, cfg.mlflow.experiment_name)
+    retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0)
+    client, _ = open_store(uri, cfg.mlflow.experiment_name, retry_for_s)
     state, run = find(str(cfg.trainer.resume), client, uri)
     check_resumable(state, run, flatten(config))
     return state, run.info.run_id

@@ -61,11 +61,16 @@ class Outage:
     """
 
     def __init__(
-        self, tracking_uri: str, retry_for_s: float, unsent: Callable[[], str] = lambda: ""
+        self,
+        tracking_uri: str,
+        retry_for_s: float,
+        unsent: Callable[[], str] = lambda: "",
+        meanwhile: str = "training goes on, metrics are kept and retried",
     ) -> None:
         self.tracking_uri = redact(tracking_uri)
         self.retry_for_s = retry_for_s
         self.unsent = unsent
+        self.meanwhile = meanwhile  # what the warning says happens while the server is away
         self.gave_up = False  # an outage outlasted retry_for_s: no more waiting for the server
         self.since: float | None = None  # monotonic time of the first failed call
         self.next_try = 0.0  # while away, no new attempt before this time
@@ -88,8 +93,8 @@ class Outage:
         if self.since is None:
             self.since = now
             log.warning(
-                f"MLflow tracking server unreachable ({reason(exc)}); training goes on, metrics "
-                f"are kept and retried for up to {self.retry_for_s:g} s"
+                f"MLflow tracking server unreachable ({reason(exc)}); {self.meanwhile} "
+                f"for up to {self.retry_for_s:g} s"
             )
         if now - self.since > self.retry_for_s:
             self.gave_up = True

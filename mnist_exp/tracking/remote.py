@@ -8,6 +8,7 @@ socket and never imports MLflow.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import signal
@@ -18,9 +19,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, SupportsFloat
+from typing import Any, NoReturn, SupportsFloat
 
-from mnist_exp.errors import TrackingUnavailable, UserError
+from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError
+from mnist_exp.names import TRACKER_RESTARTS_TAG
 from mnist_exp.tracking.limits import MAX_METRICS_PER_BATCH as BATCH
 
 log = logging.getLogger("mnist_exp")
@@ -29,6 +31,10 @@ log = logging.getLogger("mnist_exp")
 # and an epoch's end (`sync`) waits for a few seconds' worth only. More often costs the
 # tracker more CPU than it saves: each message is a store transaction.
 FLUSH_EVERY_S = 2.0
+# A tracker that dies is replaced this many times in a run at most (each is a new process).
+MAX_TRACKER_RESTARTS = 3
+# How a tracker process is started, with the socket's file descriptor appended.
+TRACKER_COMMAND = (sys.executable, "-m", "mnist_exp.tracking.tracker")
 
 
 class RemoteRun:
@@ -42,23 +48,35 @@ class RemoteRun:
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
+        self._store = (tracking_uri, experiment_name)
+        self._retry_for_s = 0.0
+        # Sent and not yet answered, oldest first: what a new tracker is sent again.
+        self._unconfirmed: collections.deque[tuple[str, tuple[Any, ...]]] = collections.deque()
+        self._pending: list[tuple[str, SupportsFloat, int, int]] = []
+        self._flush_at = 0.0  # time.time() after which the next metric sends the buffer
+        self._info: tuple[str, str, str] | None = None
+        self._open_error: UserError | None = None
+        self._restarts = 0
+        # Once no tracker could take the run over: the run opened in this process to end it,
+        # or None when even that failed; every later call then raises `_lost_error`.
+        self._lost_error: TrackerLost | None = None
+        self._local: Any = None
+        self.gave_up = False  # the tracking server stayed away longer than retry_for_s
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start a tracker process and send it the store to open."""
         # A process of its own, not a multiprocessing child: inside a sweep's job the start
         # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
         mine, theirs = socket.socketpair()
         self._conn = Connection(mine.detach())
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_exp.tracking.tracker", str(theirs.fileno())],
+            [*TRACKER_COMMAND, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
         )
         theirs.close()
-        self._conn.send((tracking_uri, experiment_name))  # not on the command line: credentials
-        self._unanswered = 0
-        self._pending: list[tuple[str, SupportsFloat, int, int]] = []
-        self._flush_at = 0.0  # time.time() after which the next metric sends the buffer
-        self._info: tuple[str, str, str] | None = None
-        self._open_error: UserError | None = None
-        self.gave_up = False  # the tracking server stayed away longer than retry_for_s
+        self._conn.send(self._store)  # not on the command line: credentials
 
     def start(
         self,
@@ -77,6 +95,7 @@ class RemoteRun:
         the folder `files[0]` as artifacts under `files[1]` (see `run.Run.log_config_files`).
         The tracker waits out a server outage of up to `retry_for_s` (see `run.Run`).
         """
+        self._retry_for_s = retry_for_s
         opening = {"run_name": run_name, "params": dict(config), "project_root": project_root}
         self._send("open", opening | {"tags": dict(tags), "files": files, "retry": retry_for_s})
 
@@ -89,6 +108,7 @@ class RemoteRun:
         retry_for_s: float = 0.0,
     ) -> None:
         """Continue a stopped run (see `run.Run.reopen`), adding tags and files as `start`."""
+        self._retry_for_s = retry_for_s
         opening = {"run_id": run_id, "tags": dict(tags), "files": files, "retry": retry_for_s}
         self._send("open", opening)
 
@@ -115,7 +135,7 @@ class RemoteRun:
         return self._opened()[2]
 
     def log_metric(self, key: str, value: SupportsFloat, step: int) -> None:
-        if self._info is None and self._unanswered and self._conn.poll():
+        if self._info is None and self._unconfirmed and self._conn.poll():
             self._answer()  # the opening's answer: a store that cannot be opened stops training
         now = time.time()
         self._pending.append((key, value, int(now * 1000), step))
@@ -133,13 +153,13 @@ class RemoteRun:
         for i in range(0, len(pending), BATCH):
             chunk = [(k, float(v), t, s) for k, v, t, s in pending[i : i + BATCH]]
             self._send("log_values", chunk)
-        while self._unanswered and self._conn.poll():
+        while self._unconfirmed and self._conn.poll():
             self._answer()
 
     def sync(self) -> None:
         """Send the buffered metrics and wait until the tracker has recorded all of them."""
         self.flush()
-        while self._unanswered:
+        while self._unconfirmed:
             self._answer()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -179,11 +199,12 @@ class RemoteRun:
             self.flush()
         finally:
             self._call("end", status)
-            self._process.wait(timeout=30)
+            if self._local is None:
+                self._process.wait(timeout=30)
 
     def opened(self) -> bool:
         """Wait until the tracker has opened the run; False if it could not or was not asked."""
-        if self._info is None and not self._unanswered:
+        if self._info is None and not self._unconfirmed:
             return False
         try:
             self._opened()
@@ -199,38 +220,49 @@ class RemoteRun:
         return self._info
 
     def _send(self, method: str, *args: Any) -> None:
-        try:
-            # The count moves with the message: a signal re-raised as the block ends must not
-            # leave an answer uncounted (a later call would wait for it for ever).
-            with _signals_held():
+        if self._lost_error is not None:
+            self._here(method, args)
+            return
+        with _signals_held():
+            # Counted as it is sent: a signal re-raised as the block ends must not leave an
+            # answer uncounted (a later call would wait for it for ever).
+            self._unconfirmed.append((method, args))
+            try:
                 self._conn.send((method, args))
-                self._unanswered += 1
-        except (BrokenPipeError, ConnectionResetError, EOFError) as exc:
-            raise self._lost() from exc
+                return
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                pass
+        self._take_over()
 
     def _call(self, method: str, *args: Any) -> Any:
+        if self._lost_error is not None:
+            return self._here(method, args)
         self._send(method, *args)
         value = None
-        while self._unanswered:
+        while self._unconfirmed:
             value = self._answer()
         return value
 
     def _answer(self) -> Any:
         """Read the tracker's oldest unread answer; raise the error it reports."""
-        try:
-            self._conn.poll(None)  # waiting may be interrupted; reading half a message may not
-            with _signals_held():  # nor what the answer says, once it is read
-                ok, value = self._conn.recv()
-                self._unanswered -= 1
-                opening = self._info is None and self._open_error is None
-                if opening and ok:
-                    self._info = value
-                elif opening:
-                    self._open_error = value
-                if not ok:
-                    self.gave_up = self.gave_up or isinstance(value, TrackingUnavailable)
-        except (EOFError, ConnectionResetError) as exc:
-            raise self._lost() from exc
+        while True:
+            try:
+                self._conn.poll(None)  # waiting may be interrupted; reading half a message may not
+                with _signals_held():  # nor what the answer says, once it is read
+                    ok, value = self._conn.recv()
+                    self._unconfirmed.popleft()
+                    opening = self._info is None and self._open_error is None
+                    if opening and ok:
+                        self._info = value
+                    elif opening:
+                        self._open_error = value
+                    if not ok:
+                        self.gave_up = self.gave_up or isinstance(value, TrackingUnavailable)
+                break
+            except (EOFError, ConnectionResetError):
+                self._take_over()
+                if self._lost_error is not None or not self._unconfirmed:
+                    return None
         if not ok:
             if getattr(value, "detail", None):
                 log.error(f"the MLflow tracker process failed:\n{value.detail}")
@@ -240,12 +272,86 @@ class RemoteRun:
             return None
         return value
 
-    def _lost(self) -> UserError:
-        self._process.wait(timeout=5)
+    def _take_over(self) -> None:
+        """The tracker died: a new one reopens the run and is sent again all it had not
+        confirmed (the store keeps a value once: what was recorded is skipped). If that fails
+        too, the run is ended FAILED from this process and `TrackerLost` raised."""
+        self._process.wait(timeout=30)
         code = self._process.returncode
-        return UserError(
-            f"the MLflow tracker process ended unexpectedly (exit code {code}): see the lines above"
+        died = f"the MLflow tracker process ended unexpectedly (exit code {code})"
+        if self._open_error is not None:
+            raise self._open_error  # it exits after a failed opening; that error is the news
+        self._conn.close()
+        self._restarts += 1
+        if self._restarts > MAX_TRACKER_RESTARTS:
+            self._give_up(died, f"trackers died {self._restarts} times in this run")
+        try:
+            self._spawn()
+            if self._info is not None:
+                self._reopen()
+            for message in self._unconfirmed:
+                self._conn.send(message)
+        except UserError as exc:  # it could not open the run
+            self._give_up(died, exc)
+        except (OSError, EOFError):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+            ended = self._process.returncode
+            self._give_up(
+                died,
+                "it stopped answering" if ended is None else f"it ended too, exit code {ended}",
+            )
+        values = sum(len(args[0]) for method, args in self._unconfirmed if method == "log_values")
+        log.warning(
+            f"{died}; a new one (process {self._process.pid}) continues the run and records "
+            f"again the {values} metric values the old one had not confirmed"
         )
+
+    def _reopen(self) -> None:
+        """Have the new tracker open the run this one had opened, noting the take-over."""
+        run_id = self.run_id
+        tags = {TRACKER_RESTARTS_TAG: str(self._restarts)}
+        opening = {"run_id": run_id, "tags": tags, "files": None, "retry": self._retry_for_s}
+        self._conn.send(("open", (opening,)))
+        ok, value = self._conn.recv()
+        if not ok:
+            raise value
+
+    def _give_up(self, died: str, why: object) -> NoReturn:
+        """End the run FAILED from this process, then raise `TrackerLost`."""
+        with contextlib.suppress(Exception):
+            self._process.kill()
+        self._unconfirmed.clear()  # no tracker will answer them; the error says what is lost
+        if self._info is None:
+            self._lost_error = TrackerLost(f"{died} before the MLflow run was opened ({why})")
+            raise self._lost_error
+        run_id = self.run_id
+        self._lost_error = TrackerLost(
+            f"{died} and a new one could not continue MLflow run {run_id} ({why}); continue "
+            f"it from its last complete epoch with: mnist-rerun {run_id} --resume"
+        )
+        try:
+            self._local = _open_here(*self._store, run_id, self._retry_for_s)
+        except Exception as exc:
+            log.error(f"cannot open MLflow run {run_id} from the training process: {exc}")
+        raise self._lost_error
+
+    def _here(self, method: str, args: tuple[Any, ...]) -> Any:
+        """A request once no tracker is left: done on the run opened in this process."""
+        if self._local is None or self._lost_error is None:
+            raise self._lost_error or UserError("no MLflow run")
+        from mnist_exp.tracking.tracker import handle
+
+        return handle(self._local, method, args)
+
+
+def _open_here(tracking_uri: str, experiment_name: str, run_id: str, retry_for_s: float) -> Any:
+    """The run, opened in this process (which then imports MLflow) to record its end."""
+    from mnist_exp.tracking.run import Run
+    from mnist_exp.tracking.store import open_store
+
+    client, _ = open_store(tracking_uri, experiment_name)
+    return Run(client, client.get_run(run_id).info, {}, retry_for_s)
 
 
 @contextlib.contextmanager

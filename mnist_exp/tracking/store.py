@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from mnist_exp import names
 from mnist_exp.errors import UserError
 from mnist_exp.tracking import processes
-from mnist_exp.tracking.outage import reason
+from mnist_exp.tracking.outage import Outage, reason
 from mnist_exp.tracking.redaction import redact
 
 # MLflow draws a progress bar for every artifact download, prints a link to each run it
@@ -38,8 +38,13 @@ logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, str]:
+def open_store(
+    tracking_uri: str, experiment_name: str, retry_for_s: float = 0.0
+) -> tuple[MlflowClient, str]:
     """Open (creating if new) the store and the experiment; returns the client and its id.
+
+    A tracking server away (restarting, say) is waited for up to `retry_for_s`: where a
+    recorded run is continued, waiting is what the user wants.
 
     A new experiment on a SQLite store keeps its artifacts in `artifacts/` beside the
     database file, not in MLflow's default of `./mlruns` under whatever the current folder is.
@@ -48,7 +53,8 @@ def open_store(tracking_uri: str, experiment_name: str) -> tuple[MlflowClient, s
     artifact_location = (db.parent / "artifacts").resolve().as_uri() if db else None
     try:
         if db is None:
-            return _open(tracking_uri, experiment_name, artifact_location)
+            outage = Outage(tracking_uri, retry_for_s, meanwhile="opening the store is retried")
+            return outage.call(lambda: _open(tracking_uri, experiment_name, artifact_location))
         db.parent.mkdir(parents=True, exist_ok=True)
         # MLflow creates a new SQLite store's tables on first use, and two processes doing
         # that at once fail: one process at a time, by a lock file beside the database.

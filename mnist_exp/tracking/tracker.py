@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -62,22 +63,13 @@ def _serve(conn: Connection) -> None:
     conn.send((True, (run.run_id, run.name, run.experiment_id)))
     gc.freeze()  # left out of later passes, the first of which fell on the first metric
     gc.enable()
-    handlers = {
-        "log_values": run.log_values,
-        "set_tags": run.set_tags,
-        "log_artifact": lambda path, into, defer: run.log_artifact(path, into, defer=defer),
-        "log_artifacts": run.log_artifacts,
-        "metric_history": run.metric_history,
-        "log_model": run.log_model,
-        "end": run.end,
-    }
     while True:
         try:
             method, args = conn.recv()
         except (EOFError, OSError):
             break
         try:
-            answer = (True, handlers[method](*args))
+            answer = (True, handle(run, method, args))
         except Exception as exc:
             answer = (False, _error(exc))
         if method == "end":
@@ -94,6 +86,31 @@ def _serve(conn: Connection) -> None:
     except Exception as exc:
         if not run.gave_up:  # a server given up on was reported by the training process
             log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
+
+
+# What `RemoteRun` may ask of the run, besides opening it: methods of `run.Run`.
+REQUESTS = frozenset(
+    {
+        "log_values",
+        "set_tags",
+        "log_artifact",
+        "log_artifacts",
+        "metric_history",
+        "log_model",
+        "end",
+    }
+)
+
+
+def handle(run: Any, method: str, args: Sequence[Any]) -> Any:
+    """Do one of `RemoteRun`'s requests on `run`, a `run.Run` (here or, once no tracker
+    could take the run over, in the training process)."""
+    if method not in REQUESTS:
+        raise ValueError(f"unknown tracker request {method!r}")
+    if method == "log_artifact":
+        path, into, defer = args
+        return run.log_artifact(path, into, defer=defer)
+    return getattr(run, method)(*args)
 
 
 def _open(client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:
