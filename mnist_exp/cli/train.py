@@ -21,6 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from mnist_exp.config import help as _help  # noqa: F401  (registers --help's resolver)
 from mnist_exp.config.checks import check_overrides
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import composition_refusal
