@@ -28,6 +28,9 @@ OPTIMIZABLE_METRICS = {
 # A sweep's parent run.
 SWEEP_JOBS, SWEEP_FINISHED, SWEEP_FAILED = "sweep_jobs", "sweep_finished", "sweep_failed"
 BEST_PREFIX = "best_"  # + optimized_metric: the best child's value
+# An Optuna search's parent: its study's trials that count towards n_trials, by how they ended.
+TRIALS_COMPLETE, TRIALS_PRUNED = "trials_complete", "trials_pruned"
+TRIALS_FAILED = "trials_failed"
 
 # Tags of every run.
 OVERRIDES_TAG = "mnist_exp.overrides"  # the Hydra overrides of the command line
@@ -59,6 +62,15 @@ SWEEPER_TAG, LAUNCHER_TAG = "mnist_exp.sweep.sweeper", "mnist_exp.sweep.launcher
 SWEEP_DIR_TAG = "mnist_exp.sweep.dir"
 BEST_RUN_ID_TAG, BEST_RUN_NAME_TAG = "mnist_exp.best_run_id", "mnist_exp.best_run_name"
 BEST_OVERRIDES_TAG = "mnist_exp.best_overrides"
+# An Optuna search's parent (one per study): the study, its storage (credentials redacted),
+# and its best trial: number and params (`key=value ...`).
+STUDY_TAG, STORAGE_TAG = "mnist_exp.sweep.study", "mnist_exp.sweep.storage"
+BEST_TRIAL_TAG, BEST_PARAMS_TAG = "mnist_exp.best_trial", "mnist_exp.best_params"
+# A search job's run: its trial's number; a pruned one, and the epoch it stopped after.
+TRIAL_TAG = "mnist_exp.trial"
+PRUNED_TAG, PRUNED_AT_EPOCH_TAG = "mnist_exp.pruned", "mnist_exp.pruned_at_epoch"
+# User attributes of the Optuna study and its trials: the MLflow parent run, each trial's run.
+STUDY_PARENT_RUN_ATTR, TRIAL_RUN_ID_ATTR = "mlflow_parent_run_id", "mlflow_run_id"
 
 # Artifact paths.
 CHECKPOINTS = "checkpoints"  # model.ckpt (the final state_dict) and last.ckpt (for resuming)
@@ -68,6 +80,7 @@ HYDRA_FILES = "hydra"  # config.yaml, overrides.yaml, hydra.yaml; resumed-N/ for
 REQUIREMENTS = "environment/requirements.txt"
 MODEL = "model"
 PLOTS = "plots"
+OPTUNA_PLOTS = "optuna"  # an Optuna search's parent: Optuna's pictures of its study
 # The run folder's log (Hydra's job log: what the terminal showed), uploaded as the run ends;
 # a resumed run's next part goes to logs/resumed-<epoch>/train.log beside it.
 RUN_LOG = "logs/train.log"

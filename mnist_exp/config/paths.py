@@ -1,4 +1,5 @@
-"""Where the project and its Hydra configs live, and the `${project_root:}` resolver they use."""
+"""Where the project and its Hydra configs live, and the resolvers they use: `${project_root:}`,
+`${study_storage:TRACKING_URI}`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,18 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
 
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+
+
+def study_storage(tracking_uri: str) -> str:
+    """An Optuna search's default storage: `optuna.db` beside a SQLite MLflow store, else in
+    `<project>/mlruns/` (conf/hydra/sweeper/optuna.yaml: `${study_storage:...}`)."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix):
+        return f"{prefix}{Path(tracking_uri.removeprefix(prefix)).parent / 'optuna.db'}"
+    return f"{prefix}{PROJECT_ROOT / 'mlruns' / 'optuna.db'}"
+
+
+OmegaConf.register_new_resolver("study_storage", study_storage, replace=True)
 # The option files in conf/ extend these schemas: they must be stored before any composition,
 # here or through the `@hydra.main` of mnist_exp.cli.train, which imports this module.
 schema.register()

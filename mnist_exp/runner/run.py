@@ -22,6 +22,7 @@ from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import UserError
 from mnist_exp.runner import lifecycle, run_log
 from mnist_exp.runner.naming import name_from
+from mnist_exp.runner.trial import SearchJob
 from mnist_exp.tracking import processes
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.redaction import redact
@@ -67,6 +68,8 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
         **{str(k): str(v) for k, v in cfg.mlflow.tags.items()},
         **(extra_tags or {}),
     }
+    job = SearchJob.of(cfg, hydra_cfg)  # a trial of an Optuna search, or nothing
+    tags |= job.tags()
     state, start = None, (0, 0)
     if cfg.trainer.resume:
         from mnist_exp.runner.resume import resumable  # imports MLflow: only when resuming
@@ -101,10 +104,16 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
         resumed = (files, f"{names.HYDRA_FILES}/resumed-{start[0]}") if files else None
         recorder.reopen(run_id, tags=tags, files=resumed, retry_for_s=retry_for_s)
         log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
-    with lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]):
+    with (
+        lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]),
+        job.training(recorder.run_id),
+    ):
         from mnist_exp.runner.train_and_test import train_and_test
 
-        test, metrics = train_and_test(cfg, setup, recorder, out_dir, start, in_sweep, _startup_s)
+        test, metrics = train_and_test(
+            cfg, setup, recorder, out_dir, start, in_sweep, _startup_s, callbacks=job.callbacks
+        )
+        recorder.set_tags(job.tags())  # pruned, and after which epoch
     from mnist_exp.report.console import summary
 
     # All recorded (the model too) before the summary says so: their errors are raised here.
@@ -123,6 +132,7 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     )
     run_log.upload(recorder, start[0])  # after the summary, so that the log holds it too
     recorder.end("FINISHED")
+    job.finish(metrics)
     return RunResult(recorder.run_id, "FINISHED", metrics, weights, out_dir)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -32,8 +32,12 @@ def train_and_test(
     start: tuple[int, int],
     in_sweep: bool,
     startup_s: Callable[[], float],
+    *,
+    callbacks: Sequence[engine.Callback] = (),
 ) -> tuple[engine.EvalResult, dict[str, float]]:
     """Train after `start` (epoch, step), checkpointing each epoch; test; save `model.ckpt`.
+
+    `callbacks` listen to the loop beside the run's own (a search's pruning).
 
     Then per-class test accuracy, the pictures (`mlflow.log_plots`) and the servable model
     (`mlflow.log_model`). Returns the test result and the last value of each metric logged.
@@ -50,10 +54,11 @@ def train_and_test(
     )
     logger = MetricsLogger(run, cfg.trainer.log_every_n_steps, startup_s)
     progress_bar = wants_progress_bar(cfg.trainer.progress_bar, in_sweep)
-    callbacks = [
+    listeners = [
         logger,
         Console(cfg.trainer.print_every_n_steps, cfg.data.batch_size, progress_bar),
         Checkpointer(setup, run, out_dir / names.RESUME_CHECKPOINT),
+        *callbacks,
     ]
     with logging_redirect_tqdm():
         step = engine.fit(
@@ -76,7 +81,7 @@ def train_and_test(
                 max_scale=cfg.data.max_scale,
             ),
             scheduler=setup.scheduler,
-            callbacks=callbacks,
+            callbacks=listeners,
         )
     test = engine.evaluate(
         net,

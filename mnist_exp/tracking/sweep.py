@@ -57,12 +57,10 @@ class MlflowSweepCallback(Callback):
             sys.exit(f"error: {exc}")
         choices = config.hydra.runtime.choices
         sweep_dir = Path(config.hydra.sweep.dir)
-        self.parent = Run.start(
-            client,
-            experiment_id,
-            run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
-            params={},
-            tags=store.source_tags(Path.cwd())
+        study = _study_tags(config)
+        tags = (
+            store.source_tags(Path.cwd())
+            | study
             | {
                 names.SWEEP_TAG: "true",
                 names.METRIC_TAG: config.optimized_metric,
@@ -73,9 +71,31 @@ class MlflowSweepCallback(Callback):
                 names.SWEEPER_TAG: str(choices.get("hydra/sweeper")),
                 names.LAUNCHER_TAG: str(choices.get("hydra/launcher")),
                 names.SWEEP_DIR_TAG: str(sweep_dir),
-            },
-            retry_for_s=float(config.mlflow.get("retry_for_s") or 0),
+            }
         )
+        retry_for_s = float(config.mlflow.get("retry_for_s") or 0)
+        # A search keeping a study has one parent run, reopened each time the study goes on.
+        earlier = _study_parent(client, experiment_id, study) if study else None
+        if earlier is None:
+            name = f"study {study[names.STUDY_TAG]}" if study else None
+            self.parent = Run.start(
+                client,
+                experiment_id,
+                run_name=name or f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
+                params={},
+                tags=tags,
+                retry_for_s=retry_for_s,
+            )
+            if study:  # two commands starting one study at once each made one: the earlier stays
+                earlier = _study_parent(client, experiment_id, study)
+                if earlier == self.parent.run_id:
+                    earlier = None
+                else:
+                    client.delete_run(self.parent.run_id)
+        if earlier is not None:
+            self.parent = Run.reopen(client, earlier, retry_for_s)
+            self.parent.set_tags(tags)
+        assert self.parent is not None
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
         atexit.register(self._abandon)
         uri = redact(config.mlflow.tracking_uri)
@@ -107,10 +127,11 @@ class MlflowSweepCallback(Callback):
             },
             step=0,
         )
+        candidates = [r for r in finished if r.data.tags.get(names.PRUNED_TAG) != "true"]
         best = next(
             (
                 r
-                for r in table.rank(finished, metric)
+                for r in table.rank(candidates, metric)
                 if not math.isnan(r.data.metrics.get(metric, math.nan))
             ),
             None,
@@ -142,6 +163,28 @@ class MlflowSweepCallback(Callback):
         """At exit, a parent the sweep never closed (it crashed or was interrupted) is FAILED."""
         if self.parent is not None:
             self.parent.end("FAILED")
+
+
+def _study_tags(config: DictConfig) -> dict[str, str]:
+    """The study a sweeper keeps (name, storage with credentials redacted); {} for none."""
+    sweeper = config.hydra.sweeper
+    name, storage = sweeper.get("study_name"), sweeper.get("storage")
+    if not name or not storage:
+        return {}
+    return {names.STUDY_TAG: str(name), names.STORAGE_TAG: redact(str(storage))}
+
+
+def _study_parent(client: MlflowClient, experiment_id: str, study: dict[str, str]) -> str | None:
+    """The id of the study's parent run in the experiment: the earliest, if there are two."""
+    runs = client.search_runs(
+        [experiment_id],
+        # The sweeper refuses a study name holding a quote, which a filter string cannot hold.
+        filter_string=f"tags.`{names.STUDY_TAG}` = '{study[names.STUDY_TAG]}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
+    found = [r for r in runs if all(r.data.tags.get(k) == v for k, v in study.items())]
+    return found[0].info.run_id if found else None
 
 
 def _name_by_swept_overrides(client: MlflowClient, children: list[Run]) -> None:

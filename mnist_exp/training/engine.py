@@ -51,6 +51,12 @@ class Callback:
         """After each epoch: `train_images_per_s`, `epoch_seconds`, and `val_*` with a split."""
 
 
+class StopTraining(Exception):
+    """Raised by a callback's `on_epoch_end` to end training after this epoch (a search's
+    pruning). Every other callback still sees the epoch's end, whatever the order, so the
+    epoch's checkpoint is written; then `fit` returns as after its last epoch."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training diverged: the loss (or, at an epoch's end, a weight) became NaN or infinite.
 
@@ -284,7 +290,8 @@ def fit(
     images at random (drawn from the epoch's own generator, so resuming stays exact).
     `steps.label_smoothing` softens the training targets (the losses callbacks see are smoothed;
     evaluation's stay plain cross-entropy). Evaluates on the validation split after each
-    epoch. Returns the global step.
+    epoch. Returns the global step. A callback raising `StopTraining` at an epoch's end
+    makes that epoch the last.
 
     Every `steps.check_every` steps, and before each epoch's end is reported, the losses since the
     last check are read in one device sync: a NaN or infinite one raises `NonFiniteLossError`
@@ -375,8 +382,15 @@ def fit(
                 channels_last=channels_last,
             )
             metrics |= {VAL_LOSS: result.loss, VAL_ACCURACY: result.accuracy}
+        stop: StopTraining | None = None
         for cb in callbacks:
-            cb.on_epoch_end(epoch, step, metrics)
+            try:
+                cb.on_epoch_end(epoch, step, metrics)
+            except StopTraining as exc:
+                stop = stop or exc
+        if stop is not None:
+            log.info(f"Training stops after epoch {epoch}: {stop}")
+            break
     return step
 
 

@@ -1,0 +1,141 @@
+"""The study a search keeps in its storage: opening it, what counts as done, trials left behind.
+
+A trial's job records a heartbeat while it runs; a trial whose heartbeat stopped (its sweep
+was killed) is failed and enqueued again with the same parameters by Optuna's
+`RetryHeartbeatStaleTrialCallback`, so it does not count towards `n_trials`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import optuna
+from filelock import FileLock
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_exp.errors import UserError, first_line
+from mnist_exp.search.settings import Settings
+from mnist_exp.tracking.redaction import redact
+from mnist_exp.tracking.store import sqlite_path
+
+log = logging.getLogger("mnist_exp")
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweeper says what matters itself
+# Heartbeats and retries are marked experimental since Optuna 2.8; they are what we rely on.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+SQLITE_WAIT_S = 60  # a write waits this long for another process's (SQLite locks the file)
+
+
+def open_storage(settings: Settings) -> RDBStorage:
+    """The study's storage, with heartbeats; a new SQLite file is made by one process at a time.
+
+    Raises `UserError` when the URL cannot be opened.
+    """
+    db = sqlite_path(settings.storage)
+    try:
+        if db is None:
+            return _storage(settings)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        # Optuna creates a new database's tables on first use; two processes doing that at
+        # once fail, as MLflow's do (tracking.store.open_store).
+        with FileLock(f"{db}.lock"):
+            return _storage(settings)
+    except Exception as exc:
+        raise UserError(
+            f"cannot open the Optuna storage {redact(settings.storage)} ({first_line(exc)}): "
+            f"fix hydra.sweeper.storage (an SQLAlchemy URL such as sqlite:///path/optuna.db)"
+        ) from None
+
+
+def _storage(settings: Settings) -> RDBStorage:
+    sqlite = settings.storage.startswith("sqlite")
+    return RDBStorage(
+        settings.storage,
+        engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite else None,
+        heartbeat_interval=settings.heartbeat_s,
+        grace_period=3 * settings.heartbeat_s,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+    )
+
+
+def check_study(settings: Settings, storage: RDBStorage) -> bool:
+    """Whether the study exists; refuses (`UserError`) one whose direction is not the config's."""
+    direction = StudyDirection[settings.direction.upper()]
+    studies = {s.study_name: s for s in storage.get_all_studies()}
+    found = studies.get(settings.study_name)
+    if found is not None and found.directions != [direction]:
+        theirs = ", ".join(d.name.lower() for d in found.directions)
+        raise UserError(
+            f"study {settings.study_name!r} in {redact(settings.storage)} is to {theirs}, "
+            f"this search to {settings.direction}: choose another hydra.sweeper.study_name, "
+            f"or a direction and optimized_metric that agree with the study"
+        )
+    return found is not None
+
+
+def open_study(settings: Settings, storage: RDBStorage, *, create: bool) -> optuna.Study:
+    """The study named in `settings`, created when `create` and absent (see `check_study`)."""
+    if not check_study(settings, storage) and not create:
+        raise UserError(f"no study {settings.study_name!r} in {redact(settings.storage)}")
+    return optuna.create_study(
+        storage=storage,
+        study_name=settings.study_name,
+        direction=StudyDirection[settings.direction.upper()],
+        pruner=settings.make_pruner(),
+        load_if_exists=True,
+    )
+
+
+def counted(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that count towards `n_trials`: ended, but not those failed as stale and
+    tried again (the retry counts in their place)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    return [t for t in trials if t.state in ENDED and t.number not in retried]
+
+
+def running(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials asked for and not ended: this sweep's, another command's, or left to retry."""
+    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+
+
+def trial_ids(storage: RDBStorage, study_name: str, numbers: Sequence[int]) -> list[int]:
+    """The storage's ids of the study's trials `numbers` (what heartbeats are recorded by)."""
+    study_id = storage.get_study_id_from_name(study_name)
+    return [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in numbers]
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the running trials whose heartbeat stopped, enqueuing each again (see above)."""
+    fail_stale_trials(study)
+
+
+@contextmanager
+def heartbeat(storage: RDBStorage, trial_ids: Sequence[int]) -> Iterator[None]:
+    """Inside, a thread records every `heartbeat_interval` seconds that these trials live."""
+    interval = storage.get_heartbeat_interval()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial_id in trial_ids:
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as exc:  # a storage away for a moment: the next beat may do
+                    log.warning(f"could not record the heartbeat of Optuna trial: {exc}")
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

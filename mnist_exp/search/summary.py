@@ -1,0 +1,100 @@
+"""What a search leaves on its MLflow parent run at the end: trials complete, pruned and
+failed, the best trial and its params, and Optuna's own pictures (matplotlib, as PNG)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+from optuna.trial import TrialState
+
+from mnist_exp import names
+from mnist_exp.search.settings import Settings
+from mnist_exp.search.study import counted
+
+log = logging.getLogger("mnist_exp")
+
+
+def summarise(
+    study: optuna.Study, settings: Settings, config: DictConfig, parent: str | None
+) -> None:
+    """Log the outcome, and record it on the `parent` run (when the sweep has one)."""
+    trials = counted(study)
+    by_state = {
+        s: sum(t.state == s for t in trials)
+        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
+    metrics = {
+        names.TRIALS_COMPLETE: by_state[TrialState.COMPLETE],
+        names.TRIALS_PRUNED: by_state[TrialState.PRUNED],
+        names.TRIALS_FAILED: by_state[TrialState.FAIL],
+    }
+    best = best_trial(study)
+    tags = {}
+    line = (
+        f"Optuna study {settings.study_name!r}: {len(trials)} trials, "
+        f"{metrics[names.TRIALS_COMPLETE]} complete, {metrics[names.TRIALS_PRUNED]} pruned, "
+        f"{metrics[names.TRIALS_FAILED]} failed"
+    )
+    if best is not None:
+        params = " ".join(f"{k}={v}" for k, v in best.params.items())
+        tags = {names.BEST_TRIAL_TAG: str(best.number), names.BEST_PARAMS_TAG: params}
+        line += f"; best trial {best.number}: {config.optimized_metric} {best.value:.4f} ({params})"
+    log.info(line + f"\nDashboard: optuna-dashboard {settings.storage}")
+    if not parent:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(config.mlflow.tracking_uri)
+    for key, value in metrics.items():
+        client.log_metric(parent, key, value, step=0)
+    for key, text in tags.items():
+        client.set_tag(parent, key, text)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in _pictures(study, Path(tmp)):
+            client.log_artifact(parent, str(path), names.OPTUNA_PLOTS)
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no trial completed
+        return None
+
+
+def _pictures(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optimisation history, parameter importances and slice plot, as far as the trials allow
+    (importances need two complete trials that differ)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # It says at INFO that it plots numbers given as strings (the categorical choices) as such.
+    logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
+    from optuna.visualization import matplotlib as plots
+
+    drawers: dict[str, Callable[[optuna.Study], Any]] = {
+        "optimization_history.png": plots.plot_optimization_history,
+        "param_importances.png": plots.plot_param_importances,
+        "slice.png": plots.plot_slice,
+    }
+    saved = []
+    for name, draw in drawers.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks these experimental
+                axes = draw(study)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            figure.savefig(folder / name, dpi=100, bbox_inches="tight")
+            plt.close(figure)
+            saved.append(folder / name)
+        except Exception as exc:  # too few trials for this picture
+            log.info(f"No {name}: {exc}")
+    return saved
