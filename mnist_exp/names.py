@@ -37,6 +37,8 @@ OVERRIDES_TAG = "mnist_exp.overrides"  # the Hydra overrides of the command line
 OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are
 COMMAND_TAG = "mnist_exp.command"
 HOST_TAG, PID_TAG, PID_START_TAG = "mnist_exp.host", "mnist_exp.pid", "mnist_exp.pid_start"
+# The SLURM job the run's process ran in, as squeue and sacct name it (`123_4`: array task 4).
+SLURM_JOB_TAG = "mnist_exp.slurm_job_id"
 VERSION_TAG = "mnist_exp.version."  # + a package name, or python
 GIT_DIRTY_TAG = "mnist_exp.git.dirty"
 SOURCE_TAG = "mnist_exp.source"  # "python" on a run started through mnist_exp.api

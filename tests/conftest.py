@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 # A run of a few seconds that still learns: 2 epochs of 640 images, tested on 200.
 SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epochs=2")
+# The fixture `slurm_cluster`: a one-node SLURM cluster for the tests marked `slurm`.
+pytest_plugins = ["slurm_cluster"]
 
 
 @pytest.fixture(scope="session")

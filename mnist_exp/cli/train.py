@@ -88,10 +88,30 @@ def run_command(args: list[str], command: str | None = None) -> bool:
         if not _invocation.owns_full_error:
             raise
         sys.exit(f"error: {composition_refusal(exc)}")
+    except Exception as exc:
+        refusal = _submission_refusal(exc)
+        if refusal is None:
+            raise
+        sys.exit(f"error: {refusal}")
     finally:
         _composing(False)
         _invocation.owns_full_error = False
     return _invocation.finished
+
+
+def _submission_refusal(exc: Exception) -> str | None:
+    """One line for a cluster that refused a sweep's jobs (submitit's `FailedJobError`: sbatch
+    said no, e.g. more CPUs or memory than a node has); None for any other exception."""
+    from submitit.core.utils import FailedJobError  # submitit is imported only if it failed
+
+    if not isinstance(exc, FailedJobError):
+        return None
+    said = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return (
+        f"the cluster refused the sweep's jobs ({said}): ask for what its nodes have "
+        "(sinfo --Node --long) through hydra.launcher.cpus_per_task, mem_gb, gpus_per_node "
+        "or partition"
+    )
 
 
 def _composing(composing: bool) -> None:

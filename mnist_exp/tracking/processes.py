@@ -6,7 +6,7 @@ import os
 import platform
 from pathlib import Path
 
-from mnist_exp.names import HOST_TAG, PID_START_TAG, PID_TAG
+from mnist_exp.names import HOST_TAG, PID_START_TAG, PID_TAG, SLURM_JOB_TAG
 
 
 def start_ticks(pid: int) -> int | None:
@@ -29,13 +29,23 @@ def age() -> float | None:
 
 
 def process_tags() -> dict[str, str]:
-    """This process, as `store.fail_orphans` recognises it: host, pid and start time."""
+    """This process, as `store.fail_orphans` recognises it: host, pid and start time; and
+    inside a SLURM job, the job, which `scontrol`, `sacct` and `scancel` take."""
     ticks = start_ticks(os.getpid())
+    job = slurm_job()
     return {
         HOST_TAG: platform.node(),
         PID_TAG: str(os.getpid()),
         PID_START_TAG: "" if ticks is None else str(ticks),
+        **({SLURM_JOB_TAG: job} if job else {}),
     }
+
+
+def slurm_job() -> str | None:
+    """The SLURM job this process runs in, as `squeue` shows it and submitit names its log
+    folder (`123_4` for task 4 of array job 123); None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def alive(pid: int, started: str | None) -> bool:
