@@ -74,6 +74,9 @@ PRUNED_TAG, PRUNED_AT_EPOCH_TAG = "mnist_exp.pruned", "mnist_exp.pruned_at_epoch
 # User attributes of the Optuna study and its trials: the MLflow parent run, each trial's run.
 STUDY_PARENT_RUN_ATTR, TRIAL_RUN_ID_ATTR = "mlflow_parent_run_id", "mlflow_run_id"
 
+# Params (the resolved config, dotted) that tools read.
+SEED_PARAM = "trainer.seed"  # mnist-compare takes runs that differ only in it together
+
 # Artifact paths.
 CHECKPOINTS = "checkpoints"  # model.ckpt (the final state_dict) and last.ckpt (for resuming)
 FINAL_WEIGHTS = "model.ckpt"  # also its name in the run folder

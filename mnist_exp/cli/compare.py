@@ -2,7 +2,9 @@
 
 Shows the runs of a sweep (by its parent run id; by default the latest sweep) or of a whole
 experiment: the params that differ between them and the key metrics, sorted by the
-optimised metric; as an aligned table, CSV or Markdown.
+optimised metric; as an aligned table, CSV or Markdown. Runs that differ only in
+`trainer.seed` are one row, their metrics' mean, standard deviation and count of seeds
+(`--per-seed`: a row a run).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--experiment-name", help="default: mlflow.experiment_name of the config")
     parser.add_argument("--tracking-uri", help="default: mlflow.tracking_uri of the config")
     parser.add_argument("--metric", help="sort by this metric (default: the sweep's optimized one)")
+    parser.add_argument(
+        "--per-seed", action="store_true", help="a row a run, not a row a configuration"
+    )
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
     parser.add_argument("--output", type=Path, help="write to this file instead of the terminal")
     args = parser.parse_args(argv)
@@ -65,11 +70,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     metric = args.metric or (parent and parent.data.tags.get(METRIC_TAG)) or cfg.optimized_metric
     if not runs:
         sys.exit("error: no runs to compare")
-    text = render(*table(runs, metric), args.format)
+    headers, rows = table(runs, metric, args.per_seed)
+    text = render(headers, rows, args.format)
+    # Said only where seeds were taken together: else a row is a run, as with --per-seed.
+    together = len(rows) < len(runs)
     if args.output:
         args.output.write_text(text)
-        print(f"wrote {len(runs)} runs to {args.output}")
-    else:
-        if parent is not None:
-            print(f"sweep {parent.info.run_id} ({parent.info.run_name}), sorted by {metric}")
-        print(text, end="")
+        of = f" ({len(runs)} runs, seeds together)" if together else ""
+        print(f"wrote {len(rows)} rows{of} to {args.output}")
+        return
+    note = f"; {len(runs)} runs, seeds together: their mean, _std, count" if together else ""
+    if parent is not None:
+        print(f"sweep {parent.info.run_id} ({parent.info.run_name}), sorted by {metric}{note}")
+    elif note:
+        print(f"sorted by {metric}{note}")
+    print(text, end="")

@@ -1,14 +1,21 @@
-"""Runs side by side: the params that differ, the metrics, best first; as text, CSV or Markdown."""
+"""Runs side by side: the params that differ, the metrics, best first; as text, CSV or Markdown.
+
+A row is a configuration, its seeds' metrics as mean, standard deviation and count (see
+`seeds`), or with `per_seed` a run. Each column is a `Column`: a header and how its cell is
+read from a row's runs.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from mnist_exp import names
+from mnist_exp.report.seeds import Group, best_first, grouped
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -46,35 +53,49 @@ def short_name(overrides: dict[str, str]) -> str:
 
 def rank(runs: Sequence[Run], metric: str) -> list[Run]:
     """Best first by `metric` (its goal from OPTIMIZABLE_METRICS); runs without it last."""
-    sign = -1 if names.OPTIMIZABLE_METRICS.get(metric, "max") == "max" else 1
-
-    def key(run: Run) -> tuple[bool, float]:
-        value = run.data.metrics.get(metric)
-        if value is None or math.isnan(value):
-            return True, 0.0
-        return False, sign * value
-
-    return sorted(runs, key=key)
+    return sorted(runs, key=lambda run: best_first(run.data.metrics.get(metric), metric))
 
 
-def table(runs: Sequence[Run], metric: str) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows: run, name, status, the differing params, the metrics any run has."""
-    params = differing_params(runs)
+@dataclass(frozen=True)
+class Column:
+    """One column: its header, and its cell in a row (a configuration's runs, best first)."""
+
+    header: str
+    cell: Callable[[Group], str]
+
+
+def table(
+    runs: Sequence[Run], metric: str, per_seed: bool = False
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows, best first: a row per configuration (per run with `per_seed`)."""
+    groups = grouped(runs, metric, per_seed)
+    shown = columns_for(runs, groups, metric, per_seed)
+    return [c.header for c in shown], [[c.cell(g) for c in shown] for g in groups]
+
+
+def columns_for(
+    runs: Sequence[Run], groups: list[Group], metric: str, per_seed: bool
+) -> list[Column]:
+    """The best seed's run id and name, the runs' status, the params that differ, the metrics
+    any run has (a row's mean), each with its standard deviation where a row has several
+    seeds, and how many seeds a row has (not `per_seed`: a row is a run there)."""
     metrics = [
         m for m in dict.fromkeys([metric, *METRICS]) if any(m in r.data.metrics for r in runs)
     ]
-    columns = ["run_id", "run_name", "status", *params, *metrics]
-    rows = [
-        [
-            run.info.run_id,
-            run.info.run_name or "",
-            run.info.status,
-            *(run.data.params.get(p, "") for p in params),
-            *(_number(run.data.metrics.get(m)) for m in metrics),
-        ]
-        for run in rank(runs, metric)
+    spread = any(len(g.runs) > 1 for g in groups)
+    shown = [
+        Column("run_id", lambda g: g.best.info.run_id),
+        Column("run_name", lambda g: g.best.info.run_name or ""),
+        Column("status", Group.status),
+        *(Column(p, partial(Group.param, key=p)) for p in differing_params(runs)),
     ]
-    return columns, rows
+    for m in metrics:
+        shown.append(Column(m, _metric(Group.mean, m)))
+        if spread:
+            shown.append(Column(f"{m}_std", _metric(Group.std, m)))
+    if not per_seed:
+        shown.append(Column("seeds", lambda g: str(len(g.runs))))
+    return shown
 
 
 def render(columns: list[str], rows: list[list[str]], fmt: str) -> str:
@@ -91,6 +112,11 @@ def render(columns: list[str], rows: list[list[str]], fmt: str) -> str:
         "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip() + "\n"
         for cells in [columns, *rows]
     )
+
+
+def _metric(read: Callable[[Group, str], float | None], metric: str) -> Callable[[Group], str]:
+    """A cell showing `read(row, metric)`: its mean, or its standard deviation."""
+    return lambda group: _number(read(group, metric))
 
 
 def _number(value: float | None) -> str:

@@ -1,0 +1,116 @@
+"""`mnist-compare` takes a configuration's seeds together: mean, standard deviation, count."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, runs_in
+from mlflow.entities import Metric, Param, Run, RunData, RunInfo
+
+from mnist_exp.report.table import render, table
+
+SMALL = (
+    "data.max_train_samples=256",
+    "data.max_test_samples=100",
+    "data.val_size=0",
+    "trainer.epochs=1",
+    "trainer.print_every_n_steps=0",
+)
+
+
+def _run(run_id: str, lr: str, seed: str, accuracy: float | None, status: str = "FINISHED") -> Run:
+    info = RunInfo(run_id, "1", "me", status, 0, 1, "active", run_name=f"lr={lr},seed={seed}")
+    metrics = [] if accuracy is None else [Metric("test_accuracy", accuracy, 0, 0)]
+    params = [Param("optimizer.lr", lr), Param("trainer.seed", seed), Param("trainer.epochs", "1")]
+    return Run(info, RunData(metrics=metrics, params=params))
+
+
+def _rows(runs: list[Run], per_seed: bool = False) -> list[dict[str, str]]:
+    text = render(*table(runs, "test_accuracy", per_seed), "csv")
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_seeds_of_a_config_are_one_row_ranked_by_their_mean():
+    runs = [
+        _run("a0", "0.1", "0", 0.99),  # the luckiest seed of all, in the worse config
+        _run("a1", "0.1", "1", 0.80),
+        _run("a2", "0.1", "2", None, "FAILED"),
+        _run("b0", "0.01", "0", 0.95),
+        _run("b1", "0.01", "1", 0.97),
+    ]
+    better, worse = _rows(runs)
+    assert list(better) == [
+        "run_id", "run_name", "status", "optimizer.lr", "trainer.seed",
+        "test_accuracy", "test_accuracy_std", "seeds",
+    ]  # fmt: skip
+    assert better["run_id"] == "b1" and better["run_name"] == "lr=0.01,seed=1"  # its best seed
+    assert (better["optimizer.lr"], better["trainer.seed"], better["seeds"]) == ("0.01", "0,1", "2")
+    assert float(better["test_accuracy"]) == pytest.approx(0.96)
+    assert float(better["test_accuracy_std"]) == pytest.approx(
+        statistics.stdev([0.95, 0.97]), rel=1e-5
+    )
+    assert worse["run_id"] == "a0" and worse["trainer.seed"] == "0,1,2" and worse["seeds"] == "3"
+    assert worse["status"] == "2 FINISHED, 1 FAILED"  # the mean is of the two that finished
+    assert float(worse["test_accuracy"]) == pytest.approx(0.895)
+
+    per_seed = _rows(runs, per_seed=True)
+    assert [r["run_id"] for r in per_seed] == ["a0", "b1", "b0", "a1", "a2"]
+    assert "seeds" not in per_seed[0] and "test_accuracy_std" not in per_seed[0]
+
+
+def test_one_seed_a_config_reads_as_a_row_a_run():
+    runs = [_run("a", "0.1", "0", 0.9), _run("b", "0.01", "0", 0.95)]
+    headers, rows = table(runs, "test_accuracy")
+    assert headers == ["run_id", "run_name", "status", "optimizer.lr", "test_accuracy", "seeds"]
+    assert rows == [
+        ["b", "lr=0.01,seed=0", "FINISHED", "0.01", "0.95", "1"],
+        ["a", "lr=0.1,seed=0", "FINISHED", "0.1", "0.9", "1"],
+    ]
+    assert table(runs, "test_accuracy", per_seed=True) == (headers[:-1], [r[:-1] for r in rows])
+
+
+@pytest.mark.slow
+def test_mnist_compare_shows_a_sweeps_seeds_together(train, tracking_uri: str):
+    proc = train("-m", "optimizer.lr=0.001,0.01", "trainer.seed=0,1", *SMALL)
+    children = [r for r in runs_in(tracking_uri) if "mlflow.parentRunId" in r.data.tags]
+    assert [c.info.status for c in children] == ["FINISHED"] * 4, proc.stderr[-3000:]
+
+    def compare(*args: str) -> list[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mnist_exp.compare", "--tracking-uri", tracking_uri, *args],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return proc.stdout.splitlines()
+
+    first, header, *rows = compare()  # the latest sweep, as a table
+    assert first.endswith(
+        "sorted by test_accuracy; 4 runs, seeds together: their mean, _std, count"
+    )
+    assert header.split() == [
+        "run_id", "run_name", "status", "optimizer.lr", "trainer.seed",
+        "test_accuracy", "test_accuracy_std", "test_loss", "test_loss_std",
+        "train_images_per_s", "train_images_per_s_std", "seeds",
+    ]  # fmt: skip
+    assert len(rows) == 2
+    got = list(csv.DictReader(io.StringIO("\n".join(compare("--format", "csv")[1:]))))
+    for row in got:
+        seeds = [c for c in children if c.data.params["optimizer.lr"] == row["optimizer.lr"]]
+        accuracies = [c.data.metrics["test_accuracy"] for c in seeds]
+        assert (row["trainer.seed"], row["seeds"]) == ("0,1", "2")
+        assert math.isclose(float(row["test_accuracy"]), statistics.fmean(accuracies), rel_tol=1e-5)
+        assert math.isclose(
+            float(row["test_accuracy_std"]), statistics.stdev(accuracies), abs_tol=1e-6
+        )
+        best = max(seeds, key=lambda c: c.data.metrics["test_accuracy"])
+        assert row["run_id"] == best.info.run_id
+    assert float(got[0]["test_accuracy"]) >= float(got[1]["test_accuracy"])
+
+    first, header, *rows = compare("--per-seed")
+    assert first.endswith("sorted by test_accuracy") and len(rows) == 4
+    assert "seeds" not in header.split()
