@@ -20,7 +20,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 SMALL = (
     "data.max_train_samples=256",
     "data.max_test_samples=100",
-    "data.val_size=0",
     "trainer.epochs=1",
     "trainer.print_every_n_steps=0",
 )
@@ -50,7 +49,7 @@ def _assert_slurm_jobs(cluster: SlurmCluster, children: list[Run], sweep_dir: Pa
 
 
 def test_a_grid_runs_as_jobs_of_the_cluster(slurm_cluster, train, tracking_uri, tmp_path):
-    train("-m", *ON_THIS_NODE, "optimizer.lr=0.001,0.003", *SMALL)
+    train("-m", *ON_THIS_NODE, "optimizer.lr=0.001,0.003", "data.val_size=0", *SMALL)
     parent, children = _sweep(tracking_uri)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[names.LAUNCHER_TAG] == "slurm"
@@ -69,3 +68,17 @@ def test_jobs_no_node_can_run_are_refused_in_one_line(slurm_cluster, train, trac
     assert "hydra.launcher.cpus_per_task" in line
     (parent,) = runs_in(tracking_uri)
     assert parent.info.status == "FAILED"
+
+
+def test_a_search_runs_its_trials_as_jobs_of_the_cluster(
+    slurm_cluster, train, tracking_uri, tmp_path
+):
+    # Both trials at once, as one job array; each optimises val_accuracy on 100 images.
+    search = ("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
+    train("-m", *search, *ON_THIS_NODE, "data.val_size=100", *SMALL)
+    parent, children = _sweep(tracking_uri)
+    assert parent.data.tags[names.LAUNCHER_TAG] == "slurm"
+    assert sorted(c.data.tags[names.TRIAL_TAG] for c in children) == ["0", "1"]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert parent.data.metrics[names.TRIALS_COMPLETE] == 2
+    _assert_slurm_jobs(slurm_cluster, children, tmp_path / "sweep")
