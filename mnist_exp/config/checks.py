@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -107,10 +108,11 @@ def check_overrides(args: list[str]) -> None:
             raise refusal(key, value, "must be true or false" + (" or null" if FLAGS[key] else ""))
 
 
-def check_search_space(cfg: DictConfig) -> None:
-    """Refuse a sweep whose `hydra.sweeper.params` names a key or group the config lacks."""
+def check_search_space(cfg: DictConfig, keys: Iterable[str] | None = None) -> None:
+    """Refuse a sweep whose `hydra.sweeper.params` (or `keys`, when given: a search's keys,
+    the command line's included) names a key or group the config lacks."""
     groups = set(_get(cfg, "hydra.runtime.choices") or {})
-    for key in _get(cfg, "hydra.sweeper.params") or {}:
+    for key in _get(cfg, "hydra.sweeper.params") or {} if keys is None else keys:
         name = str(key).lstrip("+~")
         if name in groups or str(key).startswith("+"):
             continue

@@ -32,9 +32,9 @@ class SearchChecks(Callback):
 
         register()
         try:
-            check_search_space(config)
             settings = Settings.of(config.hydra.sweeper, config)
-            parse(settings.params, list(config.hydra.overrides.task))
+            space = parse(settings.params, list(config.hydra.overrides.task))
+            check_search_space(config, [*space.distributions, *space.fixed])
             check_study(settings, open_storage(settings))
         except UserError as exc:
             sys.exit(f"error: {exc}")

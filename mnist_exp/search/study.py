@@ -26,8 +26,6 @@ from mnist_exp.tracking.store import sqlite_path
 
 log = logging.getLogger("mnist_exp")
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweeper says what matters itself
-# Heartbeats and retries are marked experimental since Optuna 2.8; they are what we rely on.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 SQLITE_WAIT_S = 60  # a write waits this long for another process's (SQLite locks the file)
 
@@ -55,13 +53,14 @@ def open_storage(settings: Settings) -> RDBStorage:
 
 def _storage(settings: Settings) -> RDBStorage:
     sqlite = settings.storage.startswith("sqlite")
-    return RDBStorage(
-        settings.storage,
-        engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite else None,
-        heartbeat_interval=settings.heartbeat_s,
-        grace_period=3 * settings.heartbeat_s,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-    )
+    with _quietly():
+        return RDBStorage(
+            settings.storage,
+            engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite else None,
+            heartbeat_interval=settings.heartbeat_s,
+            grace_period=3 * settings.heartbeat_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+        )
 
 
 def check_study(settings: Settings, storage: RDBStorage) -> bool:
@@ -96,7 +95,8 @@ def counted(study: optuna.Study) -> list[FrozenTrial]:
     """The trials that count towards `n_trials`: ended, but not those failed as stale and
     tried again (the retry counts in their place)."""
     trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    with _quietly():
+        retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     return [t for t in trials if t.state in ENDED and t.number not in retried]
 
 
@@ -113,7 +113,22 @@ def trial_ids(storage: RDBStorage, study_name: str, numbers: Sequence[int]) -> l
 
 def fail_stale(study: optuna.Study) -> None:
     """Fail the running trials whose heartbeat stopped, enqueuing each again (see above)."""
-    fail_stale_trials(study)
+    with _quietly():
+        fail_stale_trials(study)
+
+
+def retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue the parameters of a trial that was cut short again, as a stale trial's are."""
+    with _quietly():
+        RetryHeartbeatStaleTrialCallback()(study, trial)
+
+
+@contextmanager
+def _quietly() -> Iterator[None]:
+    """Heartbeats and retries are marked experimental (since Optuna 2.8): we rely on them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from mnist_exp.errors import UserError
@@ -116,7 +116,7 @@ class OptunaSweeper(Sweeper):
         except KeyboardInterrupt:
             for trial_id in ids:  # tried again by the next run of the same command
                 if (frozen := _fail(study, storage, trial_id)) is not None:
-                    RetryHeartbeatStaleTrialCallback()(study, frozen)
+                    studies.retry(study, frozen)
             raise
         self.job_idx += len(returns)
         for trial_id, job in zip(ids, returns, strict=True):

@@ -14,13 +14,13 @@ from contextlib import contextmanager
 
 import optuna
 from omegaconf import DictConfig
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from mnist_exp.errors import UserError
 from mnist_exp.names import TRIAL_RUN_ID_ATTR
 from mnist_exp.search.settings import Settings
-from mnist_exp.search.study import heartbeat, open_storage, open_study, trial_ids
+from mnist_exp.search.study import heartbeat, open_storage, open_study, retry, trial_ids
 
 log = logging.getLogger("mnist_exp")
 
@@ -65,7 +65,7 @@ class JobTrial:
         except KeyboardInterrupt:
             frozen = self._tell(TrialState.FAIL)
             if frozen is not None:
-                RetryHeartbeatStaleTrialCallback()(self.study, frozen)
+                retry(self.study, frozen)
             raise
         except BaseException:
             self._tell(TrialState.FAIL)
