@@ -71,7 +71,7 @@ def test_no_module_imports_itself_back() -> None:
 
 
 def test_no_folder_imports_itself_back() -> None:
-    """Folders depend one way: training <- report <- tracking <- runner <- cli, api."""
+    """Folders depend one way: training <- report <- tracking <- search <- runner <- cli, api."""
     folders: dict[str, set[str]] = {}
     for module, imported in GRAPH.items():
         folder = ".".join(module.split(".")[:2])
@@ -83,14 +83,24 @@ def test_no_folder_imports_itself_back() -> None:
 @pytest.mark.parametrize(
     ("folder", "forbidden"),
     [
-        ("training", ("hydra", "omegaconf", "mlflow", "mnist_exp.tracking", "mnist_exp.runner")),
-        ("tracking", ("torch", "mnist_exp.training", "mnist_exp.runner", "mnist_exp.cli")),
+        (
+            "training",
+            ("hydra", "omegaconf", "mlflow", "optuna", "mnist_exp.tracking", "mnist_exp.runner"),
+        ),
+        (
+            "tracking",
+            ("torch", "optuna", "mnist_exp.training", "mnist_exp.search", "mnist_exp.runner"),
+        ),
+        ("tracking", ("mnist_exp.cli",)),
+        # The search (Optuna, its study, the sweeper) knows no torch and no run's insides.
+        ("search", ("torch", "mnist_exp.training", "mnist_exp.runner", "mnist_exp.cli")),
         ("config", ("torch", "mlflow", "mnist_exp.training", "mnist_exp.runner")),
         ("runner", ("mnist_exp.cli", "mnist_exp.api")),
     ],
 )
 def test_each_folder_knows_nothing_of_what_it_must_not(folder: str, forbidden: tuple) -> None:
-    """The loop knows no Hydra or MLflow; tracking knows no torch; config no torch."""
+    """The loop knows no Hydra, MLflow or Optuna; tracking no torch or Optuna; config no torch;
+    the search no torch."""
     for path in (PACKAGE / folder).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):

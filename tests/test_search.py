@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from subprocess import PIPE
 
 import optuna
 import pytest
@@ -201,7 +202,7 @@ def test_two_commands_on_one_study_split_its_trials(train_command, tracking_uri,
         cmd, env = train_command(
             *SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={tmp_path}/{name}"
         )
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, capture_output=True, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE, text=True))
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
