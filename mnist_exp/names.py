@@ -6,6 +6,8 @@ Plain constants, so every package (the loop included) may import them without ML
 
 from __future__ import annotations
 
+import re
+
 # Metrics. Steps are global optimizer steps.
 TRAIN_LOSS = "train_loss"  # every trainer.log_every_n_steps steps
 EPOCH = "epoch"  # at each epoch's end, with the epoch's other metrics
@@ -15,7 +17,7 @@ VAL_LOSS = "val_loss"
 VAL_ACCURACY = "val_accuracy"
 TEST_LOSS = "test_loss"
 TEST_ACCURACY = "test_accuracy"  # a fraction in [0, 1]
-TEST_ACCURACY_CLASS = "test_accuracy_class_"  # + the class index
+TEST_ACCURACY_CLASS = "test_accuracy_class_"  # + the class's name (see class_metric)
 STARTUP_S = "startup_s"  # from the start of the process to the first optimizer step
 # What `optimized_metric` may name, and whether higher ("max") or lower ("min") is better.
 OPTIMIZABLE_METRICS = {
@@ -90,5 +92,16 @@ OPTUNA_PLOTS = "optuna"  # an Optuna search's parent: Optuna's pictures of its s
 # a resumed run's next part goes to logs/resumed-<epoch>/train.log beside it.
 RUN_LOG = "logs/train.log"
 
+# Tags of a model version that `mnist-compare --register` registers: where it came from.
+REGISTERED_RUN_TAG = "mnist_exp.run_id"
+REGISTERED_METRIC_TAG = "mnist_exp.metric"  # the metric the run was chosen by ...
+REGISTERED_VALUE_TAG = "mnist_exp.metric_value"  # ... and its value
+
 # Values of trainer.precision: fp32, as the seed, or bfloat16 autocast.
 PRECISIONS = ("32", "bf16-mixed")
+
+
+def class_metric(name: str) -> str:
+    """`test_accuracy_class_<name>`: the class's index (MNIST) or folder name, with each
+    character an MLflow key may not hold made `_`."""
+    return TEST_ACCURACY_CLASS + re.sub(r"[^\w\-. /:]", "_", name)

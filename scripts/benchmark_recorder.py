@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 # Light: none imports torch or MLflow, so both variants start from the same imports.
 from mnist_exp import names  # noqa: E402
 from mnist_exp.errors import TrackingUnavailable, UserError  # noqa: E402
+from mnist_exp.report.model_spec import ModelSpec  # noqa: E402
 from mnist_exp.tracking import remote, tracker  # noqa: E402
 
 if TYPE_CHECKING:
@@ -184,17 +185,9 @@ class ThreadedRun:
         self.sync()
         return self._call(lambda: self._recording().metric_history(list(keys)))
 
-    def log_model(
-        self,
-        folder: Path,
-        weights: Path,
-        model_target: str,
-        model_kwargs: Mapping[str, Any],
-        example: Any,
-    ) -> None:
+    def log_model(self, weights: Path, spec: ModelSpec) -> None:
         """Build and log the servable model as the tracker does; returns at once."""
-        model = (Path(folder), Path(weights), model_target, model_kwargs, example)
-        self._send(lambda: self._recording().log_model(*model))
+        self._send(lambda: self._recording().log_model(Path(weights), spec))
 
     def end(self, status: str) -> None:
         """Record what is buffered, mark the run FINISHED, FAILED or KILLED; the thread ends."""

@@ -137,8 +137,9 @@ def test_saving_the_model_imports_no_torch(tmp_path: Path):
     torch.save(ConvNet().state_dict(), weights)
     script = (
         "import sys, numpy as np; from pathlib import Path; from mnist_exp.report import serving; "
-        f"serving.save(Path({str(tmp_path / 'model')!r}), Path({str(weights)!r}), "
-        "'mnist_exp.models.ConvNet', {'num_classes': 10}, np.zeros((2, 28, 28), np.float32)); "
+        "from mnist_exp.report.model_spec import ModelSpec; "
+        f"serving.save(Path({str(tmp_path / 'model')!r}), Path({str(weights)!r}), ModelSpec("
+        "'mnist_exp.models.ConvNet', {'num_classes': 10}, (1, 28, 28), np.zeros((2, 28, 28)))); "
         "print('torch' in sys.modules)"
     )
     done = subprocess.run(

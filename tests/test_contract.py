@@ -61,7 +61,13 @@ def test_a_default_run_records_the_same_params_metrics_tags_and_artifacts(train,
     assert set(run.data.tags) == set(KEYS["tags"] + git_tags)
 
     copy = KEYS["package_copy"]
-    files = _artifact_files(client, run.info.run_id)
+    # The model is an MLflow 3 LoggedModel of the run: its files are not among the run's own,
+    # and MLflow lists them through the run under the model's name, as runs:/RUN_ID/model.
+    files = _artifact_files(client, run.info.run_id) | _artifact_files(
+        client, run.info.run_id, "model"
+    )
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert (model.name, model.source_run_id) == ("model", run.info.run_id)
     assert {f for f in files if not f.startswith(copy)} == {
         f for f in KEYS["artifacts"] if not f.startswith(copy)
     }

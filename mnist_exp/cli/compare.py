@@ -14,6 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
 from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
 from mnist_exp.names import METRIC_TAG, SWEEP_TAG
@@ -34,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--metric", help="sort by this metric (default: the sweep's optimized one)")
     parser.add_argument(
         "--per-seed", action="store_true", help="a row a run, not a row a configuration"
+    )
+    parser.add_argument(
+        "--register",
+        metavar="NAME",
+        help="register the best run's model as a new version of NAME in MLflow's Model Registry",
     )
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
     parser.add_argument("--output", type=Path, help="write to this file instead of the terminal")
@@ -70,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     metric = args.metric or (parent and parent.data.tags.get(METRIC_TAG)) or cfg.optimized_metric
     if not runs:
         sys.exit("error: no runs to compare")
+    if args.register:
+        _register(client, runs, metric, args.register)
     headers, rows = table(runs, metric, args.per_seed)
     text = render(headers, rows, args.format)
     # Said only where seeds were taken together: else a row is a run, as with --per-seed.
@@ -85,3 +95,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif note:
         print(f"sorted by {metric}{note}")
     print(text, end="")
+
+
+def _register(client: MlflowClient, runs: list[Run], metric: str, name: str) -> None:
+    """Register the best run's model as a new version of `name`; one line says which."""
+    from mnist_exp.tracking.registry import register_best
+
+    try:
+        best, version = register_best(client, runs, metric, name)
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+    print(
+        f"registered {name} version {version.version}: the model of run {best.info.run_id} "
+        f"({best.info.run_name}), {metric} {best.data.metrics[metric]:.4g}; "
+        f"load it as models:/{name}/{version.version} or models:/{name}/latest"
+    )

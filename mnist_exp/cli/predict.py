@@ -1,7 +1,9 @@
-"""`mnist-predict RUN_ID IMAGE...` (also `python -m mnist_exp.predict`): a run's model on files.
+"""`mnist-predict MODEL IMAGE...` (also `python -m mnist_exp.predict`): a model on image files.
 
-Prints `IMAGE: DIGIT (PROBABILITY)` for each image (see `report.predictions` for how any
-image is made to look like MNIST's).
+MODEL is a run id or a model URI (`runs:/RUN_ID/model`, `models:/NAME/latest`). Prints
+`IMAGE: LABEL (PROBABILITY)` for each image, the label being the class's name where the model
+was trained on named classes (see `training.images` for how any image is made to look like
+the model's training images).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from mnist_exp.errors import UserError
-from mnist_exp.report.predictions import mnist_pixels, read_image
-from mnist_exp.tracking.queries import load_model
+from mnist_exp.tracking.queries import input_shape, load_model
+from mnist_exp.training.images import mnist_pixels, read_image
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -23,7 +25,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="mnist-predict", description="Classify image files with a run's logged model."
     )
-    parser.add_argument("run_id", help="the MLflow run whose `model` to use")
+    parser.add_argument(
+        "model", help="a run id (its `model`), or a model URI such as models:/NAME/latest"
+    )
     parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
     parser.add_argument(
         "--tracking-uri",
@@ -32,9 +36,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        pixels = np.stack([mnist_pixels(read_image(path)) for path in args.images])
-        model = load_model(args.run_id, args.tracking_uri or _default_tracking_uri())
-        predictions = model.predict(pixels)
+        images = [read_image(path) for path in args.images]
+        model = load_model(args.model, args.tracking_uri or _default_tracking_uri())
+        *channels, height, width = input_shape(model)
+        if channels not in ([], [1]) or height != width:
+            raise UserError(f"{args.model} takes images {input_shape(model)}: not grayscale")
+        predictions = model.predict(np.stack([mnist_pixels(image, width) for image in images]))
     except UserError as exc:
         sys.exit(f"error: {exc}")
     import pandas as pd  # loaded with MLflow by now

@@ -68,6 +68,13 @@ def check_config(cfg: DictConfig) -> None:
         pct = _get(cfg, "scheduler.pct_start")
         if pct is not None and not (_is_number(pct) and 0 < pct < 1):
             _refuse("scheduler.pct_start", pct, "must be a number between 0 and 1")
+    if OmegaConf.is_missing(cfg.data, "root"):
+        _refuse("data.root", "???", "must name the folder of your images (data.root=DIR)")
+    if _get(cfg, "data.test_fraction") is not None:  # data=image_folder
+        fraction = _get(cfg, "data.test_fraction")
+        if not (_is_number(fraction) and 0 < fraction < 1):
+            _refuse("data.test_fraction", fraction, "must be a number between 0 and 1")
+        _integer(cfg, "data.image_size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
     for key in ("data.dataset", "data.root", "mlflow.experiment_name", "mlflow.tracking_uri"):
         if not str(_get(cfg, key)).strip():
             _refuse(key, _get(cfg, key), "must not be blank")
@@ -132,6 +139,7 @@ GROUPS = {
 }
 FLAGS = schema.bool_keys()  # `group.key` -> whether null is allowed too
 MAX_SHIFT = 27  # pixels: a larger shift moves every 28x28 image out of its frame
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # pixels a side of data=image_folder's images
 MAX_CLASSES = 10_000
 MAX_CHANNELS = 1024
 MAX_THREADS = 1024

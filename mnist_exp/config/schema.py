@@ -109,6 +109,15 @@ class DataSchema:
 
 
 @dataclass
+class ImageFolderSchema(DataSchema):
+    """conf/data/image_folder.yaml: a folder of one's own images."""
+
+    test_fraction: float = MISSING
+    image_size: int = MISSING
+    cache_dir: str | None = MISSING
+
+
+@dataclass
 class DeviceSchema:
     """conf/device/*.yaml."""
 
@@ -164,6 +173,7 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("optimizer", "base_sgd"): SgdSchema,
     ("scheduler", "base_onecycle"): OneCycleSchema,
     ("data", "base_data"): DataSchema,
+    ("data", "base_image_folder"): ImageFolderSchema,
     ("device", "base_device"): DeviceSchema,
     ("trainer", "base_trainer"): TrainerSchema,
     ("mlflow", "base_mlflow"): MlflowSchema,
@@ -171,7 +181,7 @@ SCHEMAS: dict[tuple[str, str], type] = {
 }
 # Groups whose node is an object of our own: each option file fits the group's widest schema.
 CLOSED_GROUPS: dict[str, type] = {
-    "data": DataSchema,
+    "data": ImageFolderSchema,
     "device": DeviceSchema,
     "trainer": TrainerSchema,
     "mlflow": MlflowServerSchema,

@@ -91,9 +91,15 @@ def confusion_plot(confusion: Tensor, path: Path, class_names: Sequence[str] = (
 
 
 def misclassified_grid(
-    images: Tensor, targets: Tensor, predictions: Tensor, path: Path, limit: int = 36
+    images: Tensor,
+    targets: Tensor,
+    predictions: Tensor,
+    path: Path,
+    class_names: Sequence[str] = (),
+    limit: int = 36,
 ) -> int:
-    """The first `limit` misclassified images, each titled `true -> predicted`; returns the count.
+    """The first `limit` misclassified images, each titled `true -> predicted` (by the classes'
+    names where given, else their indices); returns the count.
 
     `images` are uint8 `N x 1 x H x W` as the data module keeps them. Draws a single mosaic
     (one `imshow`), which is much faster than a subplot per image.
@@ -110,7 +116,11 @@ def misclassified_grid(
     for n, index in enumerate(wrong.tolist()):
         top, left = (n // cols) * cell_h + band, (n % cols) * cell_w
         mosaic[top : top + height, left : left + width] = 255 - images[index, 0].numpy()
-        title = f"{int(targets[index])} -> {int(predictions[index])}"
+        true, predicted = int(targets[index]), int(predictions[index])
+        if class_names:
+            title = f"{class_names[true]} -> {class_names[predicted]}"
+        else:
+            title = f"{true} -> {predicted}"
         ax.text(left + width / 2, top - 1, title, ha="center", va="bottom", fontsize=8)
     ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_axis_off()

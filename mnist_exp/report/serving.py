@@ -1,9 +1,10 @@
-"""The run's MLflow model: raw 28x28 pixels in, the class and its probabilities out.
+"""The run's MLflow model: an image's pixels in, the class and its probabilities out.
 
 This file is also the model's code ("models from code"): MLflow copies it into the logged
 model and runs it on loading, so it imports only torch, numpy, pandas and MLflow; the
-network's class comes from the package copy logged beside it. Torch is imported only when
-the model is loaded: saving it (in the tracker process) then costs no torch import.
+network's class comes from the code logged beside it (the mnist_exp package, and the
+module or package of a model of one's own). Torch is imported only when the model is
+loaded: saving it (in the tracker process) then costs no torch import.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.metadata
+import json
 import logging
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +23,7 @@ import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema, TensorSpec
 from mlflow.types.schema import Array
@@ -28,30 +31,40 @@ from mlflow.types.schema import Array
 if TYPE_CHECKING:
     import torch
 
-IMAGE_SIZE = 28
+    from mnist_exp.report.model_spec import ModelSpec
+
+# The model's own artifacts: the network's weights, and what to build it from (a file, not
+# MLflow's model_config, which MLflow would also log as params of the run).
+WEIGHTS, CONFIG = "weights", "config"
 
 
 class MnistClassifier(PythonModel):
-    """Predicts on float32 images of pixel values in [0, 255], shaped `(N, 28, 28)`.
+    """Predicts on float32 images of pixel values in [0, 255], shaped `(N, H, W)` (one
+    channel; MNIST's are 28x28) or `(N, C, H, W)`.
 
     Pixels as the MNIST files hold them: 0 is the dark background, 255 the brightest ink.
-    Returns one row per image: `label` (the predicted class), `probability` (its softmax
-    probability) and `probabilities` (every class's, summing to 1).
+    Returns one row per image: `label` (the predicted class: its name where the training
+    data named its classes, else its index), `probability` (its softmax probability) and
+    `probabilities` (every class's, summing to 1).
     """
 
     def __init__(self) -> None:
         self.net: torch.nn.Module | None = None
+        self.input_shape: tuple[int, ...] = (1, 28, 28)
+        self.classes: list[str] = []
 
     def load_context(self, context: PythonModelContext) -> None:
-        """Build the network class named in the model config and load the logged weights."""
+        """Build the network class named in the config and load the logged weights."""
         import torch
 
-        config = context.model_config
-        module, _, name = config["model_target"].rpartition(".")
-        net = getattr(importlib.import_module(module), name)(**config["model_kwargs"])
-        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        config = json.loads(Path(context.artifacts[CONFIG]).read_text())
+        module, _, name = config["target"].rpartition(".")
+        net = getattr(importlib.import_module(module), name)(**config["kwargs"])
+        state = torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True)
         net.load_state_dict(state)
         self.net = net.eval()
+        self.input_shape = tuple(config["input_shape"])
+        self.classes = list(config["classes"])
 
     def predict(
         self,
@@ -66,23 +79,32 @@ class MnistClassifier(PythonModel):
             raise RuntimeError("MnistClassifier.load_context has not run")
         batch = torch.as_tensor(np.asarray(model_input, dtype=np.float32) / 255.0)
         with torch.inference_mode():
-            logits = self.net(batch.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE))
+            logits = self.net(batch.reshape(-1, *self.input_shape))
         probabilities = torch.softmax(logits.float(), dim=1).double().numpy()
+        best = probabilities.argmax(1)
+        labels = [self._name(int(k)) for k in best] if self.classes else best
         return pd.DataFrame(
             {
-                "label": probabilities.argmax(1),
+                "label": labels,
                 "probability": probabilities.max(1),
                 "probabilities": list(probabilities),
             }
         )
 
+    def _name(self, index: int) -> str:
+        """The class's name; an output beyond the named classes is called by its index."""
+        return self.classes[index] if index < len(self.classes) else str(index)
 
-def signature() -> ModelSignature:
-    """Input: float32 tensors `(-1, 28, 28)`; output: label, probability, probabilities."""
-    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, IMAGE_SIZE, IMAGE_SIZE))])
+
+def signature(input_shape: tuple[int, int, int], classes: tuple[str, ...] = ()) -> ModelSignature:
+    """Input: float32 tensors `(-1, H, W)` (`(-1, C, H, W)` for more than one channel);
+    output: label (text where the classes have names), probability, probabilities."""
+    channels, height, width = input_shape
+    shape = (-1, height, width) if channels == 1 else (-1, channels, height, width)
+    inputs = Schema([TensorSpec(np.dtype(np.float32), shape)])
     outputs = Schema(
         [
-            ColSpec("long", "label"),
+            ColSpec("string" if classes else "long", "label"),
             ColSpec("double", "probability"),
             ColSpec(Array("double"), "probabilities"),
         ]
@@ -90,40 +112,65 @@ def signature() -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def save(
-    path: Path,
-    weights: Path,
-    model_target: str,
-    model_kwargs: Mapping[str, Any],
-    example: np.ndarray,
-) -> None:
-    """Write the MLflow model of the `state_dict` in `weights` to the new folder `path`.
+def save(path: Path, weights: Path, spec: ModelSpec) -> None:
+    """Write the MLflow model of the `state_dict` in `weights` to the new folder `path`."""
+    with _flavor(weights, spec) as flavor, _quiet("mlflow"):
+        mlflow.pyfunc.save_model(str(path), **flavor)
 
-    `model_target` names the network's class (e.g. `mnist_exp.models.ConvNet`), built with
-    `model_kwargs`; `example` is a few images, float32 `(N, 28, 28)`, kept as input example.
-    The mnist_exp package goes along as code, so loading needs no installed mnist-exp.
+
+def log(run_id: str, name: str, weights: Path, spec: ModelSpec) -> str:
+    """Log the model of the `state_dict` in `weights` as the run's model `name`; its id.
+
+    MLflow 3 makes it a LoggedModel of the run (listed by `mlflow.search_logged_models`,
+    loaded as `runs:/RUN_ID/name` or `models:/MODEL_ID`) and links to it the run's metrics
+    at `spec.step`. This is `mlflow.pyfunc.log_model` given the run by its id (the tracker
+    keeps no active run) and without its check of the input example, which would load the
+    model, torch and all, in the tracker process.
     """
+    with _flavor(weights, spec) as flavor, _quiet("mlflow"):
+        info = Model.log(
+            artifact_path=None,  # deprecated for `name`, yet a required argument
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            step=spec.step,
+            **flavor,
+        )
+    return str(info.model_id)
+
+
+@contextlib.contextmanager
+def _flavor(weights: Path, spec: ModelSpec) -> Iterator[dict[str, Any]]:
+    """The arguments of `mlflow.pyfunc.save_model` (and `log_model`) for this model."""
     requirements = [
         f"mlflow=={mlflow.__version__}",
         f"torch=={importlib.metadata.version('torch').split('+')[0]}",
         f"numpy=={np.__version__}",
         f"pandas=={pd.__version__}",
+        *spec.requirements,
     ]
-    with _quiet("mlflow"):  # its note on validating the input example
-        mlflow.pyfunc.save_model(
-            str(path),
-            python_model=Path(__file__),
-            model_config={"model_target": model_target, "model_kwargs": dict(model_kwargs)},
-            artifacts={"weights": str(weights)},
-            code_paths=[str(Path(__file__).parents[1])],  # the whole mnist_exp package
-            signature=signature(),
-            input_example=example.astype(np.float32),
-            pip_requirements=requirements,
-        )
+    config = {
+        "target": spec.target,
+        "kwargs": spec.kwargs,
+        "input_shape": list(spec.input_shape),
+        "classes": list(spec.classes),
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        config_file = Path(scratch) / "model.json"
+        config_file.write_text(json.dumps(config, indent=1))
+        yield {
+            "python_model": Path(__file__),
+            "artifacts": {WEIGHTS: str(weights), CONFIG: str(config_file)},
+            # The mnist_exp package, and the model's own code when it lives elsewhere.
+            "code_paths": [str(Path(__file__).parents[1]), *spec.code],
+            "signature": signature(spec.input_shape, spec.classes),
+            "input_example": np.asarray(spec.example, dtype=np.float32),
+            "pip_requirements": requirements,
+        }
 
 
 @contextlib.contextmanager
-def _quiet(name: str):
+def _quiet(name: str) -> Iterator[None]:
     logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.WARNING)

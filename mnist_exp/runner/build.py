@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp.config.refusals import refusal
 from mnist_exp.errors import UserError, one_line
-from mnist_exp.training import allocator, data, engine
+from mnist_exp.training import allocator, data, engine, image_folder
+
+log = logging.getLogger("mnist_exp")
 
 
 @dataclass
@@ -51,6 +54,7 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
         max_train_samples=cfg.data.max_train_samples,
         max_test_samples=cfg.data.max_test_samples,
         seed=cfg.trainer.seed,
+        folder=_folder_options(cfg),
     )
     _check_classes(cfg, dataset)
     model = instantiate(cfg.model).to(device)
@@ -80,14 +84,30 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
     return Setup(model, optimizer, scheduler, dataset, device)
 
 
+def _folder_options(cfg: DictConfig) -> image_folder.FolderOptions:
+    """How data=image_folder reads its folder (its keys; other datasets have none)."""
+    if cfg.data.dataset != data.IMAGE_FOLDER:
+        return image_folder.FolderOptions()
+    cache = cfg.data.cache_dir
+    return image_folder.FolderOptions(
+        cfg.data.test_fraction, cfg.data.image_size, cache and str(cache)
+    )
+
+
 def _check_classes(cfg: DictConfig, dataset: data.Data) -> None:
     """Refuse a model with fewer outputs than the data has classes: its loss cannot be taken."""
     wanted = cfg.model.get("num_classes")
     labels = [dataset.train.labels, dataset.test.labels]
     classes = int(max(int(split.max()) for split in labels if len(split))) + 1
+    classes = max(classes, len(dataset.classes))
     if wanted is not None and wanted < classes:
         raise refusal(
             "model.num_classes", wanted, f"must be at least {classes}, the classes in data.dataset"
+        )
+    if wanted is not None and dataset.classes and wanted > classes:
+        log.warning(
+            f"model.num_classes={wanted} but {cfg.data.root} has {classes} classes: the other "
+            f"outputs are never trained; set model.num_classes={classes}"
         )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.nn import Module
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mnist_exp import names
 from mnist_exp.report import plots
 from mnist_exp.report.console import Console, wants_progress_bar
+from mnist_exp.runner import servable
 from mnist_exp.runner.build import Setup, channels_last
 from mnist_exp.runner.callbacks import Checkpointer, MetricsLogger
 from mnist_exp.tracking.recorder import Recorder
@@ -97,8 +98,9 @@ def train_and_test(
     )
     assert test.targets is not None and test.predictions is not None
     confusion = plots.confusion_matrix(test.targets, test.predictions, cfg.model.num_classes)
+    classes = class_names(setup.data.classes, len(confusion))
     per_class = {
-        f"{names.TEST_ACCURACY_CLASS}{k}": v for k, v in plots.per_class_accuracy(confusion).items()
+        names.class_metric(classes[k]): v for k, v in plots.per_class_accuracy(confusion).items()
     }
     test_metrics = {names.TEST_LOSS: test.loss, names.TEST_ACCURACY: test.accuracy, **per_class}
     run.log_metrics(test_metrics, step)
@@ -107,25 +109,33 @@ def train_and_test(
     checkpoint.write_atomic({k: v.cpu() for k, v in setup.model.state_dict().items()}, weights)
     run.log_artifact(weights, names.CHECKPOINTS)
     if cfg.mlflow.log_model:  # the tracker builds the model while this process draws
-        tree = OmegaConf.to_container(cfg.model, resolve=True)
-        assert isinstance(tree, dict)
-        kwargs = {str(k): v for k, v in tree.items()}
-        target = kwargs.pop("_target_")
-        example = setup.data.test.images[:3, 0].numpy()
-        run.log_model(out_dir / "mlflow_model", weights, target, kwargs, example)
+        run.sync()  # the test metrics first: they are linked to the model
+        run.log_model(weights, servable.describe(cfg, setup, step))
     if cfg.mlflow.log_plots:
-        _record_plots(run, test, confusion, setup.data.test.images, out_dir / names.PLOTS)
+        _record_plots(run, test, confusion, setup.data.test.images, classes, out_dir / names.PLOTS)
     return test, logger.latest | test_metrics
 
 
+def class_names(named: Sequence[str], num_classes: int) -> list[str]:
+    """Each output's name: the data's class names (folders), else (and beyond them) its index."""
+    return [named[k] if k < len(named) else str(k) for k in range(num_classes)]
+
+
 def _record_plots(
-    run: Recorder, test: engine.EvalResult, confusion: Tensor, images: Tensor, folder: Path
+    run: Recorder,
+    test: engine.EvalResult,
+    confusion: Tensor,
+    images: Tensor,
+    classes: list[str],
+    folder: Path,
 ) -> None:
     """Learning curves (read back from the run, so a resumed run's too), confusion, mistakes."""
     assert test.targets is not None and test.predictions is not None
     history = run.metric_history(plots.CURVES)
     folder.mkdir(parents=True, exist_ok=True)
     plots.learning_curves(history, folder / "learning_curves.png")
-    plots.confusion_plot(confusion, folder / "confusion_matrix.png")
-    plots.misclassified_grid(images, test.targets, test.predictions, folder / "misclassified.png")
+    plots.confusion_plot(confusion, folder / "confusion_matrix.png", classes)
+    plots.misclassified_grid(
+        images, test.targets, test.predictions, folder / "misclassified.png", classes
+    )
     run.log_artifacts(folder, names.PLOTS)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, SupportsFloat
+from typing import TYPE_CHECKING, Protocol, SupportsFloat
 
 
 class Recorder(Protocol):
@@ -41,17 +41,13 @@ class Recorder(Protocol):
 
     def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]: ...
 
-    def log_model(
-        self,
-        folder: Path,
-        weights: Path,
-        model_target: str,
-        model_kwargs: Mapping[str, Any],
-        example: Any,
-    ) -> None: ...
+    def log_model(self, weights: Path, spec: ModelSpec) -> None: ...
 
     def end(self, status: str) -> None: ...
 
+
+if TYPE_CHECKING:
+    from mnist_exp.report.model_spec import ModelSpec
 
 if TYPE_CHECKING:  # mypy checks that both recorders have every method, with its signature
     from mnist_exp.tracking.remote import RemoteRun

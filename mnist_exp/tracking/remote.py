@@ -23,6 +23,7 @@ from typing import Any, NoReturn, SupportsFloat
 
 from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError
 from mnist_exp.names import TRACKER_RESTARTS_TAG
+from mnist_exp.report.model_spec import ModelSpec
 from mnist_exp.tracking.limits import MAX_METRICS_PER_BATCH as BATCH
 
 log = logging.getLogger("mnist_exp")
@@ -179,19 +180,12 @@ class RemoteRun:
         self.sync()
         return self._call("metric_history", list(keys))
 
-    def log_model(
-        self,
-        folder: Path,
-        weights: Path,
-        model_target: str,
-        model_kwargs: Mapping[str, Any],
-        example: Any,
-    ) -> None:
-        """Build the servable model (see `serving.save`) in `folder` and log it as `model`.
+    def log_model(self, weights: Path, spec: ModelSpec) -> None:
+        """Log the servable model of `weights` as the run's model (see `run.Run.log_model`).
 
         Returns at once: the tracker builds it while this process goes on.
         """
-        self._send("log_model", Path(folder), Path(weights), model_target, model_kwargs, example)
+        self._send("log_model", Path(weights), spec)
 
     def end(self, status: str) -> None:
         """Send what is buffered, mark the run FINISHED, FAILED or KILLED; the tracker exits."""

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, SupportsFloat, TypeVar
+from typing import TYPE_CHECKING, Any, SupportsFloat, TypeVar
 
 from mlflow.entities import Metric, Param, RunInfo, RunTag
 from mlflow.tracking import MlflowClient
@@ -21,6 +20,9 @@ from mnist_exp.tracking import processes
 from mnist_exp.tracking.limits import MAX_METRICS_PER_BATCH, MAX_PARAM_LENGTH, MAX_PARAMS_PER_BATCH
 from mnist_exp.tracking.outage import RETRY_PAUSE_S, Outage, unreachable
 from mnist_exp.tracking.redaction import redact
+
+if TYPE_CHECKING:
+    from mnist_exp.report.model_spec import ModelSpec
 
 _T = TypeVar("_T")
 
@@ -213,20 +215,18 @@ class Run:
         for path in sorted(p for p in folder.iterdir() if p.is_file()):
             self.log_text(redact(path.read_text()), f"{artifact_path}/{path.name}")
 
-    def log_model(
-        self,
-        folder: Path,
-        weights: Path,
-        model_target: str,
-        model_kwargs: Mapping[str, Any],
-        example: Any,
-    ) -> None:
-        """Write the servable model of `weights` anew in `folder` and log it as `model`."""
+    def log_model(self, weights: Path, spec: ModelSpec) -> None:
+        """Log the servable model of `weights` as the run's MLflow 3 model `model`, with the
+        run's metrics at `spec.step` linked to it (see `serving.log`)."""
+        import mlflow
+
         from mnist_exp.report import serving
 
-        shutil.rmtree(folder, ignore_errors=True)
-        serving.save(folder, weights, model_target, model_kwargs, example)
-        self.log_artifacts(folder, names.MODEL)
+        self.flush(wait=True)  # the metrics to link must be in the store first
+        # serving.log works on MLflow's global store and experiment, as mlflow.pyfunc does.
+        mlflow.set_tracking_uri(str(self.client.tracking_uri))
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        self._call(lambda: serving.log(self.run_id, names.MODEL, weights, spec))
 
     def end(self, status: str) -> None:
         """Send what is buffered, then mark the run FINISHED, FAILED or KILLED."""

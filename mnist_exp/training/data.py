@@ -1,4 +1,5 @@
-"""torchvision's MNIST-style datasets as in-memory tensors, split and batched by index."""
+"""Datasets as in-memory tensors, split and batched by index: torchvision's MNIST-style ones,
+or a folder of one's own images (`image_folder`)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ import torch
 from torch import Tensor
 
 from mnist_exp.errors import UserError
+from mnist_exp.training import image_folder
+from mnist_exp.training.image_folder import FolderOptions
+
+# The `data.dataset` that names a folder of one's own images rather than IDX files.
+IMAGE_FOLDER = "torchvision.datasets.ImageFolder"
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 `N x 1 x 28 x 28` (a quarter of float32's memory), labels int64.
+    """Images as uint8 `N x 1 x H x W` (a quarter of float32's memory; MNIST's are 28x28),
+    labels int64.
 
     `inputs` turns a batch of them into what the seed's ToTensor gives: float32 in [0, 1].
     """
@@ -61,6 +68,7 @@ class Data:
     train: Split
     val: Split | None
     test: Split
+    classes: tuple[str, ...] = ()  # each label's name where the data names them (folders)
 
 
 def load(
@@ -72,14 +80,23 @@ def load(
     max_train_samples: int | None = None,
     max_test_samples: int | None = None,
     seed: int = 0,
+    folder: FolderOptions | None = None,
 ) -> Data:
     """Load the train and test sets of `dataset` (a torchvision class path) once.
 
-    The validation images are drawn with a generator seeded from `seed`, so one seed always
-    holds out the same images; `max_*_samples` then keep the first images of each set.
+    `IMAGE_FOLDER` reads the images in the folder `root` as `folder` says (see
+    `image_folder.read`; default `FolderOptions()`). The validation images are drawn with a
+    generator seeded from `seed`, so one seed always holds out the same images;
+    `max_*_samples` then keep the first images of each set.
     """
-    train = _read(dataset, root, train=True, download=download)
-    test = _read(dataset, root, train=False, download=download)
+    classes: tuple[str, ...] = ()
+    if dataset == IMAGE_FOLDER:
+        own_train, own_test, classes = image_folder.read(Path(root), folder or FolderOptions())
+        train = Split(own_train.images, own_train.labels)
+        test = Split(own_test.images, own_test.labels)
+    else:
+        train = _read(dataset, root, train=True, download=download)
+        test = _read(dataset, root, train=False, download=download)
     val = None
     if val_size:
         if val_size >= len(train):
@@ -94,7 +111,7 @@ def load(
         train = _take(train, slice(0, max_train_samples))
     if max_test_samples is not None:
         test = _take(test, slice(0, max_test_samples))
-    return Data(train=train, val=val, test=test)
+    return Data(train=train, val=val, test=test, classes=classes)
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) -> list[Tensor]:

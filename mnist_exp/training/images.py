@@ -1,9 +1,9 @@
-"""Images as a run's model takes them, and the model itself, for `mnist-predict`.
+"""Image files made to look like MNIST: what `mnist-predict` and `data=image_folder` both use.
 
 Any size and mode is turned into what MNIST holds: grayscale, light ink on a dark background
-(inverted when the background is light), and, unless it is 28x28 already, the digit's
-bounding box scaled to 20x20 and centred by its centre of mass in a 28x28 frame, as MNIST's
-images were made.
+(inverted when the background is light), and, unless it is the wanted size already, the
+ink's bounding box scaled to 20/28 of the frame and centred by its centre of mass, as MNIST's
+images were made. Only NumPy and Pillow: `mnist-predict` converts without torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 from mnist_exp.errors import UserError
 
-SIZE, BOX = 28, 20  # MNIST: 28x28 images, each digit fitted into the central 20x20
+SIZE = 28  # MNIST's images are 28x28 ...
+BOX_SHARE = 20 / SIZE  # ... each digit fitted into the central 20x20
 
 
 def read_image(path: Path) -> Image.Image:
@@ -32,8 +33,9 @@ def read_image(path: Path) -> Image.Image:
         raise UserError(f"{path}: cannot read the image ({exc.strerror or exc})") from exc
 
 
-def mnist_pixels(image: Image.Image) -> np.ndarray:
-    """A float32 28x28 array of pixels in [0, 255]: bright ink on black, fitted like MNIST."""
+def mnist_pixels(image: Image.Image, size: int = SIZE) -> np.ndarray:
+    """A float32 `size` x `size` array of pixels in [0, 255]: bright ink on black, fitted like
+    MNIST (28: MNIST's own size)."""
     if "A" in image.getbands():  # transparent parts become white paper
         paper = Image.new("RGBA", image.size, "white")
         image = Image.alpha_composite(paper, image.convert("RGBA"))
@@ -41,27 +43,27 @@ def mnist_pixels(image: Image.Image) -> np.ndarray:
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     if np.median(border) > 127:
         gray = 255 - gray
-    if gray.shape == (SIZE, SIZE):
+    if gray.shape == (size, size):
         return gray
-    return _fit(gray)
+    return _fit(gray, size)
 
 
-def _fit(gray: np.ndarray) -> np.ndarray:
-    """Scale the ink's bounding box into 20x20, centred by its centre of mass in 28x28."""
+def _fit(gray: np.ndarray, size: int) -> np.ndarray:
+    """Scale the ink's bounding box into the central box, centred by its centre of mass."""
     ink = gray > 0.1 * gray.max() if gray.max() > 0 else np.zeros_like(gray, dtype=bool)
     if not ink.any():
-        return _resize(gray, SIZE, SIZE)
+        return _resize(gray, size, size)
     rows, cols = np.nonzero(ink)
     crop = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    scale = BOX / max(crop.shape)
+    scale = round(size * BOX_SHARE) / max(crop.shape)
     height, width = (max(1, round(n * scale)) for n in crop.shape)
     digit = _resize(crop, height, width)
     weights = digit.sum() or 1.0
     centre_y = (digit.sum(1) * np.arange(height)).sum() / weights
     centre_x = (digit.sum(0) * np.arange(width)).sum() / weights
-    top = min(max(round(SIZE / 2 - centre_y), 0), SIZE - height)
-    left = min(max(round(SIZE / 2 - centre_x), 0), SIZE - width)
-    out = np.zeros((SIZE, SIZE), dtype=np.float32)
+    top = min(max(round(size / 2 - centre_y), 0), size - height)
+    left = min(max(round(size / 2 - centre_x), 0), size - width)
+    out = np.zeros((size, size), dtype=np.float32)
     out[top : top + height, left : left + width] = digit
     return out
 

@@ -1,0 +1,224 @@
+"""A model of one's own, trained on a folder of one's own images, as a user does it.
+
+One sweep trains a network defined in a temporary package outside mnist_exp (on PYTHONPATH
+only for training) on MNIST digits written as PNGs into class folders named after the digits,
+at 24x24 pixels rather than MNIST's 28. Then the package is deleted, and the tests use what
+the runs left: MLflow 3's logged models, the Model Registry (`mnist-compare --register`),
+`mnist-predict models:/NAME/latest` and `mlflow models serve` answering an HTTP request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import ROOT, free_port, runs_in
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from mnist_exp.training.data import load
+
+pytestmark = pytest.mark.slow  # a sweep of two runs, a rerun, a model server
+BIN = Path(sys.executable).parent
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SIZE = 24  # data.image_size: not MNIST's 28, so nothing may assume it
+# The user's own network: any input size and channels, told only the number of classes.
+NETWORK = '''
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Two convolutions and a linear layer on whatever size the images have."""
+
+    def __init__(self, num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+        )
+        self.classify = nn.Linear(width * 16, num_classes)
+
+    def forward(self, x):
+        return self.classify(self.features(x).flatten(1))
+'''
+
+
+@dataclass(frozen=True)
+class Swept:
+    uri: str
+    parent_id: str
+    best_id: str
+    images: Path  # the image folder
+    test_files: list[Path]  # PNGs of test images, with their classes' names
+    test_names: list[str]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
+    return env | extra
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Swept:
+    tmp = tmp_path_factory.mktemp("own")
+    package = tmp / "code" / "my_nets"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent(NETWORK))
+    mnist = load(
+        "torchvision.datasets.MNIST", str(data_root), max_train_samples=1000, max_test_samples=100
+    )
+    files, names = [], []
+    for split, data in (("train", mnist.train), ("test", mnist.test)):
+        for n, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+            path = tmp / "images" / split / NAMES[int(label)] / f"{n}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy()).save(path)
+            if split == "test":
+                files.append(path)
+                names.append(NAMES[int(label)])
+    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
+    cmd = [
+        sys.executable, "-m", "mnist_exp.train", "-m", "optimizer.lr=0.003,0.01",
+        "data=image_folder", f"data.root={tmp / 'images'}", f"data.image_size={SIZE}",
+        f"data.cache_dir={tmp / 'cache'}", "model._target_=my_nets.TinyNet",
+        "trainer.epochs=3", "trainer.print_every_n_steps=0", f"mlflow.tracking_uri={uri}",
+        f"hydra.sweep.dir={tmp}/sweep", "mlflow.log_plots=false",
+    ]  # fmt: skip
+    env = _env(PYTHONPATH=str(package.parent))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = runs_in(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("mnist_exp.sweep") == "true"]
+    best = parent.data.tags["mnist_exp.best_run_id"]
+
+    # The rerun trains the same network again, exactly; it needs the package, as training does.
+    rerun = [sys.executable, "-m", "mnist_exp.rerun", best, f"hydra.run.dir={tmp}/rerun"]
+    rerun.append(f"mlflow.tracking_uri={uri}")
+    proc = subprocess.run(rerun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (again,) = [r for r in runs_in(uri) if r.data.tags.get("mnist_exp.rerun_of") == best]
+    original = MlflowClient(uri).get_run(best).data.metrics
+    assert again.data.metrics["test_accuracy"] == original["test_accuracy"]
+
+    shutil.rmtree(package.parent)  # from here on, the models must carry the network's code
+    return Swept(uri, parent.info.run_id, best, tmp / "images", files, names)
+
+
+def test_each_run_is_an_mlflow_3_logged_model_with_its_metrics_and_per_class_names(
+    swept: Swept,
+):
+    client = MlflowClient(swept.uri)
+    run = client.get_run(swept.best_id)
+    assert run.data.params["model._target_"] == "my_nets.TinyNet"
+    assert {f"test_accuracy_class_{name}" for name in NAMES} <= set(run.data.metrics)
+    mlflow.set_tracking_uri(swept.uri)
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{swept.best_id}'",
+        output_format="list",
+    )
+    (model,) = models
+    assert model.name == "model" and model.status.to_proto() == 2  # READY
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["test_accuracy"] == run.data.metrics["test_accuracy"]
+    assert linked["test_accuracy_class_seven"] == run.data.metrics["test_accuracy_class_seven"]
+    assert run.outputs.model_outputs[0].model_id == model.model_id
+    files = {a.path for a in client.list_artifacts(swept.best_id, "model/code")}
+    assert files == {"model/code/mnist_exp", "model/code/my_nets"}
+
+
+def _predict(*args: str, uri: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(BIN / "mnist-predict"), *args, "--tracking-uri", uri]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept: Swept):
+    cmd = [str(BIN / "mnist-compare"), swept.parent_id, "--register", "digits"]
+    done = subprocess.run(
+        [*cmd, "--tracking-uri", swept.uri], env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"registered digits version 1: the model of run {swept.best_id}" in done.stdout
+    client = MlflowClient(swept.uri)
+    (version,) = client.search_model_versions("name = 'digits'")
+    accuracy = client.get_run(swept.best_id).data.metrics["test_accuracy"]
+    assert version.run_id == swept.best_id
+    assert version.tags == {
+        "mnist_exp.run_id": swept.best_id,
+        "mnist_exp.metric": "test_accuracy",
+        "mnist_exp.metric_value": str(accuracy),
+    }
+
+    files, names = swept.test_files[:40], swept.test_names[:40]
+    proc = _predict("models:/digits/latest", *map(str, files), uri=swept.uri)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    predicted = [
+        re.fullmatch(rf"{re.escape(str(f))}: (\w+) \(\d+\.\d%\)", line)
+        for f, line in zip(files, lines, strict=True)
+    ]
+    assert all(predicted), lines
+    right = sum(m[1] == name for m, name in zip(predicted, names, strict=True) if m)
+    assert right >= 0.7 * len(files), lines
+
+
+def test_mlflow_models_serve_answers_with_the_class_names(swept: Swept):
+    port = free_port()
+    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    env = _env(MLFLOW_TRACKING_URI=swept.uri, PATH=path)
+    cmd = [
+        str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{swept.best_id}/model",
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    # The images as the model takes them: converted as mnist-predict does, at 24x24.
+    from mnist_exp.training.images import mnist_pixels, read_image
+
+    pixels = np.stack([mnist_pixels(read_image(f), SIZE) for f in swept.test_files[:20]])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "the model server did not start in 90 s"
+                time.sleep(0.3)
+        request = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps({"inputs": pixels.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.load(response)["predictions"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    labels = [row["label"] for row in answer]
+    assert set(labels) <= set(NAMES)
+    right = sum(label == name for label, name in zip(labels, swept.test_names, strict=False))
+    assert right >= 0.7 * len(labels), labels
+    mlflow.set_tracking_uri(swept.uri)
+    expected = mlflow.pyfunc.load_model(f"runs:/{swept.best_id}/model").predict(pixels)
+    assert labels == expected["label"].tolist()
+    for row in answer:
+        assert sum(row["probabilities"]) == pytest.approx(1, abs=1e-6)
