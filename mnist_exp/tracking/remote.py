@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError
 from mnist_exp.names import TRACKER_RESTARTS_TAG
 from mnist_exp.report.model_spec import ModelSpec
 from mnist_exp.tracking.limits import MAX_METRICS_PER_BATCH as BATCH
+from mnist_exp.tracking.tracker import ENVIRONMENT_PREFIXES, handle
 
 log = logging.getLogger("mnist_exp")
 
@@ -36,6 +38,8 @@ FLUSH_EVERY_S = 2.0
 MAX_TRACKER_RESTARTS = 3
 # How a tracker process is started, with the socket's file descriptor appended.
 TRACKER_COMMAND = (sys.executable, "-m", "mnist_exp.tracking.tracker")
+# Tracker processes whose run has ended, each with its socket: the next run takes one.
+_idle: list[tuple[subprocess.Popen[bytes], Connection]] = []
 
 
 class RemoteRun:
@@ -65,8 +69,13 @@ class RemoteRun:
         self.gave_up = False  # the tracking server stayed away longer than retry_for_s
         self._spawn()
 
-    def _spawn(self) -> None:
-        """Start a tracker process and send it the store to open."""
+    def _spawn(self, reuse: bool = True) -> None:
+        """Take an idle tracker process (or start one) and send it the store to open."""
+        while reuse and _idle:
+            self._process, self._conn = _idle.pop()
+            if self._process.poll() is None and self._hand_over():
+                return
+            self._conn.close()
         # A process of its own, not a multiprocessing child: inside a sweep's job the start
         # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
         mine, theirs = socket.socketpair()
@@ -77,7 +86,16 @@ class RemoteRun:
             stdin=subprocess.DEVNULL,
         )
         theirs.close()
-        self._conn.send(self._store)  # not on the command line: credentials
+        self._hand_over()
+
+    def _hand_over(self) -> bool:
+        """Tell the tracker the store and this process's MLflow settings; False if it is gone."""
+        environment = {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES)}
+        try:
+            self._conn.send((*self._store, environment))  # not on the command line: credentials
+        except OSError:
+            return False
+        return True
 
     def start(
         self,
@@ -188,13 +206,17 @@ class RemoteRun:
         self._send("log_model", Path(weights), spec)
 
     def end(self, status: str) -> None:
-        """Send what is buffered, mark the run FINISHED, FAILED or KILLED; the tracker exits."""
+        """Send what is buffered, mark the run FINISHED, FAILED or KILLED.
+
+        The tracker then waits, idle, to record this process's next run (a sweep's next job, a
+        second `train()` from Python): MLflow is imported and the store open already.
+        """
         try:
             self.flush()
         finally:
             self._call("end", status)
             if self._local is None:
-                self._process.wait(timeout=30)
+                _idle.append((self._process, self._conn))
 
     def opened(self) -> bool:
         """Wait until the tracker has opened the run; False if it could not or was not asked."""
@@ -280,7 +302,7 @@ class RemoteRun:
         if self._restarts > MAX_TRACKER_RESTARTS:
             self._give_up(died, f"trackers died {self._restarts} times in this run")
         try:
-            self._spawn()
+            self._spawn(reuse=False)
             if self._info is not None:
                 self._reopen()
             for message in self._unconfirmed:
@@ -334,8 +356,6 @@ class RemoteRun:
         """A request once no tracker is left: done on the run opened in this process."""
         if self._local is None or self._lost_error is None:
             raise self._lost_error or UserError("no MLflow run")
-        from mnist_exp.tracking.tracker import handle
-
         return handle(self._local, method, args)
 
 
@@ -350,9 +370,10 @@ def _open_here(tracking_uri: str, experiment_name: str, run_id: str, retry_for_s
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Defer Ctrl-C and SIGTERM while a message goes through: half of one garbles the pipe."""
+    """Defer Ctrl-C, SIGTERM and SLURM's warning of a time limit (SIGUSR2, whose submitit
+    handler raises) while a message goes through: half of one garbles the pipe."""
     caught: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
     previous = [signal.signal(s, lambda number, _: caught.append(number)) for s in held]
     try:
         yield

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import logging
 import os
@@ -152,6 +153,7 @@ def source_tags(project_root: Path) -> dict[str, str]:
     return tags
 
 
+@functools.cache  # a tracker records several runs; what is installed stays the same
 def installed_requirements() -> str:
     """`name==version` of every installed distribution, sorted: the run's environment."""
     dists = {d.metadata["Name"]: d.version for d in metadata.distributions() if d.metadata["Name"]}

@@ -27,21 +27,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("mnist_exp")
 
 ORPHANED = "the training process ended without closing the run (killed or crashed)"
+# The training process's environment variables that the tracker takes on for each run.
+ENVIRONMENT_PREFIXES = ("MLFLOW_", "MNIST_EXP_")
 
 
 def _serve(conn: Connection) -> None:
-    """The tracker process: open the store, then the run, then record what it is sent."""
+    """The tracker process: for each run in turn, open the store, the run, record what it
+    is sent until the run ends; then wait for the next run (a sweep's next job)."""
     # Ctrl-C and a job scheduler's SIGTERM reach the whole process group; the training
-    # process handles them and then tells this one how the run ended.
+    # process handles them and then tells this one how the run ended. So does SLURM's
+    # warning of a job's time limit (SIGUSR2, as submitit asks), which would end this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     # What MLflow's import and the opening make lives till the end: the collector's full
     # passes over it would take CPU from training as it starts (as in cli/train.main).
     gc.disable()
+    while _record_one(conn):
+        pass
+
+
+def _record_one(conn: Connection) -> bool:
+    """Record one run; True when it ended as told and this process may record another."""
     try:
-        tracking_uri, experiment_name = conn.recv()
+        tracking_uri, experiment_name, environment = conn.recv()
     except (EOFError, OSError):
-        return
+        return False
+    _take_environment(environment)
     from mnist_exp.tracking.store import open_store
 
     store: tuple[MlflowClient, str] | Exception
@@ -52,17 +64,18 @@ def _serve(conn: Connection) -> None:
     try:
         _, (opening,) = conn.recv()
     except (EOFError, OSError):
-        return  # the training process stopped before it began: no run
+        return False  # the training process stopped before it began: no run
     try:
         if isinstance(store, Exception):
             raise store
         run = _open(*store, opening)
     except Exception as exc:
         conn.send((False, _error(exc)))
-        return
+        return False
     conn.send((True, (run.run_id, run.name, run.experiment_id)))
-    gc.freeze()  # left out of later passes, the first of which fell on the first metric
-    gc.enable()
+    if not gc.isenabled():
+        gc.freeze()  # left out of later passes, the first of which fell on the first metric
+        gc.enable()
     while True:
         try:
             method, args = conn.recv()
@@ -75,7 +88,7 @@ def _serve(conn: Connection) -> None:
         if method == "end":
             with contextlib.suppress(OSError):
                 conn.send(answer)
-            return
+            return answer[0]
         try:
             conn.send(answer)
         except OSError:
@@ -86,6 +99,19 @@ def _serve(conn: Connection) -> None:
     except Exception as exc:
         if not run.gave_up:  # a server given up on was reported by the training process
             log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
+    return False
+
+
+def _take_environment(environment: dict[str, str]) -> None:
+    """Make this process's MLflow and mnist_exp variables the training process's of now.
+
+    A tracker records one run after another; between them the training process may change
+    them (a sweep's parent run, MLflow's HTTP retries, credentials).
+    """
+    for key in [k for k in os.environ if k.startswith(ENVIRONMENT_PREFIXES)]:
+        if key not in environment:
+            del os.environ[key]
+    os.environ.update(environment)
 
 
 # What `RemoteRun` may ask of the run, besides opening it: methods of `run.Run`.
