@@ -19,6 +19,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
+import psycopg2
 import pytest
 import torch
 from conftest import ROOT, free_port
@@ -299,3 +301,33 @@ def test_a_resume_waits_for_a_server_that_comes_back(train_command, server, trac
     client = MlflowClient(tracking_uri)
     run = client.get_run(stopped.info.run_id)
     _assert_complete(client, run, 3 * 256, tmp_path)
+
+
+def test_a_search_keeps_its_study_in_postgresql(train, postgres, tracking_uri):
+    """An Optuna search's study in a database of its own on the PostgreSQL server (as a lab
+    puts it beside MLflow's), its 2 trials run at once by joblib."""
+    connection = psycopg2.connect(postgres)
+    connection.autocommit = True  # CREATE DATABASE runs outside a transaction
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE DATABASE optuna")
+    connection.close()
+    storage = postgres.rpartition("/")[0] + "/optuna"
+    train(
+        "-m", "hparams_search=optuna", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+        "mlflow=server", "mlflow.experiment_name=search", *SMALL, "data.val_size=100",
+    )  # fmt: skip
+    driver = storage.replace("postgresql://", "postgresql+psycopg2://")  # not psycopg 3
+    trials = optuna.load_study(study_name="mnist-exp", storage=driver).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    first, second = trials
+    assert first.datetime_start < second.datetime_complete  # the two ran at the same time
+    assert second.datetime_start < first.datetime_complete
+    runs = {r.info.run_id: r for r in _runs(tracking_uri, "search")}
+    (parent,) = [r for r in runs.values() if r.data.tags.get("mnist_exp.sweep") == "true"]
+    assert parent.data.tags["mnist_exp.sweep.storage"] == storage.replace("mlflow@", "***@")
+    for trial in trials:
+        child = runs[trial.user_attrs["mlflow_run_id"]]
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mnist_exp.trial"] == str(trial.number)
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
