@@ -7,7 +7,6 @@ input is refused in one line before any run exists; optuna-dashboard reads the s
 
 from __future__ import annotations
 
-import csv
 import json
 import signal
 import subprocess
@@ -172,7 +171,7 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, train, trac
 def test_a_bad_region_of_learning_rates_is_pruned(train, tracking_uri):
     train(
         *SEARCH,
-        "hydra.sweeper.n_trials=5",
+        "hydra.sweeper.n_trials=6",
         "hydra.sweeper.pruner_startup_trials=1",
         "trainer.epochs=3",
         "optimizer.lr=tag(log, interval(0.001, 10))",
@@ -194,16 +193,6 @@ def test_a_bad_region_of_learning_rates_is_pruned(train, tracking_uri):
     best = study.best_trial
     assert parent.data.tags[names.BEST_TRIAL_TAG] == str(best.number)
     assert parent.data.tags[names.BEST_RUN_ID_TAG] == best.user_attrs[names.TRIAL_RUN_ID_ATTR]
-    compare = subprocess.run(
-        [sys.executable, "-m", "mnist_exp.compare", parent.info.run_id, "--format", "csv",
-         "--tracking-uri", tracking_uri],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    table = list(csv.DictReader(compare.stdout.strip().splitlines()[1:]))
-    shown = {row["trial"]: (row["trial_state"], row["stopped_at_epoch"]) for row in table}
-    for trial in study.get_trials():
-        stopped = str(max(trial.intermediate_values, default=0) or "")
-        assert shown[str(trial.number)] == (trial.state.name, stopped)
 
 
 @pytest.mark.slow

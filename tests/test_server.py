@@ -9,11 +9,13 @@ are checked in what MLflow holds afterwards. PostgreSQL missing is a failure, no
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -331,3 +333,65 @@ def test_a_search_keeps_its_study_in_postgresql(train, postgres, tracking_uri):
         assert child.info.status == "FINISHED"
         assert child.data.tags["mnist_exp.trial"] == str(trial.number)
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def _watch_points(uri: str, experiment: str, seen: list[tuple[float, int]], done) -> None:
+    """Until `done` is set: (time, metric points the server holds) whenever the count changes."""
+    client = MlflowClient(uri)
+    while not done.is_set():
+        try:
+            exp = client.get_experiment_by_name(experiment)
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            count = sum(len(client.get_metric_history(r.info.run_id, "train_loss")) for r in runs)
+        except Exception:  # the server is away: that wait is what is measured
+            count = -1
+        if count >= 0 and (not seen or count != seen[-1][1]):
+            seen.append((time.monotonic(), count))
+        done.wait(0.25)
+
+
+def test_eight_runs_at_once_through_a_server_restart_all_land_whole(
+    train_command, server, tracking_uri, tmp_path
+):
+    """Load: 8 commands logging every step at batch 16, the server restarted mid-way."""
+    runs, steps = 8, 64  # 1024 images at batch 16
+    procs, done, seen = [], threading.Event(), []
+    watcher = threading.Thread(target=_watch_points, args=(tracking_uri, "load", seen, done))
+    started = time.monotonic()
+    for seed in range(runs):
+        cmd, env = train_command(
+            "mlflow=server", "mlflow.experiment_name=load", "data.max_train_samples=1024",
+            "data.batch_size=16", "data.max_test_samples=100", "data.val_size=0",
+            "trainer.epochs=1", "trainer.print_every_n_steps=0", "trainer.log_every_n_steps=1",
+            "trainer.num_threads=1", f"trainer.seed={seed}", f"hydra.run.dir={tmp_path}/{seed}",
+        )  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
+    watcher.start()
+    try:
+        while not seen or seen[-1][1] < runs * steps // 4:  # a quarter of the points in
+            assert all(p.poll() is None for p in procs), "a run ended before the restart"
+            time.sleep(0.1)
+        server.kill()
+        time.sleep(3)
+        server.start()
+        errors = [p.communicate(timeout=600)[1] for p in procs]
+        ended = time.monotonic()
+    finally:
+        for p in procs:
+            p.kill()
+        done.set()
+        watcher.join()
+    assert [p.returncode for p in procs] == [0] * runs, "\n".join(errors)
+    client = MlflowClient(tracking_uri)
+    recorded = _runs(tracking_uri, "load")
+    assert sorted(r.data.params["trainer.seed"] for r in recorded) == [str(s) for s in range(runs)]
+    for run in recorded:
+        _assert_complete(client, run, steps, tmp_path / run.info.run_id)
+    # The figures for the record (not asserted: a loaded machine's are not the server's).
+    logging_s = seen[-1][0] - seen[0][0]
+    longest = max(b[0] - a[0] for a, b in itertools.pairwise(seen))
+    print(
+        f"\n{runs} runs through a restart: {runs / (ended - started) * 60:.1f} runs a minute, "
+        f"{seen[-1][1] / logging_s:.0f} train_loss points a second, longest wait between "
+        f"points landing {longest:.1f} s"
+    )
