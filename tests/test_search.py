@@ -7,6 +7,7 @@ input is refused in one line before any run exists; optuna-dashboard reads the s
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -28,6 +29,9 @@ from mnist_exp import names
 from mnist_exp.config.paths import composed
 from mnist_exp.search.checks import SearchChecks
 from mnist_exp.search.space import parse
+from mnist_exp.training import engine
+from mnist_exp.training.data import Data, Split
+from mnist_exp.training.models import ConvNet
 
 # Trials of a second or two: 256 images, 2 epochs, validated on 100.
 TINY = (
@@ -67,6 +71,36 @@ def test_the_search_space_reads_hydras_sweep_syntax() -> None:
         "data.max_shift": CategoricalDistribution([0, 2]),
     }
     assert space.fixed == {"trainer.seed": "3"}
+
+
+def test_a_callback_stops_training_after_an_epoch_that_all_callbacks_see() -> None:
+    """StopTraining from one callback: the others still get that epoch's end, whatever their
+    order (the checkpointer writes it), and no epoch follows."""
+
+    class Stop(engine.Callback):
+        def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+            if epoch == 2:
+                raise engine.StopTraining("pruned")
+
+    class Seen(engine.Callback):
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+
+        def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+            self.epochs.append(epoch)
+
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    split = Split(images, torch.randint(0, 10, (64,)))
+    seen, model = Seen(), ConvNet()
+    step = engine.fit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        Data(train=split, val=None, test=split),
+        engine.Schedule(epochs=5, batch_size=32, eval_batch_size=64, seed=0),
+        device=torch.device("cpu"),
+        callbacks=[Stop(), seen],
+    )
+    assert seen.epochs == [1, 2] and step == 4
 
 
 @pytest.mark.parametrize(
@@ -171,7 +205,7 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, train, trac
 def test_a_bad_region_of_learning_rates_is_pruned(train, tracking_uri):
     train(
         *SEARCH,
-        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.n_trials=5",
         "hydra.sweeper.pruner_startup_trials=1",
         "trainer.epochs=3",
         "optimizer.lr=tag(log, interval(0.001, 10))",
@@ -193,6 +227,16 @@ def test_a_bad_region_of_learning_rates_is_pruned(train, tracking_uri):
     best = study.best_trial
     assert parent.data.tags[names.BEST_TRIAL_TAG] == str(best.number)
     assert parent.data.tags[names.BEST_RUN_ID_TAG] == best.user_attrs[names.TRIAL_RUN_ID_ATTR]
+    compare = subprocess.run(
+        [sys.executable, "-m", "mnist_exp.compare", parent.info.run_id, "--format", "csv",
+         "--tracking-uri", tracking_uri],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    table = list(csv.DictReader(compare.stdout.strip().splitlines()[1:]))
+    shown = {row["trial"]: (row["trial_state"], row["stopped_at_epoch"]) for row in table}
+    for trial in study.get_trials():
+        stopped = str(max(trial.intermediate_values, default=0) or "")
+        assert shown[str(trial.number)] == (trial.state.name, stopped)
 
 
 @pytest.mark.slow

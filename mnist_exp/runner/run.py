@@ -113,7 +113,8 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
         test, metrics = train_and_test(
             cfg, setup, recorder, out_dir, start, in_sweep, _startup_s, callbacks=job.callbacks
         )
-        recorder.set_tags(job.tags())  # pruned, and after which epoch
+        if job.trial is not None:
+            recorder.set_tags(job.tags())  # pruned, and after which epoch
     from mnist_exp.report.console import summary
 
     # All recorded (the model too) before the summary says so: their errors are raised here.
