@@ -6,10 +6,12 @@ names a submitit job folder of the sweep, and slurmctld reports that job COMPLET
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import runs_in
+from conftest import ROOT, runs_in
 from mlflow.entities import Run
 from slurm_cluster import SlurmCluster
 
@@ -82,3 +84,40 @@ def test_a_search_runs_its_trials_as_jobs_of_the_cluster(
     assert {c.info.status for c in children} == {"FINISHED"}
     assert parent.data.metrics[names.TRIALS_COMPLETE] == 2
     _assert_slurm_jobs(slurm_cluster, children, tmp_path / "sweep")
+
+
+def test_a_job_warned_of_its_time_limit_ends_killed_and_resumable(
+    slurm_cluster, train_command, tracking_uri, tmp_path
+):
+    # Long enough to be running when warned. timeout_min=10 keeps SLURM's own warning (USR2,
+    # signal_delay_s=120 before the limit) minutes away, yet counts as timed out to submitit.
+    long_run = ("data.max_train_samples=512", "data.val_size=0", "trainer.epochs=200")
+    cmd, env = train_command("-m", *ON_THIS_NODE, "hydra.launcher.timeout_min=10", *long_run)
+    sweep = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    checkpoint = tmp_path / "sweep" / "0" / names.RESUME_CHECKPOINT
+    try:
+        _wait_for(checkpoint, sweep)  # an epoch is done
+        (job,) = [p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.is_dir()]
+        slurm_cluster.run("scancel", "--signal=USR2", job)  # as SLURM warns of the limit
+        _, stderr = sweep.communicate(timeout=60)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, stderr
+    (child,) = [r for r in runs_in(tracking_uri) if r.data.tags.get(names.PARENT_RUN_TAG)]
+    assert child.info.status == "KILLED"
+    assert child.data.tags[names.SLURM_JOB_TAG] == job
+    assert names.TRACKER_RESTARTS_TAG not in child.data.tags  # the signal reached it too
+    logs = tmp_path / "sweep" / ".submitit" / job
+    log = "".join(p.read_text() for p in sorted(logs.glob(f"{job}_0_log.*")))
+    assert f"mnist-rerun {child.info.run_id} --resume" in log
+    assert "hydra.launcher.timeout_min" in log
+
+
+def _wait_for(path: Path, sweep: subprocess.Popen, timeout: float = 60) -> None:
+    """Until `path` exists; fails if the sweep ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if sweep.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no {path} within {timeout} s: {sweep.communicate()[1]}")
+        time.sleep(0.5)

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,21 +35,17 @@ def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[Non
     try:
         yield
     except KeyboardInterrupt:
-        # A second Ctrl-C must not cut the recording of the first short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if not run.opened():
             raise
-        _log_again(run, checkpoint)
-        run_log.upload(run, start_epoch)
-        marked = _end_quietly(run, "KILLED")
-        raise KeyboardInterrupt(
-            f"interrupted: {marked}; continue it from its last complete epoch with: "
-            f"mnist-rerun {run.run_id} --resume"
-        ) from None
+        raise KeyboardInterrupt(f"interrupted: {_stopped(run, checkpoint, start_epoch)}") from None
     except BaseException as exc:
         if not run.opened():
             raise
+        if _out_of_time(exc):
+            raise UserError(
+                f"SLURM is ending the job ({exc}): {_stopped(run, checkpoint, start_epoch)}; "
+                "give jobs more time with hydra.launcher.timeout_min"
+            ) from None
         run_log.upload(run, start_epoch)
         error = _failed(run, exc, checkpoint, start_epoch)
         if error is exc:
@@ -57,6 +54,27 @@ def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[Non
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def _stopped(run: Recorder, checkpoint: Path, start_epoch: int) -> str:
+    """Mark the run KILLED, stopped from outside; what became of it and how to resume it."""
+    # A second Ctrl-C must not cut the recording of the first short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _log_again(run, checkpoint)
+    run_log.upload(run, start_epoch)
+    marked = _end_quietly(run, "KILLED")
+    return (
+        f"{marked}; continue it from its last complete epoch with: "
+        f"mnist-rerun {run.run_id} --resume"
+    )
+
+
+def _out_of_time(exc: BaseException) -> bool:
+    """Whether submitit raised it on SLURM's warning of the time limit (SIGUSR2,
+    `hydra.launcher.signal_delay_s` before it) in a job it will not requeue."""
+    utils = sys.modules.get("submitit.core.utils")  # loaded in every submitit job
+    return utils is not None and isinstance(exc, utils.UncompletedJobError)
 
 
 def _failed(run: Recorder, exc: BaseException, last: Path, start_epoch: int) -> BaseException:
