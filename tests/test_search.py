@@ -172,8 +172,7 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, train, trac
     finally:
         proc.kill()
         proc.wait()
-    time.sleep(3.5)  # the cut trial's heartbeat (1 s) goes stale after 3 s
-    train(*args)
+    train(*args)  # it waits for the cut trial's heartbeat (1 s) to go stale, after 3 s
     study = _study(tracking_uri)
     trials = study.get_trials()
     cut = [t for t in trials if t.state == TrialState.FAIL]

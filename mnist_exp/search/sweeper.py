@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from mnist_exp.tracking.run import PARENT_RUN_ENV
 
 log = logging.getLogger("mnist_exp")
 # The name conf/hydra/sweeper/optuna.yaml's `_target_` gives the sweeper (see `register`).
+WAIT_S = 2  # between looks at trials that run elsewhere, once none is left to launch here
 PLUGIN_NAME = "hydra_plugins.mnist_exp_search.OptunaSweeper"
 
 
@@ -77,8 +79,21 @@ class OptunaSweeper(Sweeper):
             f"{done} of {settings.n_trials} trials done; sampler {settings.sampler}, "
             f"pruner {settings.pruner}"
         )
-        while (batch := self._batch_size(study)) > 0:
-            self._run_batch(study, storage, space, batch)
+        # A killed sweep's trial still looks RUNNING until its heartbeat is stale: wait that
+        # long for trials running elsewhere, to try such a trial again (others' may end first).
+        patience = 3 * settings.heartbeat_s + WAIT_S
+        waited = 0.0
+        while True:
+            batch, elsewhere = self._batch_size(study)
+            if batch > 0:
+                self._run_batch(study, storage, space, batch)
+            elif elsewhere and waited < patience:
+                time.sleep(WAIT_S)
+                waited += WAIT_S
+            else:
+                break
+        if elsewhere:
+            log.info(f"{elsewhere} trials of the study are still running elsewhere")
         summarise(study, settings, self.sweep_config, parent)
         best = best_trial(study)
         if best is not None:
@@ -89,13 +104,13 @@ class OptunaSweeper(Sweeper):
                 Path(self.sweep_config.hydra.sweep.dir) / "optimization_results.yaml",
             )
 
-    def _batch_size(self, study: optuna.Study) -> int:
-        """How many trials to launch now: up to `n_jobs`, leaving room for the trials other
-        commands are running on the same study."""
+    def _batch_size(self, study: optuna.Study) -> tuple[int, int]:
+        """How many trials to launch now (up to `n_jobs`, leaving room for the trials other
+        commands are running on the same study), and how many those are."""
         studies.fail_stale(study)
         running = [t for t in studies.running(study) if t.state == TrialState.RUNNING]
         left = self.settings.n_trials - len(studies.counted(study)) - len(running)
-        return max(0, min(self.settings.n_jobs, left))
+        return max(0, min(self.settings.n_jobs, left)), len(running)
 
     def _run_batch(
         self, study: optuna.Study, storage: RDBStorage, space: SearchSpace, size: int
