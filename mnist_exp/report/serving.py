@@ -4,7 +4,8 @@ This file is also the model's code ("models from code"): MLflow copies it into t
 model and runs it on loading, so it imports only torch, numpy, pandas and MLflow; the
 network's class comes from the code logged beside it (the mnist_exp package, and the
 module or package of a model of one's own). Torch is imported only when the model is
-loaded: saving it (in the tracker process) then costs no torch import.
+loaded: `save` costs no torch import; `log` loads the model once, as MLflow checks the input
+example by predicting on it (in the tracker process, off the training process).
 """
 
 from __future__ import annotations
@@ -123,9 +124,9 @@ def log(run_id: str, name: str, weights: Path, spec: ModelSpec) -> str:
 
     MLflow 3 makes it a LoggedModel of the run (listed by `mlflow.search_logged_models`,
     loaded as `runs:/RUN_ID/name` or `models:/MODEL_ID`) and links to it the run's metrics
-    at `spec.step`. This is `mlflow.pyfunc.log_model` given the run by its id (the tracker
-    keeps no active run) and without its check of the input example, which would load the
-    model, torch and all, in the tracker process.
+    at `spec.step`. This is what `mlflow.pyfunc.log_model` does, given the run by its id:
+    the tracker keeps no active run (`mlflow.start_run` would, and ending it would mark the
+    run FINISHED before its end). MLflow's global store and experiment must be the run's.
     """
     with _flavor(weights, spec) as flavor, _quiet("mlflow"):
         info = Model.log(
