@@ -47,7 +47,8 @@ def test_every_group_of_the_design_has_its_options() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group: str, option: str) -> None:
-    cfg = compose_config([f"{group}={option}"])
+    folder = ["data.root=images"] if option == "image_folder" else []  # no default folder
+    cfg = compose_config([f"{group}={option}", *folder])
     check_config(cfg)
     model = instantiate(cfg.model)
     optimizer = instantiate(cfg.optimizer)(model.parameters())
@@ -56,7 +57,7 @@ def test_option_composes_and_instantiates(group: str, option: str) -> None:
     if cfg.get("scheduler"):
         scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=10)
         assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
-    assert get_class(cfg.data.dataset).__name__ in {"MNIST", "FashionMNIST"}  # torchvision's
+    assert get_class(cfg.data.dataset).__name__ in {"MNIST", "FashionMNIST", "ImageFolder"}
     if cfg.device.type == "cuda" and not torch.cuda.is_available():
         with pytest.raises(UserError, match="device=cuda"):
             resolve_device(cfg.device.type)
