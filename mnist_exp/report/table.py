@@ -89,6 +89,12 @@ def columns_for(
         Column("status", Group.status),
         *(Column(p, partial(Group.param, key=p)) for p in differing_params(runs)),
     ]
+    if any(names.TRIAL_TAG in r.data.tags for r in runs):  # an Optuna search's trials
+        shown += [
+            Column("trial", lambda g: g.best.data.tags.get(names.TRIAL_TAG, "")),
+            Column("trial_state", lambda g: trial_state(g.best)),
+            Column("stopped_at_epoch", lambda g: stopped_at_epoch(g.best)),
+        ]
     for m in metrics:
         shown.append(Column(m, _metric(Group.mean, m)))
         if spread:
@@ -96,6 +102,19 @@ def columns_for(
     if not per_seed:
         shown.append(Column("seeds", lambda g: str(len(g.runs))))
     return shown
+
+
+def trial_state(run: Run) -> str:
+    """How the run's Optuna trial ended, as the study says it: COMPLETE, PRUNED or FAIL."""
+    if run.info.status == "FINISHED":
+        return "PRUNED" if run.data.tags.get(names.PRUNED_TAG) == "true" else "COMPLETE"
+    return "RUNNING" if run.info.status == "RUNNING" else "FAIL"
+
+
+def stopped_at_epoch(run: Run) -> str:
+    """The last epoch the run trained: where it was pruned, else its last epoch logged."""
+    epoch = run.data.tags.get(names.PRUNED_AT_EPOCH_TAG) or run.data.metrics.get(names.EPOCH)
+    return "" if epoch is None else str(int(float(epoch)))
 
 
 def render(columns: list[str], rows: list[list[str]], fmt: str) -> str:

@@ -7,6 +7,7 @@ was killed) is failed and enqueued again with the same parameters by Optuna's
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import warnings
@@ -55,7 +56,7 @@ def _storage(settings: Settings) -> RDBStorage:
     sqlite = settings.storage.startswith("sqlite")
     with _quietly():
         return RDBStorage(
-            settings.storage,
+            _with_driver(settings.storage),
             engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite else None,
             heartbeat_interval=settings.heartbeat_s,
             grace_period=3 * settings.heartbeat_s,
@@ -76,6 +77,14 @@ def check_study(settings: Settings, storage: RDBStorage) -> bool:
             f"or a direction and optimized_metric that agree with the study"
         )
     return found is not None
+
+
+def _with_driver(url: str) -> str:
+    """SQLAlchemy 2.1 opens `postgresql://` with psycopg 3; the project installs psycopg2 (the
+    `server` extra, as MLflow's server uses), so a bare URL takes it where psycopg 3 is absent."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
 
 
 def open_study(settings: Settings, storage: RDBStorage, *, create: bool) -> optuna.Study:
