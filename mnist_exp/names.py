@@ -49,13 +49,13 @@ ERROR_TAG = "mnist_exp.error"
 FAILED_STEP_TAG, FAILED_EPOCH_TAG = "mnist_exp.failed_step", "mnist_exp.failed_epoch"
 FAILURE_TAGS = (ERROR_TAG, FAILED_STEP_TAG, FAILED_EPOCH_TAG)
 RESUMED_FROM_EPOCH_TAG = "mnist_exp.resumed_from_epoch"
+# How many times a new tracker process took over the run from one that died (kill -9, OOM).
+TRACKER_RESTARTS_TAG = "mnist_exp.tracker_restarts"
 RERUN_OF_TAG, RERUN_OVERRIDES_TAG = "mnist_exp.rerun_of", "mnist_exp.rerun_overrides"
 # MLflow's own tags.
 RUN_NAME_TAG = "mlflow.runName"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
-# How many times a new tracker process took over the run from one that died (kill -9, OOM).
-TRACKER_RESTARTS_TAG = "mnist_exp.tracker_restarts"
 
 # Tags of a sweep's parent run.
 SWEEP_TAG = "mnist_exp.sweep"  # "true"
