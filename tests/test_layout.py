@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,3 +113,16 @@ def test_each_folder_knows_nothing_of_what_it_must_not(folder: str, forbidden: t
                 continue
             for name in names:
                 assert not name.startswith(forbidden), f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_the_command_line_imports_neither_torch_nor_mlflow_before_its_run() -> None:
+    """A bad override is refused at once, and the tracker imports MLflow while the run imports
+    torch: neither may load with the command-line modules (a module-level import once did)."""
+    script = (
+        "import sys, mnist_exp.cli.train; "
+        "print(sorted({'torch', 'mlflow', 'optuna'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"

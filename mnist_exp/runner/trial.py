@@ -13,26 +13,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mnist_exp import names
-from mnist_exp.training import engine
 
 if TYPE_CHECKING:
+    from mnist_exp.runner.pruning import Pruning
     from mnist_exp.search.trial import JobTrial
-
-
-class Pruning(engine.Callback):
-    """Reports `metric` to the trial after each epoch; stops training when it is pruned."""
-
-    def __init__(self, trial: JobTrial, metric: str) -> None:
-        self.trial, self.metric = trial, metric
-        self.pruned_at: int | None = None  # the epoch training stopped after
-
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        if self.trial.report(epoch, metrics.get(self.metric)):
-            self.pruned_at = epoch
-            raise engine.StopTraining(
-                f"Optuna trial {self.trial.number} is pruned: its {self.metric} "
-                f"{metrics[self.metric]:.4f} is not promising"
-            )
+    from mnist_exp.training import engine
 
 
 class SearchJob:
@@ -40,7 +25,11 @@ class SearchJob:
 
     def __init__(self, trial: JobTrial | None, metric: str) -> None:
         self.trial = trial
-        self.pruning = Pruning(trial, metric) if trial is not None else None
+        self.pruning: Pruning | None = None
+        if trial is not None:
+            from mnist_exp.runner.pruning import Pruning  # imports torch: only in a search
+
+            self.pruning = Pruning(trial, metric)
         self.metric = metric
 
     @classmethod
