@@ -76,16 +76,7 @@ class RemoteRun:
             if self._process.poll() is None and self._hand_over():
                 return
             self._conn.close()
-        # A process of its own, not a multiprocessing child: inside a sweep's job the start
-        # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
-        mine, theirs = socket.socketpair()
-        self._conn = Connection(mine.detach())
-        self._process = subprocess.Popen(
-            [*TRACKER_COMMAND, str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
+        self._process, self._conn = _start_tracker()
         self._hand_over()
 
     def _hand_over(self) -> bool:
@@ -366,6 +357,24 @@ def _open_here(tracking_uri: str, experiment_name: str, run_id: str, retry_for_s
 
     client, _ = open_store(tracking_uri, experiment_name)
     return Run(client, client.get_run(run_id).info, {}, retry_for_s)
+
+
+def start_tracker_early() -> None:
+    """Start a tracker process now, for this process's next run to take (a sweep's first
+    job): it imports MLflow meanwhile instead of while that run trains."""
+    if not _idle:
+        _idle.append(_start_tracker())
+
+
+def _start_tracker() -> tuple[subprocess.Popen[bytes], Connection]:
+    """A new tracker process and this process's end of its socket."""
+    # A process of its own, not a multiprocessing child: inside a sweep's job the start
+    # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
+    mine, theirs = socket.socketpair()
+    command = [*TRACKER_COMMAND, str(theirs.fileno())]
+    process = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+    return process, Connection(mine.detach())
 
 
 @contextlib.contextmanager

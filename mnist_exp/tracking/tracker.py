@@ -43,6 +43,9 @@ def _serve(conn: Connection) -> None:
     # What MLflow's import and the opening make lives till the end: the collector's full
     # passes over it would take CPU from training as it starts (as in cli/train.main).
     gc.disable()
+    # MLflow first, whether or not a run is waiting: a tracker started early is ready sooner.
+    import mnist_exp.tracking.store  # noqa: F401
+
     while _record_one(conn):
         pass
 
