@@ -1,7 +1,8 @@
 """What pruning saves: one seeded Optuna search run with each pruner, and with none.
 
     python scripts/benchmark_search.py [--data-root DIR] [--trials 16] [--epochs 5]
-                                       [--train-samples 1000] [--pruners median,hyperband,none]
+                                       [--train-samples 5000] [--val-size 2000]
+                                       [--pruners median,hyperband,none]
                                        [--json FILE]
 
 Each search is `mnist-train -m hparams_search=optuna` with the same seeded TPE sampler and
@@ -70,8 +71,8 @@ def main() -> None:
     parser.add_argument("--data-root", help="data.root (default: the config's)")
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--train-samples", type=int, default=1000)
-    parser.add_argument("--val-size", type=int, default=500, help="also the test images")
+    parser.add_argument("--train-samples", type=int, default=5000)
+    parser.add_argument("--val-size", type=int, default=2000, help="also the test images")
     parser.add_argument("--pruners", default="median,hyperband,none")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
