@@ -140,6 +140,11 @@ def log(run_id: str, name: str, weights: Path, spec: ModelSpec) -> str:
     return str(info.model_id)
 
 
+def prepare() -> None:
+    """Import ahead what `log` loads the model with, in a process with time to spare first."""
+    import torch  # noqa: F401
+
+
 @contextlib.contextmanager
 def _flavor(weights: Path, spec: ModelSpec) -> Iterator[dict[str, Any]]:
     """The arguments of `mlflow.pyfunc.save_model` (and `log_model`) for this model."""

@@ -81,9 +81,9 @@ class RemoteRun:
 
     def _hand_over(self) -> bool:
         """Tell the tracker the store and this process's MLflow settings; False if it is gone."""
-        environment = {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES)}
         try:
-            self._conn.send((*self._store, environment))  # not on the command line: credentials
+            # Not on the command line, where other users would see credentials.
+            self._conn.send((*self._store, _environment()))
         except OSError:
             return False
         return True
@@ -359,11 +359,21 @@ def _open_here(tracking_uri: str, experiment_name: str, run_id: str, retry_for_s
     return Run(client, client.get_run(run_id).info, {}, retry_for_s)
 
 
-def start_tracker_early() -> None:
+def start_tracker_early(tracking_uri: str, experiment_name: str, model: bool) -> None:
     """Start a tracker process now, for this process's next run to take (a sweep's first
-    job): it imports MLflow meanwhile instead of while that run trains."""
-    if not _idle:
-        _idle.append(_start_tracker())
+    job): meanwhile it imports MLflow, creates the store if new and, if that run will log a
+    `model`, imports torch for it, instead of while that run starts, trains or ends."""
+    if _idle:
+        return
+    process, conn = _start_tracker()
+    store = {"tracking_uri": tracking_uri, "experiment_name": experiment_name}
+    conn.send(store | {"environment": _environment(), "model": model})
+    _idle.append((process, conn))
+
+
+def _environment() -> dict[str, str]:
+    """This process's MLflow settings and credentials, for a tracker to take on."""
+    return {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES)}
 
 
 def _start_tracker() -> tuple[subprocess.Popen[bytes], Connection]:

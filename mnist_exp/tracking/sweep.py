@@ -23,7 +23,6 @@ from omegaconf import DictConfig
 from mnist_exp import names
 from mnist_exp.config.checks import check_config, check_search_space
 from mnist_exp.errors import UserError
-from mnist_exp.tracking import remote
 from mnist_exp.tracking.redaction import redact
 
 if TYPE_CHECKING:
@@ -42,9 +41,6 @@ class MlflowSweepCallback(Callback):
         self.parent: TrackedRun | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.hydra.runtime.choices.get("hydra/launcher") == "basic":
-            # Jobs run in this process: the first one's tracker imports MLflow beside this one.
-            remote.start_tracker_early()
         from mnist_exp.tracking import http, store
         from mnist_exp.tracking.run import PARENT_RUN_ENV, Run
 

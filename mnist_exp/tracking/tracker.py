@@ -53,7 +53,11 @@ def _serve(conn: Connection) -> None:
 def _record_one(conn: Connection) -> bool:
     """Record one run; True when it ended as told and this process may record another."""
     try:
-        tracking_uri, experiment_name, environment = conn.recv()
+        message = conn.recv()
+        if isinstance(message, dict):  # sent to a tracker started ahead of its run
+            _prepare(**message)
+            message = conn.recv()
+        tracking_uri, experiment_name, environment = message
     except (EOFError, OSError):
         return False
     _take_environment(environment)
@@ -103,6 +107,22 @@ def _record_one(conn: Connection) -> bool:
         if not run.gave_up:  # a server given up on was reported by the training process
             log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
     return False
+
+
+def _prepare(
+    tracking_uri: str, experiment_name: str, environment: dict[str, str], model: bool
+) -> None:
+    """Before the run is named: create the store (the training process, which opens it too,
+    then finds it made) and, for a run that will log a model, import what that loads."""
+    _take_environment(environment)
+    from mnist_exp.tracking.store import open_store
+
+    with contextlib.suppress(Exception):  # the run's own opening says what was wrong
+        open_store(tracking_uri, experiment_name)
+    if model:
+        from mnist_exp.report import serving
+
+        serving.prepare()
 
 
 def _take_environment(environment: dict[str, str]) -> None:
