@@ -37,7 +37,9 @@ class _Invocation:
     """What Hydra's task function needs to know of the command line it runs for."""
 
     command: str = ""  # as the user typed it, recorded with each run
-    finished: bool = False  # a single run (not a sweep's job) finished
+    # All is recorded once Hydra returns: a run finished in this process (a single run, or
+    # a job of a sweep on the basic launcher, whose parent run ends before Hydra returns).
+    recorded: bool = False
     owns_full_error: bool = False  # run_command set HYDRA_FULL_ERROR (see _composing)
 
 
@@ -50,7 +52,7 @@ _FULL_ERROR = "HYDRA_FULL_ERROR"
 
 
 def main() -> None:
-    """`mnist-train`: `run_command`, then a quick exit once a single run has finished.
+    """`mnist-train`: `run_command`, then a quick exit once everything is recorded.
 
     Everything is recorded and flushed by then; tearing down torch's and matplotlib's
     modules would only make the command return later.
@@ -69,15 +71,15 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     """Run the command line `args` (already in `sys.argv`, where Hydra reads it).
 
     `command` is what the user typed, when another command (`mnist-rerun`) calls this.
-    True when it was a single run that finished. Exits with a one-line message on bad input
-    or Ctrl-C.
+    True when everything is recorded (see `_Invocation.recorded`). Exits with a one-line
+    message on bad input or Ctrl-C.
     """
     try:
         check_overrides(args)
     except UserError as exc:
         sys.exit(f"error: {exc}")
     _invocation.command = command or " ".join([Path(sys.argv[0]).name, *args])
-    _invocation.finished = False
+    _invocation.recorded = False
     _invocation.owns_full_error = _FULL_ERROR not in os.environ
     _composing(True)
     try:
@@ -96,7 +98,7 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     finally:
         _composing(False)
         _invocation.owns_full_error = False
-    return _invocation.finished
+    return _invocation.recorded
 
 
 def _submission_refusal(exc: Exception) -> str | None:
@@ -131,7 +133,7 @@ def _main(cfg: DictConfig) -> float:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         result = runner.run(cfg, {COMMAND_TAG: _invocation.command})
-        _invocation.finished = not in_sweep
+        _invocation.recorded = True
         return runner.optimized(result, cfg.optimized_metric)
     except UserError as exc:
         if not in_sweep:
