@@ -1,9 +1,9 @@
 """The Hydra callback that starts a sweep's first job early, when its jobs run in this process.
 
 Before the sweep's parent run is opened (by the MLflow callback, listed after this one), it
-starts the first job's tracker process, which imports MLflow, creates the store and, if jobs
-log a model, imports torch for it; meanwhile this process imports torch. Both would otherwise
-come one after another, on one core, as the sweep and its first job begin and end.
+starts the first job's tracker process, which imports MLflow, creates a new SQLite store and,
+if jobs log a model, imports torch for it; meanwhile this process imports torch. Otherwise all
+of it came one after another, on one core, as the sweep and its first job began and ended.
 """
 
 from __future__ import annotations

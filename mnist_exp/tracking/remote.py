@@ -361,7 +361,7 @@ def _open_here(tracking_uri: str, experiment_name: str, run_id: str, retry_for_s
 
 def start_tracker_early(tracking_uri: str, experiment_name: str, model: bool) -> None:
     """Start a tracker process now, for this process's next run to take (a sweep's first
-    job): meanwhile it imports MLflow, creates the store if new and, if that run will log a
+    job): meanwhile it imports MLflow, creates a new SQLite store and, if that run will log a
     `model`, imports torch for it, instead of while that run starts, trains or ends."""
     if _idle:
         return

@@ -112,13 +112,15 @@ def _record_one(conn: Connection) -> bool:
 def _prepare(
     tracking_uri: str, experiment_name: str, environment: dict[str, str], model: bool
 ) -> None:
-    """Before the run is named: create the store (the training process, which opens it too,
-    then finds it made) and, for a run that will log a model, import what that loads."""
+    """Before the run is named: create a new SQLite store (the training process, which opens
+    it too, then finds it made) and, for a run that will log a model, import what that loads.
+    A server's store exists already: nothing waits here on a server that is away."""
     _take_environment(environment)
-    from mnist_exp.tracking.store import open_store
+    from mnist_exp.tracking.store import open_store, sqlite_path
 
-    with contextlib.suppress(Exception):  # the run's own opening says what was wrong
-        open_store(tracking_uri, experiment_name)
+    if sqlite_path(tracking_uri) is not None:
+        with contextlib.suppress(Exception):  # the run's own opening says what was wrong
+            open_store(tracking_uri, experiment_name)
     if model:
         from mnist_exp.report import serving
 
