@@ -5,8 +5,9 @@
 
 Runs `mnist-train -m experiment=fast optimizer.lr=0.01,0.02,0.03,0.05 trainer.seed=0,1` (one
 process, jobs one after another) and the same 8 configurations as 8 single commands, 4
-before the sweep and 4 after, and prints per job: training images/s, start-up (job start to first step), the epoch, what came
-after it (testing and recording), the job's wall time and its overhead (wall - epoch). The
+before the sweep and 4 after, and prints per job: training images/s, start-up (job start to
+first step), the epoch, what came after it (testing and recording), the job's wall time and
+its overhead (wall - epoch). The
 targets: every job within 5% of a single run's images/s, and the sweep's wall time at most
 8 x (epoch + 1.5 s). `--parallel` also times a 4-job grid with joblib's n_jobs=1 and 2.
 Each sweep and command writes to a new SQLite store in a temporary folder; the machine
