@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -143,3 +149,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def served_predictions(model_uri: str, env: dict[str, str], inputs: Any) -> list[dict[str, Any]]:
+    """What `mlflow models serve -m MODEL_URI`, started with `env`, answers for `inputs` (an
+    array) over HTTP; the server and its workers are stopped after."""
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    # As in an activated virtual environment: the server runs `uvicorn` from the PATH.
+    path = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    cmd = [
+        str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri,
+        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    server = subprocess.Popen(
+        cmd,
+        env=env | {"PATH": path},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()
+                assert time.monotonic() < deadline, "the model server did not start in 90 s"
+                time.sleep(0.3)
+        request = urllib.request.Request(
+            f"{url}/invocations",
+            data=json.dumps({"inputs": inputs.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)["predictions"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the server and the workers it started
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -7,15 +7,10 @@ test here; each then looks at it the way a user would: MLflow's client, `mlflow.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +18,7 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, free_port, runs_in
+from conftest import ROOT, runs_in, served_predictions
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -244,40 +239,9 @@ def test_mnist_predict_refuses_bad_input_in_one_line(
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_predictions(trained: Trained, pyfunc):
-    port = free_port()
-    # As in an activated virtual environment: the server runs `uvicorn` from the PATH.
-    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.uri, "PATH": path}
-    cmd = [
-        str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{trained.run_id}/model",
-        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    server = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()
-                assert time.monotonic() < deadline, "the model server did not start in 90 s"
-                time.sleep(0.3)
-        images = trained.images[:5]
-        request = urllib.request.Request(
-            f"{url}/invocations",
-            data=json.dumps({"inputs": images.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer = json.load(response)["predictions"]
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # the server and the workers it started
-            os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    images = trained.images[:5]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.uri}
+    answer = served_predictions(f"runs:/{trained.run_id}/model", env, images)
     expected = pyfunc.predict(images.astype(np.float32))
     assert [row["label"] for row in answer] == expected["label"].tolist()
     for row in answer:

@@ -9,24 +9,19 @@ the runs left: MLflow 3's logged models, the Model Registry (`mnist-compare --re
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import ROOT, free_port, runs_in
+from conftest import ROOT, runs_in, served_predictions
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -177,42 +172,12 @@ def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept
 
 
 def test_mlflow_models_serve_answers_with_the_class_names(swept: Swept):
-    port = free_port()
-    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
-    env = _env(MLFLOW_TRACKING_URI=swept.uri, PATH=path)
-    cmd = [
-        str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{swept.best_id}/model",
-        "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
-    server = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-    )
     # The images as the model takes them: converted as mnist-predict does, at 24x24.
     from mnist_exp.training.images import mnist_pixels, read_image
 
     pixels = np.stack([mnist_pixels(read_image(f), SIZE) for f in swept.test_files[:20]])
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()
-                assert time.monotonic() < deadline, "the model server did not start in 90 s"
-                time.sleep(0.3)
-        request = urllib.request.Request(
-            f"{url}/invocations",
-            data=json.dumps({"inputs": pixels.tolist()}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer = json.load(response)["predictions"]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    env = _env(MLFLOW_TRACKING_URI=swept.uri)
+    answer = served_predictions(f"runs:/{swept.best_id}/model", env, pixels)
     labels = [row["label"] for row in answer]
     assert set(labels) <= set(NAMES)
     right = sum(label == name for label, name in zip(labels, swept.test_names, strict=False))
