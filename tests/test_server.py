@@ -354,13 +354,14 @@ def test_eight_runs_at_once_through_a_server_restart_all_land_whole(
     train_command, server, tracking_uri, tmp_path
 ):
     """Load: 8 commands logging every step at batch 16, the server restarted mid-way."""
-    runs, steps = 8, 64  # 1024 images at batch 16
+    # 4096 images at batch 16: each run's points land in several batches while it trains.
+    runs, steps = 8, 256
     procs, done, seen = [], threading.Event(), []
     watcher = threading.Thread(target=_watch_points, args=(tracking_uri, "load", seen, done))
     started = time.monotonic()
     for seed in range(runs):
         cmd, env = train_command(
-            "mlflow=server", "mlflow.experiment_name=load", "data.max_train_samples=1024",
+            "mlflow=server", "mlflow.experiment_name=load", f"data.max_train_samples={16 * steps}",
             "data.batch_size=16", "data.max_test_samples=100", "data.val_size=0",
             "trainer.epochs=1", "trainer.print_every_n_steps=0", "trainer.log_every_n_steps=1",
             "trainer.num_threads=1", f"trainer.seed={seed}", f"hydra.run.dir={tmp_path}/{seed}",
@@ -368,12 +369,16 @@ def test_eight_runs_at_once_through_a_server_restart_all_land_whole(
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
     watcher.start()
     try:
-        # The restart once a run's points are in, or a run has ended (each epoch is short
-        # next to its start-up, and the points of one may all land as it ends).
+        # The restart once a run's worth of points are in, or a run has ended (on busy cores
+        # this test's own polling may fall behind the runs).
         while (not seen or seen[-1][1] < steps) and all(p.poll() is None for p in procs):
             time.sleep(0.1)
         in_flight = sum(p.poll() is None for p in procs)
-        assert in_flight, "every run ended before the restart: nothing went through it"
+        assert in_flight, (
+            f"every run ended before the restart: nothing went through it ("
+            f"{time.monotonic() - started:.1f} s in, points seen {seen[-3:]}, exit codes "
+            f"{[p.returncode for p in procs]})"
+        )
         server.kill()
         time.sleep(3)
         server.start()
