@@ -20,11 +20,13 @@ from mnist_exp.tracking.tracker import ORPHANED
 from mnist_exp.training import checkpoint
 from mnist_exp.training.models import ConvNet
 
-# Long enough to be stopped halfway: 1200 steps an epoch, train_loss sent every 1000 steps.
+# Long enough to be stopped halfway: 3000 steps an epoch, seconds long, so that the buffered
+# train_loss values (sent every few seconds and at each epoch's end) reach the store mid-epoch.
+STEPS_PER_EPOCH = 3000
 LONG = (
-    "data.max_train_samples=2400",
+    f"data.max_train_samples={2 * STEPS_PER_EPOCH}",
     "data.batch_size=2",
-    "trainer.epochs=3",
+    "trainer.epochs=2",
     "data.max_test_samples=500",
     "trainer.print_every_n_steps=0",
 )
@@ -139,17 +141,21 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
 ):
     proc = _start(data_root, tracking_uri, tmp_path / "stopped")
     client = MlflowClient(tracking_uri)
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
 
-    def in_second_epoch_with_losses_sent() -> bool:
+    def second_epoch_losses_sent() -> bool:
         runs = runs_in(tracking_uri)
         mine = [r for r in runs if r.data.tags.get("mnist_exp.output_dir", "").endswith("stopped")]
-        return bool(mine) and any(
-            m.step > 1200 for m in client.get_metric_history(mine[0].info.run_id, "train_loss")
-        )
+        history = client.get_metric_history(mine[0].info.run_id, "train_loss") if mine else []
+        return any(m.step > STEPS_PER_EPOCH for m in history)
 
-    _wait_for(in_second_epoch_with_losses_sent, proc)
+    _wait_for(second_epoch_losses_sent, proc)
+    # Frozen, it cannot finish the epoch while the test reads which epoch its checkpoint holds.
+    proc.send_signal(signal.SIGSTOP)
+    saved = checkpoint.load(last)["epoch"]
     proc.kill()
     proc.wait()
+    assert saved == 1, "the run finished its second epoch before the test could stop it"
     # Killed without a word; its tracker process sees it gone and closes the run.
     where = {"mnist_exp.output_dir": str(tmp_path / "stopped")}
     deadline = time.monotonic() + 60
@@ -158,8 +164,6 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
         time.sleep(0.2)
     assert stopped.info.status == "FAILED"
     assert stopped.data.tags["mnist_exp.error"] == ORPHANED
-    state = checkpoint.load(tmp_path / "stopped" / "checkpoints" / "last.ckpt")
-    assert state["epoch"] == 1
     # A user who repeats the command with trainer.resume continues the same run.
     cli(
         "mnist_exp.train",
