@@ -18,6 +18,7 @@ Bad input raises `mnist_exp.UserError` with the command line's one-line message.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -63,7 +64,7 @@ def train(overrides: Sequence[str] = ()) -> RunResult:
             names.COMMAND_TAG: f"mnist_exp.api.train({overrides!r})",
         }
         task = partial(_task, tags=tags, failures=failures)
-        with _logging_restored():
+        with _logging_restored(), _environment_restored():
             job = run_job(task, cfg, "hydra.run.dir", None, context, configure_logging=True)
     if job.status == JobStatus.FAILED:
         raise failures[0]
@@ -84,6 +85,8 @@ def runs(
     """
     import mlflow
 
+    from mnist_exp.tracking.http import configure_requests
+    from mnist_exp.tracking.outage import Outage
     from mnist_exp.tracking.redaction import redact
     from mnist_exp.tracking.store import sqlite_path
 
@@ -93,21 +96,23 @@ def runs(
     database = sqlite_path(uri)
     if database is not None and not database.is_file():
         raise UserError(f"no MLflow store at {redact(uri)}: train a run first or pass tracking_uri")
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise UserError(
-            f"no MLflow experiment {name!r} in {redact(uri)}: pass experiment_name of one there"
-        )
     parent = f"tags.`{names.PARENT_RUN_TAG}` = '{parent_run_id}'" if parent_run_id else ""
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        found = mlflow.search_runs(
-            [experiment.experiment_id], filter_string=parent, order_by=["start_time DESC"]
-        )
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with _environment_restored():
+        configure_requests(cfg.mlflow)
+        client = mlflow.MlflowClient(uri)
+        experiment = Outage(uri, 0).call(lambda: client.get_experiment_by_name(name))
+        if experiment is None:
+            raise UserError(
+                f"no MLflow experiment {name!r} in {redact(uri)}: pass experiment_name of one there"
+            )
+        mlflow.set_tracking_uri(uri)
+        try:
+            found = mlflow.search_runs(
+                [experiment.experiment_id], filter_string=parent, order_by=["start_time DESC"]
+            )
+        finally:
+            mlflow.set_tracking_uri(previous)
     assert not isinstance(found, list)
     return found
 
@@ -157,3 +162,16 @@ def _logging_restored() -> Iterator[None]:
                 handler.close()
         root.handlers[:], root.level = handlers, level
         ours.handlers[:], ours.level, ours.propagate = our_handlers, our_level, our_propagate
+
+
+@contextmanager
+def _environment_restored() -> Iterator[None]:
+    """The variables a run sets (MLflow's HTTP settings, say) would be read by the caller's
+    next run as if they were the caller's own: the caller's come back after."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update(before)

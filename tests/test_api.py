@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 
@@ -47,8 +48,9 @@ def test_train_twice_in_one_process_records_two_runs_and_leaves_the_process_as_i
     """A notebook calls train() again: two FINISHED runs, equal results, nothing left behind."""
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     root_handlers = logging.getLogger().handlers[:]
+    environment = dict(os.environ)
 
-    first = train([*TINY, *where("first")])
+    first = train([*TINY, *where("first"), "mlflow.request_timeout_s=7"])
     second = train([*TINY, *where("second")])
 
     assert first.status == second.status == "FINISHED"
@@ -65,6 +67,7 @@ def test_train_twice_in_one_process_records_two_runs_and_leaves_the_process_as_i
         assert run.data.params["optimizer.lr"] == "0.003"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
     assert logging.getLogger().handlers == root_handlers
+    assert dict(os.environ) == environment  # the first run's settings are not the second's
     assert not GlobalHydra.instance().is_initialized()
 
     table = runs(tracking_uri=tracking_uri)
@@ -86,6 +89,8 @@ def test_bad_values_raise_user_error_in_one_line_and_record_nothing(
         assert "\n" not in str(error.value)
     with pytest.raises(UserError, match="no MLflow store"):
         runs(tracking_uri=tracking_uri)
+    with pytest.raises(UserError, match=r"^cannot reach the MLflow tracking server http://"):
+        runs(tracking_uri=f"http://127.0.0.1:{free_port()}")  # a server that is down
 
 
 @pytest.mark.slow

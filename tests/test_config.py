@@ -191,11 +191,14 @@ def test_fashion_mnist_is_mnist_with_another_dataset() -> None:
     }
 
 
-def test_mlflow_server_has_every_key_of_local_and_its_http_settings(monkeypatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+def test_mlflow_server_is_local_with_a_server_and_a_longer_wait(monkeypatch) -> None:
+    for variable in ("TRACKING_URI", "HTTP_REQUEST_MAX_RETRIES", "HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(f"MLFLOW_{variable}", raising=False)
     local, server = compose_config().mlflow, compose_config(["mlflow=server"]).mlflow
-    assert set(server) == set(local) | {"request_max_retries", "request_timeout_s"}
+    assert set(server) == set(local)
     assert (server.tracking_uri, server.retry_for_s) == ("http://127.0.0.1:5000", 300)
+    # A server URI given to mlflow=local is not waited for minutes by MLflow's own retries.
+    assert (local.request_max_retries, local.request_timeout_s) == (1, 30)
     same = set(local) - {"tracking_uri", "retry_for_s", "tags"}
     assert {k: server[k] for k in same} == {k: local[k] for k in same}
 

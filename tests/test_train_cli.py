@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SMALL, runs_in, stop
+from conftest import ROOT, SMALL, free_port, runs_in, stop
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from mnist_exp.training.models import ConvNet
 
@@ -209,3 +210,30 @@ def test_a_store_that_cannot_be_opened_is_named(train, tmp_path: Path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot open the MLflow tracking store {uri}")
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_is_down_is_one_line_from_every_command(tmp_path: Path):
+    """MLFLOW_TRACKING_URI names a server that is not running: each command says so in a line
+    within seconds, rather than after MLflow's own 7 retries of each request (minutes)."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    env = os.environ | {"MLFLOW_TRACKING_URI": uri}
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(image)
+    run_id = "0123456789abcdef0123456789abcdef"
+    down = f"error: cannot reach the MLflow tracking server {uri} ([Errno 111] Connection refused)"
+    commands = [
+        ("compare", []),
+        ("predict", [run_id, str(image)]),
+        ("rerun", [run_id]),
+        ("train", ["mlflow.retry_for_s=0", f"hydra.run.dir={tmp_path}/run"]),
+    ]
+    for command, args in commands:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"mnist_exp.{command}", *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode != 0, command
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-1].startswith(down), (command, proc.stderr)
+        assert "Traceback" not in proc.stderr, command

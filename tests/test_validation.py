@@ -67,7 +67,7 @@ BAD = [
     ("trainer.progress_bar=0", "trainer.progress_bar"),
     ("optimizer.fused=1", "optimizer.fused"),
     ("mlflow.tags=[a]", "mlflow.tags"),
-    ("mlflow=server mlflow.request_timeout_s=soon", "mlflow.request_timeout_s"),
+    ("mlflow.request_timeout_s=soon", "mlflow.request_timeout_s"),
     ("optimized_metric=accuracy", "optimized_metric"),
     ("optimized_metric=[1]", "optimized_metric"),
 ]
@@ -165,7 +165,7 @@ def test_a_schema_is_not_an_option_to_pick() -> None:
         "optimizer.lr=1",
         "model=wide_convnet",
         "+mlflow.tags.team=vision",
-        "+mlflow.request_timeout_s=5",  # read with mlflow=local too, when the URI is a server
+        "mlflow.request_timeout_s=5",
         "mlflow.run_name=123",
     ],
 )

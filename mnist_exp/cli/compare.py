@@ -21,6 +21,7 @@ from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
 from mnist_exp.names import METRIC_TAG, SWEEP_TAG
 from mnist_exp.report.table import render, table
+from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.queries import latest_sweep, sweep_runs
 from mnist_exp.tracking.redaction import redact
 from mnist_exp.tracking.store import open_store
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     cfg = compose_config()
+    configure_requests(cfg.mlflow)
     uri = args.tracking_uri or cfg.mlflow.tracking_uri
     try:
         client, experiment_id = open_store(uri, args.experiment_name or cfg.mlflow.experiment_name)

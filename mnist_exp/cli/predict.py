@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
+from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.queries import input_shape, load_model
 from mnist_exp.training.images import mnist_pixels, read_image
 
@@ -37,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         images = [read_image(path) for path in args.images]
-        model = load_model(args.model, args.tracking_uri or _default_tracking_uri())
+        mlflow = compose_config().mlflow  # the default store, and how to talk to a server
+        configure_requests(mlflow)
+        model = load_model(args.model, args.tracking_uri or str(mlflow.tracking_uri))
         *channels, height, width = input_shape(model)
         if channels not in ([], [1]) or height != width:
             raise UserError(f"{args.model} takes images {input_shape(model)}: not grayscale")
@@ -52,9 +56,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.images, predictions["label"], predictions["probability"], strict=True
     ):
         print(f"{path}: {label} ({probability:.1%})")
-
-
-def _default_tracking_uri() -> str:
-    from mnist_exp.config.paths import compose_config  # Hydra: only when no URI was given
-
-    return str(compose_config().mlflow.tracking_uri)

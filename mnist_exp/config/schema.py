@@ -154,12 +154,6 @@ class MlflowSchema:
     log_plots: bool = MISSING
     log_model: bool = MISSING
     retry_for_s: int = MISSING
-
-
-@dataclass
-class MlflowServerSchema(MlflowSchema):
-    """conf/mlflow/server.yaml: local.yaml's keys and MLflow's HTTP settings."""
-
     request_max_retries: int = MISSING
     request_timeout_s: int = MISSING
 
@@ -177,14 +171,13 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("device", "base_device"): DeviceSchema,
     ("trainer", "base_trainer"): TrainerSchema,
     ("mlflow", "base_mlflow"): MlflowSchema,
-    ("mlflow", "base_mlflow_server"): MlflowServerSchema,
 }
 # Groups whose node is an object of our own: each option file fits the group's widest schema.
 CLOSED_GROUPS: dict[str, type] = {
     "data": ImageFolderSchema,
     "device": DeviceSchema,
     "trainer": TrainerSchema,
-    "mlflow": MlflowServerSchema,
+    "mlflow": MlflowSchema,
 }
 # Groups whose node Hydra instantiates: their keys are the `_target_`'s arguments.
 TARGET_GROUPS = ("model", "optimizer", "scheduler")

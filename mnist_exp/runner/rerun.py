@@ -12,6 +12,7 @@ from mnist_exp import names
 from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
 from mnist_exp.runner.naming import describing
+from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.store import get_run, open_store
 
 # Groups that only matter to a sweep, never replayed into a single run.
@@ -24,6 +25,7 @@ def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir
     `source` is a run id or a Hydra run folder; returns the run's id (or the folder).
     """
     cfg = compose_config([o for o in overrides if o.startswith("mlflow.")])
+    configure_requests(cfg.mlflow)
     uri = cfg.mlflow.tracking_uri
     # A run being resumed waits for a tracking server that is briefly away, as its run does.
     retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0) if resume else 0.0

@@ -60,7 +60,7 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     tree = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(tree, dict)
     config = {str(k): v for k, v in tree.items()}
-    configure_requests(cfg.mlflow.get("request_max_retries"), cfg.mlflow.get("request_timeout_s"))
+    configure_requests(cfg.mlflow)
     retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0)
     tags = {
         names.OVERRIDES_TAG: " ".join(overrides),

@@ -74,6 +74,7 @@ class Outage:
         self.gave_up = False  # an outage outlasted retry_for_s: no more waiting for the server
         self.since: float | None = None  # monotonic time of the first failed call
         self.next_try = 0.0  # while away, no new attempt before this time
+        self.why = ""  # the last failed attempt's reason
 
     def call(self, op: Callable[[], _T]) -> _T:
         """`op()`, retried every `RETRY_PAUSE_S` while the server is unreachable."""
@@ -90,10 +91,14 @@ class Outage:
         """Note a failed attempt; raise `TrackingUnavailable` once the outage is too long."""
         now = time.monotonic()
         self.next_try = now + RETRY_PAUSE_S
+        self.why = reason(exc)
+        if self.retry_for_s <= 0:  # nothing to wait for: no warning of a wait, just the error
+            self.gave_up = True
+            raise self.error()
         if self.since is None:
             self.since = now
             log.warning(
-                f"MLflow tracking server unreachable ({reason(exc)}); {self.meanwhile} "
+                f"MLflow tracking server unreachable ({self.why}); {self.meanwhile} "
                 f"for up to {self.retry_for_s:g} s"
             )
         if now - self.since > self.retry_for_s:
@@ -101,6 +106,11 @@ class Outage:
             raise self.error()
 
     def error(self) -> TrackingUnavailable:
+        if self.retry_for_s <= 0:
+            return TrackingUnavailable(
+                f"cannot reach the MLflow tracking server {self.tracking_uri} ({self.why})"
+                f"{self.unsent()}: start it, or fix mlflow.tracking_uri or MLFLOW_TRACKING_URI"
+            )
         return TrackingUnavailable(
             f"the MLflow tracking server {self.tracking_uri} was unreachable for more than "
             f"{self.retry_for_s:g} s (mlflow.retry_for_s){self.unsent()}"

@@ -11,6 +11,7 @@ from mlflow.types import TensorSpec
 
 from mnist_exp.errors import UserError, first_line
 from mnist_exp.names import MODEL, PARENT_RUN_TAG, SWEEP_TAG
+from mnist_exp.tracking.outage import Outage
 from mnist_exp.tracking.store import sqlite_path
 
 
@@ -60,7 +61,7 @@ def load_model(model: str, tracking_uri: str) -> PyFuncModel:
     mlflow.set_tracking_uri(tracking_uri)
     if ":/" in model:
         try:
-            return mlflow.pyfunc.load_model(model)
+            return Outage(tracking_uri, 0).call(lambda: mlflow.pyfunc.load_model(model))
         except MlflowException as exc:
             raise UserError(
                 f"no model {model} in {tracking_uri} ({first_line(exc)}): pass a run id or a "
@@ -68,7 +69,7 @@ def load_model(model: str, tracking_uri: str) -> PyFuncModel:
             ) from exc
     client = MlflowClient(tracking_uri)
     try:
-        run = client.get_run(model)
+        run = Outage(tracking_uri, 0).call(lambda: client.get_run(model))
     except MlflowException as exc:
         raise UserError(
             f"no MLflow run {model!r} in {tracking_uri}: pass a run id shown by mnist-compare "

@@ -47,9 +47,7 @@ class MlflowSweepCallback(Callback):
         try:
             check_config(config)
             check_search_space(config)
-            http.configure_requests(
-                config.mlflow.get("request_max_retries"), config.mlflow.get("request_timeout_s")
-            )
+            http.configure_requests(config.mlflow)
             client, experiment_id = store.open_store(
                 config.mlflow.tracking_uri, config.mlflow.experiment_name
             )
