@@ -237,3 +237,20 @@ def test_a_tracking_server_that_is_down_is_one_line_from_every_command(tmp_path:
         lines = proc.stderr.strip().splitlines()
         assert lines[-1].startswith(down), (command, proc.stderr)
         assert "Traceback" not in proc.stderr, command
+
+
+@pytest.mark.slow
+def test_a_bad_value_from_the_environment_is_one_line_from_the_tools(tmp_path: Path):
+    """Config values that come from environment variables are checked by the tools too."""
+    env = os.environ | {"MLFLOW_HTTP_REQUEST_TIMEOUT": "soon"}
+    Image.new("L", (28, 28)).save(tmp_path / "digit.png")
+    for command in (["compare"], ["predict", "0123456789abcdef", str(tmp_path / "digit.png")]):
+        proc = subprocess.run(
+            [sys.executable, "-m", f"mnist_exp.{command[0]}", *command[1:]],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode != 0
+        assert proc.stderr.strip().splitlines() == [
+            "error: mlflow.request_timeout_s='soon' must be a whole number: "
+            "change it on the command line or in conf/"
+        ]

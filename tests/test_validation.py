@@ -68,6 +68,9 @@ BAD = [
     ("optimizer.fused=1", "optimizer.fused"),
     ("mlflow.tags=[a]", "mlflow.tags"),
     ("mlflow.request_timeout_s=soon", "mlflow.request_timeout_s"),
+    ("mlflow.request_timeout_s=0", "mlflow.request_timeout_s"),
+    ("mlflow.request_max_retries=-1", "mlflow.request_max_retries"),
+    ("mlflow.retry_for_s=-5", "mlflow.retry_for_s"),
     ("optimized_metric=accuracy", "optimized_metric"),
     ("optimized_metric=[1]", "optimized_metric"),
 ]

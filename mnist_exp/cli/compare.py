@@ -48,10 +48,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, help="write to this file instead of the terminal")
     args = parser.parse_args(argv)
 
-    cfg = compose_config()
-    configure_requests(cfg.mlflow)
-    uri = args.tracking_uri or cfg.mlflow.tracking_uri
     try:
+        cfg = compose_config()
+        configure_requests(cfg.mlflow)
+        uri = args.tracking_uri or cfg.mlflow.tracking_uri
         client, experiment_id = open_store(uri, args.experiment_name or cfg.mlflow.experiment_name)
     except UserError as exc:
         sys.exit(f"error: {exc}")

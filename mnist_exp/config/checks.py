@@ -59,6 +59,9 @@ def check_config(cfg: DictConfig) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
         _refuse("device.type", device, "must be auto, cpu, cuda or cuda:N")
     _integer(cfg, "trainer.num_threads", low=1, high=MAX_THREADS, optional=True)
+    _integer(cfg, "mlflow.retry_for_s", low=0)
+    _integer(cfg, "mlflow.request_max_retries", low=0)
+    _integer(cfg, "mlflow.request_timeout_s", low=1)
     metric = _get(cfg, "optimized_metric")
     if not isinstance(metric, str) or metric not in OPTIMIZABLE_METRICS:
         _refuse("optimized_metric", metric, f"must be one of {', '.join(OPTIMIZABLE_METRICS)}")

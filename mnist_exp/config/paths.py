@@ -42,6 +42,10 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     Raises `UserError` in one line for a value the schema refuses or an unknown key.
     """
     with composed(list(overrides or [])) as cfg:
+        try:
+            OmegaConf.resolve(cfg)  # a bad ${...}, an environment variable's, say: refused now
+        except OmegaConfBaseException as exc:
+            raise composition_refusal(exc) from None
         return cfg
 
 
