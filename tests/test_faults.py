@@ -211,7 +211,7 @@ def test_a_tracker_killed_mid_epoch_leaves_the_history_of_an_uninterrupted_run(
 ):
     """The OOM killer picks the tracker: training goes on, and a new tracker loses no step."""
     same = (
-        "data.max_train_samples=2048", "data.batch_size=16", "data.max_test_samples=100",
+        "data.max_train_samples=4096", "data.batch_size=16", "data.max_test_samples=100",
         "data.val_size=0", "trainer.epochs=3", "trainer.print_every_n_steps=0", "trainer.seed=3",
     )  # fmt: skip
     cmd, env = train_command(*same)
@@ -223,7 +223,7 @@ def test_a_tracker_killed_mid_epoch_leaves_the_history_of_an_uninterrupted_run(
         while not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "no epoch ended"
             time.sleep(0.02)
-        time.sleep(0.3)  # into epoch 2
+        time.sleep(0.3)  # into epoch 2 (an epoch of 256 steps takes about 0.5 s)
         os.kill(_tracker_of(proc.pid), signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -238,6 +238,6 @@ def test_a_tracker_killed_mid_epoch_leaves_the_history_of_an_uninterrupted_run(
     assert killed.info.status == again.info.status == "FINISHED"
     assert killed.data.tags["mnist_exp.tracker_restarts"] == "1"
     history = loss_history(tracking_uri, killed.info.run_id)
-    assert [step for step, _ in history] == list(range(1, 3 * 128 + 1))
+    assert [step for step, _ in history] == list(range(1, 3 * 256 + 1))
     assert history == loss_history(tracking_uri, again.info.run_id)
     assert killed.data.metrics["test_accuracy"] == again.data.metrics["test_accuracy"]
