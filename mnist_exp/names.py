@@ -64,6 +64,9 @@ SWEEP_OVERRIDES_TAG = "mnist_exp.sweep.overrides"
 SWEEP_PARAMS_TAG = "mnist_exp.sweep.params"
 SWEEPER_TAG, LAUNCHER_TAG = "mnist_exp.sweep.sweeper", "mnist_exp.sweep.launcher"
 SWEEP_DIR_TAG = "mnist_exp.sweep.dir"
+# Milliseconds since the epoch when the sweep last began: a search's parent, reopened each time
+# its study goes on, keeps its first start time.
+SWEEP_OPENED_TAG = "mnist_exp.sweep.opened_at"
 BEST_RUN_ID_TAG, BEST_RUN_NAME_TAG = "mnist_exp.best_run_id", "mnist_exp.best_run_name"
 BEST_OVERRIDES_TAG = "mnist_exp.best_overrides"
 # An Optuna search's parent (one per study): the study, its storage (credentials redacted),

@@ -12,8 +12,11 @@ import sys
 import pytest
 from conftest import ROOT, runs_in
 from mlflow.entities import Metric, Param, Run, RunData, RunInfo
+from mlflow.tracking import MlflowClient
 
+from mnist_exp import names
 from mnist_exp.report.table import render, table
+from mnist_exp.tracking.queries import latest_sweep
 
 SMALL = (
     "data.max_train_samples=256",
@@ -114,3 +117,22 @@ def test_mnist_compare_shows_a_sweeps_seeds_together(train, tracking_uri: str):
     first, header, *rows = compare("--per-seed")
     assert first.endswith("sorted by test_accuracy") and len(rows) == 4
     assert "seeds" not in header.split()
+
+
+def test_the_latest_sweep_is_the_one_begun_last_a_resumed_search_included(tracking_uri: str):
+    """mnist-compare's default: a search resumed after another sweep is the latest again."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("sweeps")
+
+    def sweep(start: int, opened_at: int | None) -> str:
+        tags = {names.SWEEP_TAG: "true"}
+        if opened_at is not None:
+            tags[names.SWEEP_OPENED_TAG] = str(opened_at)
+        return client.create_run(experiment, start_time=start, tags=tags).info.run_id
+
+    search = sweep(1000, 1000)
+    grid = sweep(2000, None)  # recorded before the tag existed: its start time counts
+    assert latest_sweep(client, experiment).info.run_id == grid
+    client.set_tag(search, names.SWEEP_OPENED_TAG, "3000")  # its study went on
+    assert latest_sweep(client, experiment).info.run_id == search
+    assert latest_sweep(client, client.create_experiment("empty")) is None

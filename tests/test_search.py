@@ -187,6 +187,8 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, train, trac
     assert parent.data.tags[names.STUDY_TAG] == "mnist-exp"
     assert parent.data.tags[names.STORAGE_TAG].endswith("/mlruns/optuna.db")
     assert parent.data.metrics[names.TRIALS_COMPLETE] == 3
+    # Begun again by the second command: mnist-compare's latest sweep (test_compare.py).
+    assert int(parent.data.tags[names.SWEEP_OPENED_TAG]) > parent.info.start_time + 1000
     children = {
         c.data.tags[names.TRIAL_TAG]: c for c in _children(tracking_uri, parent.info.run_id)
     }

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import TensorSpec
 
 from mnist_exp.errors import UserError, first_line
-from mnist_exp.names import MODEL, PARENT_RUN_TAG, SWEEP_TAG
+from mnist_exp.names import MODEL, PARENT_RUN_TAG, SWEEP_OPENED_TAG, SWEEP_TAG
 from mnist_exp.tracking.outage import Outage
 from mnist_exp.tracking.store import sqlite_path
 
@@ -26,13 +26,18 @@ def sweep_runs(client: MlflowClient, parent: Run) -> list[Run]:
 
 
 def latest_sweep(client: MlflowClient, experiment_id: str) -> Run | None:
+    """The sweep begun last, a search's reopened parent counted from when its study went on."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{SWEEP_TAG}` = 'true'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=1000,
     )
-    return runs[0] if runs else None
+    return max(runs, key=_opened, default=None)
+
+
+def _opened(run: Run) -> int:
+    return int(run.data.tags.get(SWEEP_OPENED_TAG, run.info.start_time))
 
 
 def run_model(client: MlflowClient, run: Run) -> str | None:

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,7 @@ class MlflowSweepCallback(Callback):
                 names.SWEEPER_TAG: str(choices.get("hydra/sweeper")),
                 names.LAUNCHER_TAG: str(choices.get("hydra/launcher")),
                 names.SWEEP_DIR_TAG: str(sweep_dir),
+                names.SWEEP_OPENED_TAG: str(time.time_ns() // 1_000_000),
             }
         )
         retry_for_s = float(config.mlflow.get("retry_for_s") or 0)
