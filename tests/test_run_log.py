@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
 
+from mnist_exp.errors import UserError
 from mnist_exp.runner import run_log
 
 TINY = (
@@ -47,7 +48,9 @@ def test_a_diverged_run_holds_its_log(train, tracking_uri: str, tmp_path: Path):
     assert "training diverged" in proc.stderr
     (run,) = runs_in(tracking_uri)
     assert run.info.status == "FAILED"
-    assert f"MLflow run {run.info.run_id}" in _logged(tracking_uri, run.info.run_id, tmp_path)
+    logged = _logged(tracking_uri, run.info.run_id, tmp_path)
+    assert f"MLflow run {run.info.run_id}" in logged
+    assert logged.strip().splitlines()[-1].endswith(run.data.tags["mnist_exp.error"])  # why
 
 
 @pytest.mark.slow
@@ -98,15 +101,16 @@ class _Recorder:
 def test_a_failed_upload_is_one_line_and_the_run_goes_on(monkeypatch, tmp_path, caplog):
     log = tmp_path / "job.log"  # Hydra names it after the job; the artifact is train.log
     log.write_text("Epoch [1/1] done\n")
-    monkeypatch.setattr(run_log, "job_log_file", lambda: log)
+    handler = logging.FileHandler(log)
+    monkeypatch.setattr(run_log, "_job_log_handler", lambda: handler)
 
     ok = _Recorder()
     run_log.upload(ok, 0)  # type: ignore[arg-type]
-    run_log.upload(ok, 3)  # type: ignore[arg-type]  # a resumed run's next part
+    run_log.upload(ok, 3, UserError("cannot write /x"))  # type: ignore[arg-type]
     assert ok.uploaded == [
         ("train.log", "Epoch [1/1] done\n", "logs"),
-        ("train.log", "Epoch [1/1] done\n", "logs/resumed-3"),
-    ]
+        ("train.log", "Epoch [1/1] done\ncannot write /x\n", "logs/resumed-3"),
+    ]  # a resumed run's next part; what failed the run is the log's last line
 
     with caplog.at_level(logging.ERROR, logger="mnist_exp"):
         run_log.upload(_Recorder(fails=True), 0)  # type: ignore[arg-type]
@@ -116,3 +120,4 @@ def test_a_failed_upload_is_one_line_and_the_run_goes_on(monkeypatch, tmp_path, 
     gone = _Recorder(gave_up=True)
     run_log.upload(gone, 0)  # type: ignore[arg-type]  # the server is away: no second wait
     assert gone.uploaded == []
+    handler.close()

@@ -46,7 +46,7 @@ def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[Non
                 f"SLURM is ending the job ({exc}): {_stopped(run, checkpoint, start_epoch)}; "
                 "give jobs more time with hydra.launcher.timeout_min"
             ) from None
-        run_log.upload(run, start_epoch)
+        run_log.upload(run, start_epoch, exc)
         error = _failed(run, exc, checkpoint, start_epoch)
         if error is exc:
             raise

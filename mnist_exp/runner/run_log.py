@@ -13,22 +13,29 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 
 from mnist_exp import names
-from mnist_exp.errors import one_line
+from mnist_exp.errors import UserError, first_line, one_line
 from mnist_exp.tracking.recorder import Recorder
 
 log = logging.getLogger("mnist_exp")
 
 
-def upload(run: Recorder, start_epoch: int) -> None:
+def upload(run: Recorder, start_epoch: int, error: BaseException | None = None) -> None:
     """Upload the job's log file as `names.RUN_LOG` (a resumed run's under `resumed-<epoch>/`).
 
-    Never raises: a failed upload is one line in the log, and the run's end is recorded as
-    if it had not been tried. Skipped when the tracking server is gone (the run's end says
-    so) or when the job writes no log file (`hydra/job_logging=none`).
+    `error`, what failed the run, is written to the file first (not to the terminal, where
+    the command's last line says it). Never raises: a failed upload is one line in the log,
+    and the run's end is recorded as if it had not been tried. Skipped when the tracking
+    server is gone (the run's end says so) or when the job writes no log file
+    (`hydra/job_logging=none`).
     """
-    path = job_log_file()
-    if path is None or run.gave_up:
+    handler = _job_log_handler()
+    if handler is None or run.gave_up:
         return
+    if error is not None:
+        why = first_line(error) if isinstance(error, UserError) else one_line(error)
+        handler.handle(logging.LogRecord(log.name, logging.ERROR, __file__, 0, why, (), None))
+    handler.flush()
+    path = Path(handler.baseFilename)
     folder, _, name = names.RUN_LOG.rpartition("/")
     if start_epoch:  # the same run's earlier part keeps its own log
         folder = f"{folder}/resumed-{start_epoch}"
@@ -43,8 +50,8 @@ def upload(run: Recorder, start_epoch: int) -> None:
         log.error(f"could not log {path} to MLflow run {run.run_id}: {one_line(exc)}")
 
 
-def job_log_file() -> Path | None:
-    """The file Hydra's job logging writes in the run folder (flushed), if there is one."""
+def _job_log_handler() -> logging.FileHandler | None:
+    """The handler of Hydra's job log file in the run folder, if there is one."""
     if not HydraConfig.initialized():
         return None
     folder = Path(HydraConfig.get().runtime.output_dir).resolve()
@@ -52,6 +59,5 @@ def job_log_file() -> Path | None:
         if isinstance(handler, logging.FileHandler):
             path = Path(handler.baseFilename).resolve()
             if folder in path.parents:  # not a file of the caller's own (the Python API)
-                handler.flush()
-                return path
+                return handler
     return None
