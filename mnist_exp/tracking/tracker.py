@@ -137,6 +137,9 @@ def _take_environment(environment: dict[str, str]) -> None:
         if key not in environment:
             del os.environ[key]
     os.environ.update(environment)
+    # Logging the model downloads a file of it back, and MLflow's progress bar for that would
+    # land in the middle of the training process's output (this process's stderr is its).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 # What `RemoteRun` may ask of the run, besides opening it: methods of `run.Run`.
