@@ -34,8 +34,7 @@ from mnist_exp import names
 from mnist_exp.config.checks import check_overrides
 from mnist_exp.config.paths import compose_config, composed
 from mnist_exp.errors import UserError
-from mnist_exp.runner.run import RunResult
-from mnist_exp.runner.run import run as run_experiment
+from mnist_exp.runner.experiment import RunResult, run_experiment
 
 if TYPE_CHECKING:
     import pandas as pd

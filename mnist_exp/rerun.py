@@ -1,6 +1,43 @@
-"""`python -m mnist_exp.rerun`: `mnist-rerun` by another name (see `mnist_exp.cli.rerun`)."""
+"""`mnist-rerun RUN_ID_OR_RUN_DIR [--resume] [overrides]` (also `python -m mnist_exp.rerun`).
 
-from mnist_exp.cli.rerun import main
+Runs a recorded run's config again, exactly, as a new MLflow run tagged
+`mnist_exp.rerun_of=<RUN_ID>`; overrides apply on top. With `--resume` it continues the
+stopped run itself from its last complete epoch instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from mnist_exp import train
+from mnist_exp.errors import UserError
+from mnist_exp.runner.rerun_config import write_rerun_config
+
+USAGE = "usage: mnist-rerun RUN_ID_OR_RUN_DIR [--resume] [key=value ...]"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{(__doc__ or '').strip()}")
+        sys.exit(0 if args else 2)
+    command = " ".join([Path(sys.argv[0]).name, *args])
+    source, rest = args[0], args[1:]
+    resume = "--resume" in rest
+    overrides = [a for a in rest if a != "--resume"]
+    with tempfile.TemporaryDirectory() as conf_dir:
+        try:
+            run_id = write_rerun_config(source, overrides, resume, Path(conf_dir))
+        except UserError as exc:
+            sys.exit(f"error: {exc}")
+        if resume:
+            overrides.append(f"trainer.resume={run_id}")
+        sys.argv = ["mnist-train", "--config-dir", conf_dir, "--config-name", "rerun", *overrides]
+        train.run_command(overrides, command)
+
 
 if __name__ == "__main__":
     main()

@@ -50,7 +50,7 @@ from mnist_exp.tracking import processes  # noqa: E402
 from mnist_exp.tracking.remote import RemoteRun  # noqa: E402
 from mnist_exp.tracking.store import open_store  # noqa: E402
 from mnist_exp.training import allocator, data, engine  # noqa: E402
-from mnist_exp.training.models import ConvNet  # noqa: E402
+from mnist_exp.training.networks import ConvNet  # noqa: E402
 
 # Images every training loop (a, b, c) is timed over, by batch size: a whole epoch from batch
 # 64 on, so that the once-an-epoch wait for the last losses to be recorded weighs as much as

@@ -82,7 +82,7 @@ class ThreadedRun:
         self._pending: list[tuple[str, SupportsFloat, int, int]] = []
         self._flush_at = 0.0  # time.time() after which the next metric sends the buffer
         self._info: tuple[str, str, str] | None = None
-        self._run: Any = None  # the `tracking.run.Run`, used on the thread only
+        self._run: Any = None  # the `tracking.mlflow_run.MlflowRun`, used on the thread only
         self._store: Any = None  # (client, experiment id), or why the store could not open
         self.gave_up = False  # the tracking server stayed away longer than retry_for_s
         # A daemon: a process that ends without `end` or `close` (an uncaught error) must not
@@ -324,15 +324,15 @@ if TYPE_CHECKING:  # mypy checks that the runner may take it in place of `Remote
 def run_variant(variant: str, overrides: list[str]) -> None:
     """One training run, in this process, recorded by `variant`'s recorder.
 
-    `runner.run.run` creates its recorder from its module's name `RemoteRun`, patched here.
-    `cli.train.main` ends this process (`os._exit`) once the run has finished: the bench
+    `run_experiment` creates its recorder from its module's name `RemoteRun`, patched here.
+    `mnist_exp.train.main` ends this process (`os._exit`) once the run has finished: the bench
     metrics are recorded by then, in `end`.
     """
-    from mnist_exp.runner import run as runner
+    from mnist_exp.runner import experiment as runner
 
     recorder = _measured(ThreadedRun if variant == "thread" else remote.RemoteRun)
     runner.RemoteRun = recorder  # type: ignore[misc,assignment]
-    from mnist_exp.cli import train
+    from mnist_exp import train
 
     sys.argv = [sys.argv[0], *overrides]
     train.main()

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from mnist_exp.config.paths import compose_config  # noqa: E402
 from mnist_exp.tracking.http import configure_requests  # noqa: E402
-from mnist_exp.tracking.run import Run, flatten  # noqa: E402
+from mnist_exp.tracking.mlflow_run import MlflowRun, flatten  # noqa: E402
 from mnist_exp.tracking.store import open_store  # noqa: E402
 
 STEPS_PER_EPOCH = 938  # 60,000 images at batch 64
@@ -37,7 +37,7 @@ def _runs(uri: str, experiment: str, count: int) -> float:
     params = flatten(OmegaConf.to_container(compose_config(), resolve=True))
     started = time.perf_counter()
     for _ in range(count):
-        run = Run.start(
+        run = MlflowRun.start(
             client, experiment_id, run_name=None, params=params, tags={"mnist_exp.bench": "1"}
         )
         for step in range(1, 101):
@@ -60,7 +60,7 @@ def epoch_seconds(uri: str, rounds: int = 3) -> float:
     client, experiment_id = open_store(uri, f"benchmark-epoch-{int(time.time())}")
     best = float("inf")
     for _ in range(rounds):
-        run = Run.start(client, experiment_id, run_name=None, params={}, tags={})
+        run = MlflowRun.start(client, experiment_id, run_name=None, params={}, tags={})
         started = time.perf_counter()
         for step in range(1, STEPS_PER_EPOCH + 1):
             run.log_metric("train_loss", 1.0 / step, step)

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mnist_exp.training.data import load
-from mnist_exp.training.models import ConvNet
+from mnist_exp.training.networks import ConvNet
 
 TEST_IMAGES = 500
 BIN = Path(sys.executable).parent

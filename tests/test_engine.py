@@ -23,7 +23,7 @@ from mnist_exp.training.engine import (
     plain_cpu_convolutions,
     seed_everything,
 )
-from mnist_exp.training.models import ConvNet, WideConvNet
+from mnist_exp.training.networks import ConvNet, WideConvNet
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_exp.training.data import Data, Split
 from mnist_exp.training.engine import Callback, Schedule, StepOptions, fit, seed_everything
-from mnist_exp.training.models import ConvNet
+from mnist_exp.training.networks import ConvNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

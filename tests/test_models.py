@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mnist_exp.training.models import ConvNet, WideConvNet
+from mnist_exp.training.networks import ConvNet, WideConvNet
 
 
 class SeedConvNet(nn.Module):

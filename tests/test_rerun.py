@@ -19,7 +19,7 @@ from mnist_exp import api
 from mnist_exp.errors import UserError
 from mnist_exp.tracking.tracker import ORPHANED
 from mnist_exp.training import checkpoint
-from mnist_exp.training.models import ConvNet
+from mnist_exp.training.networks import ConvNet
 
 # Long enough to be stopped halfway: 3000 steps an epoch, seconds long, so that the buffered
 # train_loss values (sent every few seconds and at each epoch's end) reach the store mid-epoch.

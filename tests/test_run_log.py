@@ -14,7 +14,7 @@ from conftest import ROOT, runs_in, stop
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.errors import UserError
-from mnist_exp.runner import run_log
+from mnist_exp.runner import job_log
 
 TINY = (
     "data.max_train_samples=256",
@@ -84,7 +84,7 @@ def test_a_run_from_python_holds_its_log(data_root: Path, tracking_uri: str, tmp
 
 
 class _Recorder:
-    """What `run_log.upload` uses of a run: its id, whether the server is gone, uploads."""
+    """What `job_log.upload` uses of a run: its id, whether the server is gone, uploads."""
 
     run_id = "r1"
 
@@ -102,22 +102,22 @@ def test_a_failed_upload_is_one_line_and_the_run_goes_on(monkeypatch, tmp_path, 
     log = tmp_path / "job.log"  # Hydra names it after the job; the artifact is train.log
     log.write_text("Epoch [1/1] done\n")
     handler = logging.FileHandler(log)
-    monkeypatch.setattr(run_log, "_job_log_handler", lambda: handler)
+    monkeypatch.setattr(job_log, "_job_log_handler", lambda: handler)
 
     ok = _Recorder()
-    run_log.upload(ok, 0)  # type: ignore[arg-type]
-    run_log.upload(ok, 3, UserError("cannot write /x"))  # type: ignore[arg-type]
+    job_log.upload(ok, 0)  # type: ignore[arg-type]
+    job_log.upload(ok, 3, UserError("cannot write /x"))  # type: ignore[arg-type]
     assert ok.uploaded == [
         ("train.log", "Epoch [1/1] done\n", "logs"),
         ("train.log", "Epoch [1/1] done\ncannot write /x\n", "logs/resumed-3"),
     ]  # a resumed run's next part; what failed the run is the log's last line
 
     with caplog.at_level(logging.ERROR, logger="mnist_exp"):
-        run_log.upload(_Recorder(fails=True), 0)  # type: ignore[arg-type]
+        job_log.upload(_Recorder(fails=True), 0)  # type: ignore[arg-type]
     (line,) = caplog.messages
     assert line == f"could not log {log} to MLflow run r1: OSError: the store is read-only"
 
     gone = _Recorder(gave_up=True)
-    run_log.upload(gone, 0)  # type: ignore[arg-type]  # the server is away: no second wait
+    job_log.upload(gone, 0)  # type: ignore[arg-type]  # the server is away: no second wait
     assert gone.uploaded == []
     handler.close()

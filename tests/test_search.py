@@ -31,7 +31,7 @@ from mnist_exp.search.checks import SearchChecks
 from mnist_exp.search.space import parse
 from mnist_exp.training import engine
 from mnist_exp.training.data import Data, Split
-from mnist_exp.training.models import ConvNet
+from mnist_exp.training.networks import ConvNet
 
 # Trials of a second or two: 256 images, 2 epochs, validated on 100.
 TINY = (

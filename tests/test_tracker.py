@@ -20,9 +20,9 @@ from mnist_exp import UserError
 from mnist_exp.errors import TrackerLost
 from mnist_exp.runner.lifecycle import recording
 from mnist_exp.tracking import remote
+from mnist_exp.tracking.mlflow_run import MlflowRun as Run
 from mnist_exp.tracking.recorder import Recorder
 from mnist_exp.tracking.remote import RemoteRun
-from mnist_exp.tracking.run import Run
 from mnist_exp.tracking.store import open_store
 
 

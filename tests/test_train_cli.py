@@ -17,7 +17,7 @@ from conftest import ROOT, SMALL, free_port, runs_in, stop
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_exp.training.models import ConvNet
+from mnist_exp.training.networks import ConvNet
 
 
 @pytest.mark.slow

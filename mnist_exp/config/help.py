@@ -2,7 +2,7 @@
 
 Hydra's own `$APP_CONFIG_GROUPS` lists the `base_*` schemas of `config.schema` among each
 group's options, and says nothing of which option is the default; this lists what a user
-can choose, the one in use first. Registered on import (by `mnist_exp.cli.train`).
+can choose, the one in use first. Registered on import (by `mnist_exp.train`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ def study_storage(tracking_uri: str) -> str:
 
 OmegaConf.register_new_resolver("study_storage", study_storage, replace=True)
 # The option files in conf/ extend these schemas: they must be stored before any composition,
-# here or through the `@hydra.main` of mnist_exp.cli.train, which imports this module.
+# here or through the `@hydra.main` of mnist_exp.train, which imports this module.
 schema.register()
 
 

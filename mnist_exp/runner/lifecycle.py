@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mnist_exp import names
 from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError, one_line
-from mnist_exp.runner import run_log
+from mnist_exp.runner import job_log
 from mnist_exp.tracking.recorder import Recorder
 
 log = logging.getLogger("mnist_exp")
@@ -46,7 +46,7 @@ def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[Non
                 f"SLURM is ending the job ({exc}): {_stopped(run, checkpoint, start_epoch)}; "
                 "give jobs more time with hydra.launcher.timeout_min"
             ) from None
-        run_log.upload(run, start_epoch, exc)
+        job_log.upload(run, start_epoch, exc)
         error = _failed(run, exc, checkpoint, start_epoch)
         if error is exc:
             raise
@@ -62,7 +62,7 @@ def _stopped(run: Recorder, checkpoint: Path, start_epoch: int) -> str:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _log_again(run, checkpoint)
-    run_log.upload(run, start_epoch)
+    job_log.upload(run, start_epoch)
     marked = _end_quietly(run, "KILLED")
     return (
         f"{marked}; continue it from its last complete epoch with: "

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from mnist_exp.errors import UserError
 from mnist_exp.names import OUTPUT_DIR_TAG
 from mnist_exp.names import RESUME_CHECKPOINT as CHECKPOINT_ARTIFACT
-from mnist_exp.tracking.run import flatten, param_value
+from mnist_exp.tracking.mlflow_run import flatten, param_value
 from mnist_exp.tracking.store import get_run, open_store
 from mnist_exp.training import checkpoint
 

@@ -33,8 +33,8 @@ from mnist_exp.search import study as studies
 from mnist_exp.search.settings import Settings
 from mnist_exp.search.space import SearchSpace, parse
 from mnist_exp.search.summary import best_trial, summarise
+from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
 from mnist_exp.tracking.redaction import redact
-from mnist_exp.tracking.run import PARENT_RUN_ENV
 
 log = logging.getLogger("mnist_exp")
 # The name conf/hydra/sweeper/optuna.yaml's `_target_` gives the sweeper (see `register`).

@@ -1,6 +1,6 @@
 """What the runner and its callbacks need of a run's recorder, whoever records it.
 
-Satisfied by `run.Run` (in this process) and `remote.RemoteRun` (a tracker process's proxy).
+Satisfied by `mlflow_run.MlflowRun` (in this process) and `remote.RemoteRun` (its proxy).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from mnist_exp.report.model_spec import ModelSpec
 
 if TYPE_CHECKING:  # mypy checks that both recorders have every method, with its signature
+    from mnist_exp.tracking.mlflow_run import MlflowRun
     from mnist_exp.tracking.remote import RemoteRun
-    from mnist_exp.tracking.run import Run
 
-    _RECORDERS: tuple[type[Recorder], ...] = (Run, RemoteRun)
+    _RECORDERS: tuple[type[Recorder], ...] = (MlflowRun, RemoteRun)

@@ -43,7 +43,7 @@ _idle: list[tuple[subprocess.Popen[bytes], Connection]] = []
 
 
 class RemoteRun:
-    """One MLflow run, recorded by a tracker process; the methods of `run.Run`.
+    """One MLflow run, recorded by a tracker process; the methods of `mlflow_run.MlflowRun`.
 
     Creating it starts the tracker, which imports MLflow and opens the store; `start` or
     `reopen` then opens the run, and `close` instead leaves no run. Metrics are buffered
@@ -102,8 +102,8 @@ class RemoteRun:
 
         Its params are `config` flattened to dotted keys; the tracker adds
         `store.source_tags(project_root)` to `tags` and logs the installed packages and
-        the folder `files[0]` as artifacts under `files[1]` (see `run.Run.log_config_files`).
-        The tracker waits out a server outage of up to `retry_for_s` (see `run.Run`).
+        the folder `files[0]` as artifacts under `files[1]` (see `MlflowRun.log_config_files`).
+        The tracker waits out a server outage of up to `retry_for_s` (see `mlflow_run.MlflowRun`).
         """
         self._retry_for_s = retry_for_s
         opening = {"run_name": run_name, "params": dict(config), "project_root": project_root}
@@ -117,7 +117,7 @@ class RemoteRun:
         files: tuple[Path, str] | None,
         retry_for_s: float = 0.0,
     ) -> None:
-        """Continue a stopped run (see `run.Run.reopen`), adding tags and files as `start`."""
+        """Continue a stopped run (see `MlflowRun.reopen`), adding tags and files as `start`."""
         self._retry_for_s = retry_for_s
         opening = {"run_id": run_id, "tags": dict(tags), "files": files, "retry": retry_for_s}
         self._send("open", opening)
@@ -190,7 +190,7 @@ class RemoteRun:
         return self._call("metric_history", list(keys))
 
     def log_model(self, weights: Path, spec: ModelSpec) -> None:
-        """Log the servable model of `weights` as the run's model (see `run.Run.log_model`).
+        """Log the servable model of `weights` as the run's model (see `MlflowRun.log_model`).
 
         Returns at once: the tracker builds it while this process goes on.
         """
@@ -352,11 +352,11 @@ class RemoteRun:
 
 def _open_here(tracking_uri: str, experiment_name: str, run_id: str, retry_for_s: float) -> Any:
     """The run, opened in this process (which then imports MLflow) to record its end."""
-    from mnist_exp.tracking.run import Run
+    from mnist_exp.tracking.mlflow_run import MlflowRun
     from mnist_exp.tracking.store import open_store
 
     client, _ = open_store(tracking_uri, experiment_name)
-    return Run(client, client.get_run(run_id).info, {}, retry_for_s)
+    return MlflowRun(client, client.get_run(run_id).info, {}, retry_for_s)
 
 
 def start_tracker_early(tracking_uri: str, experiment_name: str, model: bool) -> None:

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-    from mnist_exp.tracking.run import Run as TrackedRun
+    from mnist_exp.tracking.mlflow_run import MlflowRun
 
 log = logging.getLogger("mnist_exp")
 
@@ -39,11 +39,11 @@ class MlflowSweepCallback(Callback):
     """Hydra instantiates it for every command; MLflow is imported only when a sweep starts."""
 
     def __init__(self) -> None:
-        self.parent: TrackedRun | None = None
+        self.parent: MlflowRun | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mnist_exp.tracking import http, store
-        from mnist_exp.tracking.run import PARENT_RUN_ENV, Run
+        from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV, MlflowRun
 
         try:
             check_config(config)
@@ -78,7 +78,7 @@ class MlflowSweepCallback(Callback):
         earlier = _study_parent(client, experiment_id, study) if study else None
         if earlier is None:
             name = f"study {study[names.STUDY_TAG]}" if study else None
-            self.parent = Run.start(
+            self.parent = MlflowRun.start(
                 client,
                 experiment_id,
                 run_name=name or f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
@@ -93,7 +93,7 @@ class MlflowSweepCallback(Callback):
                 else:
                     client.delete_run(self.parent.run_id)
         if earlier is not None:
-            self.parent = Run.reopen(client, earlier, retry_for_s)
+            self.parent = MlflowRun.reopen(client, earlier, retry_for_s)
             self.parent.set_tags(tags)
         assert self.parent is not None
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
@@ -104,8 +104,8 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mnist_exp.report import table
         from mnist_exp.report.sweep_plot import plot_sweep
+        from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.queries import sweep_runs
-        from mnist_exp.tracking.run import PARENT_RUN_ENV
 
         parent, self.parent = self.parent, None
         os.environ.pop(PARENT_RUN_ENV, None)

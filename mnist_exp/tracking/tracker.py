@@ -41,7 +41,7 @@ def _serve(conn: Connection) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     # What MLflow's import and the opening make lives till the end: the collector's full
-    # passes over it would take CPU from training as it starts (as in cli/train.main).
+    # passes over it would take CPU from training as it starts (as in mnist_exp.train.main).
     gc.disable()
     # MLflow first, whether or not a run is waiting: a tracker started early is ready sooner.
     import mnist_exp.tracking.store  # noqa: F401
@@ -142,7 +142,7 @@ def _take_environment(environment: dict[str, str]) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-# What `RemoteRun` may ask of the run, besides opening it: methods of `run.Run`.
+# What `RemoteRun` may ask of the run, besides opening it: methods of `mlflow_run.MlflowRun`.
 REQUESTS = frozenset(
     {
         "log_values",
@@ -157,7 +157,7 @@ REQUESTS = frozenset(
 
 
 def handle(run: Any, method: str, args: Sequence[Any]) -> Any:
-    """Do one of `RemoteRun`'s requests on `run`, a `run.Run` (here or, once no tracker
+    """Do one of `RemoteRun`'s requests on `run`, a `mlflow_run.MlflowRun` (here or, once no tracker
     could take the run over, in the training process)."""
     if method not in REQUESTS:
         raise ValueError(f"unknown tracker request {method!r}")
@@ -169,14 +169,14 @@ def handle(run: Any, method: str, args: Sequence[Any]) -> Any:
 
 def _open(client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:
     """Start or reopen the run and record what it was made from; FAILED if that fails."""
-    from mnist_exp.tracking.run import Run, flatten
+    from mnist_exp.tracking.mlflow_run import MlflowRun, flatten
     from mnist_exp.tracking.store import installed_requirements, source_tags
 
     if "run_id" in opening:
-        run = Run.reopen(client, opening["run_id"], opening["retry"])
+        run = MlflowRun.reopen(client, opening["run_id"], opening["retry"])
         tags = opening["tags"]
     else:
-        run = Run.start(
+        run = MlflowRun.start(
             client,
             experiment_id,
             run_name=opening["run_name"],

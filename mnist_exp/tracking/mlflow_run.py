@@ -42,7 +42,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class Run:
+class MlflowRun:
     """One MLflow run. Metrics are buffered and sent `MAX_METRICS_PER_BATCH` at a time.
 
     Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the sweep's parent run.
@@ -90,7 +90,7 @@ class Run:
         params: Mapping[str, Any],
         tags: Mapping[str, str],
         retry_for_s: float = 0.0,
-    ) -> Run:
+    ) -> MlflowRun:
         """Create the run with its params (credentials in values are redacted) and tags."""
         tags = {k: redact(str(v)) for k, v in tags.items()} | processes.process_tags()
         if os.environ.get(PARENT_RUN_ENV):
@@ -105,7 +105,7 @@ class Run:
         return run
 
     @classmethod
-    def reopen(cls, client: MlflowClient, run_id: str, retry_for_s: float = 0.0) -> Run:
+    def reopen(cls, client: MlflowClient, run_id: str, retry_for_s: float = 0.0) -> MlflowRun:
         """Continue a stopped run: RUNNING again, and steps it already holds are not re-sent.
 
         The run now belongs to this process, and the tags of an earlier failure are dropped.
@@ -129,7 +129,7 @@ class Run:
         return cls(client, info.info, recorded, retry_for_s)
 
     def opened(self) -> bool:
-        """Always: a `Run` exists once made."""
+        """Always: a `MlflowRun` exists once made."""
         return True
 
     def set_tags(self, tags: Mapping[str, str]) -> None:

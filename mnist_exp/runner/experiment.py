@@ -20,7 +20,7 @@ from mnist_exp import names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import UserError
-from mnist_exp.runner import lifecycle, run_log
+from mnist_exp.runner import job_log, lifecycle
 from mnist_exp.runner.naming import name_from
 from mnist_exp.runner.trial import SearchJob
 from mnist_exp.tracking import processes
@@ -44,7 +44,7 @@ class RunResult:
     output_dir: Path | None = None  # the run's Hydra folder
 
 
-def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
+def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     """Train, test and record the experiment `cfg` describes, as a run of MLflow.
 
     Raises `UserError` (with the run marked FAILED once it exists) for what the user can
@@ -108,9 +108,9 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
         lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]),
         job.training(recorder.run_id),
     ):
-        from mnist_exp.runner.train_and_test import train_and_test
+        from mnist_exp.runner.train_eval import train_and_evaluate
 
-        test, metrics = train_and_test(
+        test, metrics = train_and_evaluate(
             cfg, setup, recorder, out_dir, start, in_sweep, _startup_s, callbacks=job.callbacks
         )
         if job.trial is not None:
@@ -131,7 +131,7 @@ def run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
             has_model=cfg.mlflow.log_model,
         )
     )
-    run_log.upload(recorder, start[0])  # after the summary, so that the log holds it too
+    job_log.upload(recorder, start[0])  # after the summary, so that the log holds it too
     recorder.end("FINISHED")
     job.finish(metrics)
     return RunResult(recorder.run_id, "FINISHED", metrics, weights, out_dir)

@@ -25,7 +25,7 @@ from mnist_exp.training import checkpoint, engine
 log = logging.getLogger("mnist_exp")
 
 
-def train_and_test(
+def train_and_evaluate(
     cfg: DictConfig,
     setup: Setup,
     run: Recorder,

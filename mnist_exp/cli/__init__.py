@@ -1,1 +1,0 @@
-"""The command lines: parse, call, exit code."""
