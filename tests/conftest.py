@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -11,6 +12,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +27,57 @@ SMALL = ("data.max_train_samples=640", "data.max_test_samples=200", "trainer.epo
 pytest_plugins = ["slurm_cluster"]
 
 
+# Programs a test may start without the `process` marker: the run's own tracker, and what
+# the libraries run underneath (git for a run's source tags, ldconfig for ctypes).
+_HELPERS = ("git", "ldconfig", "ldconfig.real")
+_TRACKER = "mnist_exp.tracking.tracker"
+_SEED = ROOT.parent / "shared" / "data" / "seed.sh"  # the data root, seeded once a session
+
+
+_running: list[pytest.Item] = []  # the test being set up, run or torn down
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _running.append(item)
+    yield
+    _running.pop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _processes_only_where_marked() -> Iterator[None]:
+    """A test that starts a command, server or browser (itself or through a fixture) is marked
+    `process`, and tests/test_layout.py counts them; the others run in the test's own process,
+    through `mnist_exp.api` or `engine.fit`."""
+    start = subprocess.Popen.__init__
+
+    def checked(self, args, *rest, **kwargs) -> None:
+        argv = [str(a) for a in (args if isinstance(args, list | tuple) else [args])]
+        test = _running[-1] if _running else None
+        seeding = argv[:2] == ["bash", _SEED.name]
+        allowed = Path(argv[0]).name in _HELPERS or _TRACKER in argv or seeding
+        if test is not None and not allowed and not test.get_closest_marker("process"):
+            pytest.fail(
+                f"{test.name} starts `{' '.join(argv[:4])}`: mark it @pytest.mark.process, "
+                f"or run it in the test's process (mnist_exp.api, engine.fit)"
+            )
+        start(self, args, *rest, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", checked)
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`MNIST_EXP_DATA` when set (`.ci/run` seeds it), else a folder seeded from shared/data."""
     if os.environ.get("MNIST_EXP_DATA"):
         return Path(os.environ["MNIST_EXP_DATA"])
-    seed = ROOT.parent / "shared" / "data" / "seed.sh"
-    if not seed.is_file():
+    if not _SEED.is_file():
         pytest.fail("no MNIST data: set MNIST_EXP_DATA to a folder with MNIST/raw/ in it")
     dest = tmp_path_factory.mktemp("data")
-    subprocess.run(["bash", str(seed), str(dest)], check=True, capture_output=True)
+    seed = ["bash", _SEED.name, str(dest)]
+    subprocess.run(seed, cwd=_SEED.parent, check=True, capture_output=True)
     return dest
 
 
@@ -82,6 +126,72 @@ def train(train_command):
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc
+
+    return run
+
+
+@dataclass
+class Ended:
+    """How a command run in the test's process ended, as its user would have seen it."""
+
+    code: int  # the exit status: 0, or 1 for a one-line `error: ...`
+    out: str
+    err: str  # stderr, the command's last line included
+
+
+def in_process(main: Callable[[list[str]], object], argv: list[str], capfd) -> Ended:
+    """Call a command's `main(argv)` here, as `mnist-train ARGV` would run it in a process of
+    its own: its exit status and output, with this process's environment, logging and
+    working folder put back after (Hydra configures logging; runs set MLflow variables)."""
+    environment, cwd = dict(os.environ), Path.cwd()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    old_argv = sys.argv
+    sys.argv = [argv[0] if argv else "mnist-train", *argv]
+    capfd.readouterr()
+    code: int = 0
+    message = ""
+    try:
+        main(argv)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            code, message = 1, exc.code + "\n"
+        else:
+            code = exc.code or 0
+    finally:
+        sys.argv = old_argv
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environment)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    out, err = capfd.readouterr()
+    return Ended(code, out, err + message)
+
+
+@pytest.fixture
+def mnist_train(data_root: Path, tracking_uri: str, tmp_path: Path, capfd, monkeypatch):
+    """`mnist-train ARGS` in the test's process, with the defaults of `train_command` (the test's
+    data, store and folders; no plots or MLflow model): returns how it `Ended`."""
+    from mnist_exp import train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def run(*args: str) -> Ended:
+        flags = [a for a in args if "=" not in a]
+        sweep = "-m" in flags
+        argv = [
+            *flags,
+            f"data.root={data_root}",
+            f"mlflow.tracking_uri={tracking_uri}",
+            f"hydra.sweep.dir={tmp_path}/sweep" if sweep else f"hydra.run.dir={tmp_path}/run",
+            "mlflow.log_plots=false",
+            "mlflow.log_model=false",
+            *(a for a in args if "=" in a),
+        ]
+        return in_process(train.run_command, argv, capfd)
 
     return run
 

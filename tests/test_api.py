@@ -120,6 +120,7 @@ def test_ctrl_c_marks_the_run_killed_and_is_raised_again(where, tracking_uri: st
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_python_and_the_command_line_record_the_same_run(
     where, train_command, tracking_uri: str
@@ -155,6 +156,7 @@ def test_python_and_the_command_line_record_the_same_run(
     assert runs(tracking_uri=tracking_uri)["run_id"].tolist()[0] == cli_run.info.run_id
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_runs_lists_one_sweeps_children(train_command, tracking_uri: str) -> None:
     """`runs(parent_run_id=...)`: the jobs of that sweep only, not the sweep's parent."""

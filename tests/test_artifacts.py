@@ -72,6 +72,7 @@ def pyfunc(trained: Trained) -> mlflow.pyfunc.PyFuncModel:
     return mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_the_run_holds_three_valid_pictures(trained: Trained, tmp_path: Path):
     client = MlflowClient(trained.uri)
@@ -87,6 +88,7 @@ def test_the_run_holds_three_valid_pictures(trained: Trained, tmp_path: Path):
         assert pixels.std() > 10, f"{name} is blank"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_per_class_accuracy_adds_up_to_the_test_accuracy(trained: Trained):
     metrics = MlflowClient(trained.uri).get_run(trained.run_id).data.metrics
@@ -98,6 +100,7 @@ def test_per_class_accuracy_adds_up_to_the_test_accuracy(trained: Trained):
     assert metrics["test_accuracy"] > 0.8  # the pictures and the CLI tests need a fair model
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_the_logged_model_predicts_raw_pixels_like_the_checkpoint(
     trained: Trained, pyfunc, tmp_path: Path
@@ -126,6 +129,7 @@ def test_the_logged_model_predicts_raw_pixels_like_the_checkpoint(
     assert pyfunc.metadata.saved_input_example_info is not None
 
 
+@pytest.mark.process
 def test_saving_the_model_imports_no_torch(tmp_path: Path):
     """The tracker saves the model: without torch it stays small and quick (issue 5)."""
     weights = tmp_path / "model.ckpt"
@@ -145,6 +149,7 @@ def test_saving_the_model_imports_no_torch(tmp_path: Path):
     assert len(loaded.predict(np.zeros((3, 28, 28), np.float32))) == 3
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_without_a_terminal_plain_lines_and_a_summary(trained: Trained):
     out = trained.stdout
@@ -181,6 +186,7 @@ def _predict(*args: str, uri: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_mnist_predict_reads_digits_of_any_size_and_background(
     trained: Trained, pyfunc, tmp_path: Path
@@ -206,6 +212,7 @@ def test_mnist_predict_reads_digits_of_any_size_and_background(
         assert 10 <= float(match[2]) <= 100
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "expected"),
@@ -237,6 +244,7 @@ def test_mnist_predict_refuses_bad_input_in_one_line(
 # mlflow models serve
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_predictions(trained: Trained, pyfunc):
     images = trained.images[:5]

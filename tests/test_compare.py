@@ -78,6 +78,7 @@ def test_one_seed_a_config_reads_as_a_row_a_run():
     assert table(runs, "test_accuracy", per_seed=True) == (headers[:-1], [r[:-1] for r in rows])
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_mnist_compare_shows_a_sweeps_seeds_together(train, tracking_uri: str):
     proc = train("-m", "optimizer.lr=0.001,0.01", "trainer.seed=0,1", *SMALL)

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow  # each test runs mnist-train
 QUICK = ("trainer.epochs=1", "data.max_train_samples=1500", "data.max_test_samples=200")
 
 
+@pytest.mark.process
 def test_a_terminal_gets_a_progress_bar_with_loss_and_images_per_second(
     data_root: Path, tracking_uri: str, tmp_path: Path
 ):
@@ -56,6 +57,7 @@ def test_a_terminal_gets_a_progress_bar_with_loss_and_images_per_second(
     assert f"Run {run.info.run_id} " in out
 
 
+@pytest.mark.process
 def test_log_plots_and_log_model_off_leave_them_out(train, tracking_uri: str, tmp_path: Path):
     proc = train(*QUICK, "mlflow.log_plots=false", "mlflow.log_model=false")
     assert "Epoch [1/1], Step [" not in proc.stdout  # 24 steps, printed every 100

@@ -48,6 +48,7 @@ def _in_a_git_checkout() -> bool:
     return True
 
 
+@pytest.mark.process
 def test_a_default_run_records_the_same_params_metrics_tags_and_artifacts(train, tracking_uri):
     """A default run (plots and model on) records the keys and files today's users rely on.
 
@@ -137,6 +138,7 @@ def recorded(tracking_uri: str, tmp_path: Path) -> tuple[str, dict]:
     return run_id, record
 
 
+@pytest.mark.process
 def test_a_run_recorded_by_older_code_reruns_as_a_new_run(
     recorded, tracking_uri, data_root, tmp_path
 ):
@@ -164,6 +166,7 @@ def test_a_run_recorded_by_older_code_reruns_as_a_new_run(
     )
 
 
+@pytest.mark.process
 def test_a_run_stopped_under_older_code_resumes_to_the_end(
     recorded, tracking_uri, data_root, tmp_path
 ):

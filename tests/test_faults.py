@@ -26,6 +26,7 @@ def _ckpt_artifact(uri: str, run_id: str, dest: Path) -> Path:
     return Path(MlflowClient(uri).download_artifacts(run_id, "checkpoints/last.ckpt", str(dest)))
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
     data_root, tracking_uri, tmp_path
@@ -71,6 +72,7 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
     assert logged.read_bytes() == (run_dir / "checkpoints" / "last.ckpt").read_bytes()
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_nan_loss_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint(
     train, tracking_uri, tmp_path
@@ -107,6 +109,7 @@ def test_a_nan_loss_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint
     assert "test_accuracy" not in run.data.metrics
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_full_disk_fails_the_run_with_one_line_naming_the_folder(train, tracking_uri, tmp_path):
     # The checkpoint's temporary file leads to /dev/full: its writes fail with ENOSPC.
@@ -126,6 +129,7 @@ def test_a_full_disk_fails_the_run_with_one_line_naming_the_folder(train, tracki
     assert os.listdir(folder) == []  # the temporary file is gone
 
 
+@pytest.mark.process
 def test_an_unwritable_run_folder_is_one_line_and_no_run(train, tracking_uri, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -137,6 +141,7 @@ def test_an_unwritable_run_folder_is_one_line_and_no_run(train, tracking_uri, tm
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.process
 def test_runs_left_running_by_a_dead_process_of_this_host_are_failed(tracking_uri):
     client, experiment_id = store.open_store(tracking_uri, "mnist-exp")
     here = platform.node()
@@ -173,6 +178,7 @@ def test_runs_left_running_by_a_dead_process_of_this_host_are_failed(tracking_ur
     assert client.get_run(finished).info.status == "FINISHED"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_six_commands_at_once_on_a_new_store_all_finish(train_command, tracking_uri, tmp_path):
     """Several terminals (or `&` in a loop) on a store that does not exist yet: none is lost."""
@@ -205,6 +211,7 @@ def _tracker_of(pid: int) -> int:
     raise AssertionError(f"process {pid} has no tracker process")
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_tracker_killed_mid_epoch_leaves_the_history_of_an_uninterrupted_run(
     train_command, tracking_uri, tmp_path

@@ -134,6 +134,7 @@ def cli(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     assert [r.info.run_id for r in runs_in(uri) if r.info.status == "RUNNING"] == []
 
 
+@pytest.mark.process
 @pytest.mark.slow  # starts commands
 @settings(
     max_examples=10,

@@ -16,6 +16,7 @@ from mnist_exp.training.networks import ConvNet
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_a_gpu_run_records_everything_and_its_checkpoint_loads_without_a_gpu(
@@ -34,6 +35,7 @@ def test_a_gpu_run_records_everything_and_its_checkpoint_loads_without_a_gpu(
     ConvNet().load_state_dict(weights)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("graph", ["false", "true"])
 def test_a_deterministic_gpu_run_reruns_bit_for_bit(
@@ -51,6 +53,7 @@ def test_a_deterministic_gpu_run_reruns_bit_for_bit(
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "graphed"),

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 MNIST_TRAIN = Path(sys.executable).parent / "mnist-train"
 
 
+@pytest.mark.process
 def test_help_shows_the_groups_the_keys_and_examples():
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     # With an override, as a user checks what it changes: the text follows it.

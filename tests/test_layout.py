@@ -119,6 +119,7 @@ def test_each_folder_knows_nothing_of_what_it_must_not(folder: str, forbidden: t
                 assert not hit, f"{path.relative_to(ROOT)} imports {name}"
 
 
+@pytest.mark.process
 def test_the_command_line_imports_neither_torch_nor_mlflow_before_its_run() -> None:
     """A bad override is refused at once, and the tracker imports MLflow while the run imports
     torch: neither may load with the command-line modules (a module-level import once did)."""

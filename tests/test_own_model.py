@@ -113,6 +113,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Swept:
     return Swept(uri, parent.info.run_id, best, tmp / "images", files, names)
 
 
+@pytest.mark.process
 def test_each_run_is_an_mlflow_3_logged_model_with_its_metrics_and_per_class_names(
     swept: Swept,
 ):
@@ -141,6 +142,7 @@ def _predict(*args: str, uri: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.process
 def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept: Swept):
     cmd = [str(BIN / "mnist-compare"), swept.parent_id, "--register", "digits"]
     done = subprocess.run(
@@ -171,6 +173,7 @@ def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept
     assert right >= 0.7 * len(files), lines
 
 
+@pytest.mark.process
 def test_mlflow_models_serve_answers_with_the_class_names(swept: Swept):
     # The images as the model takes them: converted as mnist-predict does, at 24x24.
     from mnist_exp.training.images import mnist_pixels, read_image

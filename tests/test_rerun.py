@@ -33,6 +33,7 @@ LONG = (
 )
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
     train("optimizer=sgd", "optimizer.lr=0.02", *SMALL)
@@ -52,6 +53,7 @@ def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_rerun_from_a_run_folder_with_overrides_on_top(train, tracking_uri, tmp_path):
     train(*SMALL)
@@ -117,6 +119,7 @@ def _resumed_equals(uri: str, run_id: str, run_dir: Path, uninterrupted) -> None
     assert all(torch.equal(resumed[k], weights[k]) for k in weights)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_sigterm_after_an_epoch_then_resume_ends_as_if_never_stopped(
     data_root, tracking_uri, tmp_path, uninterrupted
@@ -136,6 +139,7 @@ def test_sigterm_after_an_epoch_then_resume_ends_as_if_never_stopped(
     assert MlflowClient(tracking_uri).get_run(run_id).data.tags["mnist_exp.resumed_from_epoch"]
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
     data_root, tracking_uri, tmp_path, uninterrupted
@@ -178,6 +182,7 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
     assert "mnist_exp.error" not in client.get_run(stopped.info.run_id).data.tags
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_bad_resume_sources_are_refused_and_change_nothing(
     train, data_root, tracking_uri, tmp_path

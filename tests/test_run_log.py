@@ -31,6 +31,7 @@ def _logged(uri: str, run_id: str, tmp_path: Path) -> str:
     return Path(client.download_artifacts(run_id, "logs/train.log", str(tmp_path))).read_text()
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_finished_run_holds_its_whole_log(train, tracking_uri: str, tmp_path: Path):
     train(*TINY)
@@ -42,6 +43,7 @@ def test_a_finished_run_holds_its_whole_log(train, tracking_uri: str, tmp_path: 
     assert f"Run {run.info.run_id} " in logged and "finished" in logged  # the summary too
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_diverged_run_holds_its_log(train, tracking_uri: str, tmp_path: Path):
     proc = train(*TINY, "optimizer=sgd", "optimizer.lr=1e38", check=False)
@@ -53,6 +55,7 @@ def test_a_diverged_run_holds_its_log(train, tracking_uri: str, tmp_path: Path):
     assert logged.strip().splitlines()[-1].endswith(run.data.tags["mnist_exp.error"])  # why
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_run_stopped_by_sigterm_holds_its_log(train_command, tracking_uri, tmp_path: Path):
     cmd, env = train_command(*TINY, "trainer.epochs=10000")

@@ -140,6 +140,7 @@ def _check(tracking_uri: str, *overrides: str) -> None:
         SearchChecks().on_multirun_start(cfg)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_refused_search_leaves_no_run(train, tracking_uri: str) -> None:
     proc = train(*SEARCH, "hydra.sweeper.pruner=mean", check=False)
@@ -148,6 +149,7 @@ def test_a_refused_search_leaves_no_run(train, tracking_uri: str) -> None:
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_killed_search_resumes_its_study_and_parent(train_command, train, tracking_uri):
     """SIGKILL once two trials have ended and a third is training; the same command then
@@ -202,6 +204,7 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, train, trac
     assert {Path(p.path).name for p in pictures} >= {"optimization_history.png", "slice.png"}
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_bad_region_of_learning_rates_is_pruned(train, tracking_uri):
     train(
@@ -240,6 +243,7 @@ def test_a_bad_region_of_learning_rates_is_pruned(train, tracking_uri):
         assert shown[str(trial.number)] == (trial.state.name, stopped)
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_two_commands_on_one_study_split_its_trials(train_command, tracking_uri, tmp_path):
     procs = []
@@ -260,6 +264,7 @@ def test_two_commands_on_one_study_split_its_trials(train_command, tracking_uri,
     assert folders == {"a", "b"}  # each command ran some of them
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_the_dashboard_shows_the_study(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"

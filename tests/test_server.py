@@ -164,6 +164,7 @@ def _assert_complete(client: MlflowClient, run: Run, steps: int, tmp_path: Path)
     assert "fc.weight" in torch.load(weights, weights_only=True)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "launcher",
     [
@@ -231,6 +232,7 @@ LONGER = (
 )
 
 
+@pytest.mark.process
 def test_a_server_restart_mid_run_loses_nothing(train_command, server, tracking_uri, tmp_path):
     cmd, env = train_command("mlflow=server", "mlflow.experiment_name=restart", *LONGER)
     proc = subprocess.Popen(
@@ -250,6 +252,7 @@ def test_a_server_restart_mid_run_loses_nothing(train_command, server, tracking_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [256, 512, 768]
 
 
+@pytest.mark.process
 def test_a_server_that_never_returns_ends_the_run_keeping_its_checkpoint(
     train_command, server, tracking_uri, tmp_path
 ):
@@ -274,6 +277,7 @@ def test_a_server_that_never_returns_ends_the_run_keeping_its_checkpoint(
     assert state["step"] in (256, 512, 768)  # a whole epoch, on disk
 
 
+@pytest.mark.process
 def test_a_resume_waits_for_a_server_that_comes_back(train_command, server, tracking_uri, tmp_path):
     """The stopped command repeated with trainer.resume while the server restarts: it waits
     (up to mlflow.retry_for_s), then continues the run."""
@@ -305,6 +309,7 @@ def test_a_resume_waits_for_a_server_that_comes_back(train_command, server, trac
     _assert_complete(client, run, 3 * 256, tmp_path)
 
 
+@pytest.mark.process
 def test_a_search_keeps_its_study_in_postgresql(train, postgres, tracking_uri):
     """An Optuna search's study in a database of its own on the PostgreSQL server (as a lab
     puts it beside MLflow's), its 2 trials run at once by joblib."""
@@ -350,6 +355,7 @@ def _watch_points(uri: str, experiment: str, seen: list[tuple[float, int]], done
         done.wait(0.25)
 
 
+@pytest.mark.process
 def test_eight_runs_at_once_through_a_server_restart_all_land_whole(
     train_command, server, tracking_uri, tmp_path
 ):

@@ -50,6 +50,7 @@ def _assert_slurm_jobs(cluster: SlurmCluster, children: list[Run], sweep_dir: Pa
         assert info["NodeList"] == cluster.node
 
 
+@pytest.mark.process
 def test_a_grid_runs_as_jobs_of_the_cluster(slurm_cluster, train, tracking_uri, tmp_path):
     train("-m", *ON_THIS_NODE, "optimizer.lr=0.001,0.003", "data.val_size=0", *SMALL)
     parent, children = _sweep(tracking_uri)
@@ -60,6 +61,7 @@ def test_a_grid_runs_as_jobs_of_the_cluster(slurm_cluster, train, tracking_uri, 
     _assert_slurm_jobs(slurm_cluster, children, tmp_path / "sweep")
 
 
+@pytest.mark.process
 def test_jobs_no_node_can_run_are_refused_in_one_line(slurm_cluster, train, tracking_uri):
     lrs = "optimizer.lr=0.001,0.003"
     proc = train("-m", *ON_THIS_NODE, "hydra.launcher.cpus_per_task=1000", lrs, *SMALL, check=False)
@@ -72,6 +74,7 @@ def test_jobs_no_node_can_run_are_refused_in_one_line(slurm_cluster, train, trac
     assert parent.info.status == "FAILED"
 
 
+@pytest.mark.process
 def test_a_search_runs_its_trials_as_jobs_of_the_cluster(
     slurm_cluster, train, tracking_uri, tmp_path
 ):
@@ -86,6 +89,7 @@ def test_a_search_runs_its_trials_as_jobs_of_the_cluster(
     _assert_slurm_jobs(slurm_cluster, children, tmp_path / "sweep")
 
 
+@pytest.mark.process
 def test_a_job_warned_of_its_time_limit_ends_killed_and_resumable(
     slurm_cluster, train_command, tracking_uri, tmp_path
 ):

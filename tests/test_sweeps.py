@@ -30,6 +30,7 @@ def _sweep(tracking_uri: str):
     return parent, children
 
 
+@pytest.mark.process
 def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri, tmp_path):
     # A brand-new store, opened by two joblib workers at once.
     train(
@@ -61,6 +62,7 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     assert len(rows) == 2
 
 
+@pytest.mark.process
 def test_a_failed_job_is_counted_and_the_sweep_goes_on(train, tracking_uri):
     # SGD's first step at lr 1e38 sends the weights to infinity: that job diverges in training.
     proc = train("-m", "optimizer=sgd", "optimizer.lr=1e38,0.01", *SMALL)
@@ -73,6 +75,7 @@ def test_a_failed_job_is_counted_and_the_sweep_goes_on(train, tracking_uri):
     assert parent.info.status == "FINISHED"
 
 
+@pytest.mark.process
 def test_optuna_optimises_the_validation_accuracy(train, tracking_uri, tmp_path):
     train("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.val_size=200", *SMALL)
     parent, children = _sweep(tracking_uri)
@@ -90,6 +93,7 @@ def test_optuna_optimises_the_validation_accuracy(train, tracking_uri, tmp_path)
     assert parent.data.tags["mnist_exp.best_run_id"] == best.info.run_id
 
 
+@pytest.mark.process
 def test_a_search_space_with_an_unknown_key_fails_at_the_start(train, tracking_uri, tmp_path):
     (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
     space = {
@@ -106,6 +110,7 @@ def test_a_search_space_with_an_unknown_key_fails_at_the_start(train, tracking_u
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.process
 def test_an_optimized_metric_never_logged_fails_at_the_start(train, tracking_uri):
     for metric, reason in [("val_accuracy", "set data.val_size"), ("accuracy", "must be one of")]:
         proc = train("-m", f"optimized_metric={metric}", "optimizer.lr=0.001,0.002", check=False)
@@ -115,6 +120,7 @@ def test_an_optimized_metric_never_logged_fails_at_the_start(train, tracking_uri
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.process
 def test_compare_writes_markdown_for_an_experiment(train, tracking_uri, tmp_path: Path):
     train("optimizer.lr=0.002", *SMALL)
     out = tmp_path / "runs.md"
@@ -129,6 +135,7 @@ def test_compare_writes_markdown_for_an_experiment(train, tracking_uri, tmp_path
     assert len(lines) == 3
 
 
+@pytest.mark.process
 def test_each_job_of_a_sequential_sweep_counts_only_its_own_start_up(train, tracking_uri):
     """`startup_s` of a sweep's later jobs leaves out the jobs before them."""
     train("-m", "trainer.seed=0,1,2,3", *SMALL)

@@ -20,6 +20,7 @@ from PIL import Image
 from mnist_exp.training.networks import ConvNet
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_small_run_records_everything_in_mlflow(train, tracking_uri: str, tmp_path: Path):
     proc = train(*SMALL, "optimizer.lr=0.002", "trainer.print_every_n_steps=5")
@@ -61,6 +62,7 @@ def test_a_small_run_records_everything_in_mlflow(train, tracking_uri: str, tmp_
     assert (tmp_path / "run" / "model.ckpt").is_file()
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_log_every_n_steps_and_a_validation_split(train, tracking_uri: str):
     train(*SMALL, "trainer.log_every_n_steps=3", "data.val_size=500")
@@ -74,6 +76,7 @@ def test_log_every_n_steps_and_a_validation_split(train, tracking_uri: str):
     assert run.data.params["data.val_size"] == "500"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_the_seeds_own_setting_trains_one_image_a_step(train, tracking_uri: str):
     train("experiment=seed", "data.max_train_samples=24", "data.max_test_samples=50")
@@ -85,6 +88,7 @@ def test_the_seeds_own_setting_trains_one_image_a_step(train, tracking_uri: str)
     assert 0 <= run.data.metrics["test_accuracy"] <= 1
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_an_exception_during_training_marks_the_run_failed(
     train_command, tracking_uri: str, tmp_path: Path
@@ -108,6 +112,7 @@ def test_an_exception_during_training_marks_the_run_failed(
     assert run.data.tags["mnist_exp.error"] == "RuntimeError: the forward pass failed"
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_sigterm_marks_the_run_killed(data_root: Path, tracking_uri: str, tmp_path: Path):
     cmd = [
@@ -138,6 +143,7 @@ def test_sigterm_marks_the_run_killed(data_root: Path, tracking_uri: str, tmp_pa
     assert MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -155,6 +161,7 @@ def test_unknown_option_or_key_fails_in_hydra_without_a_run(
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("override", "key"),
     [
@@ -179,6 +186,7 @@ def test_impossible_values_are_one_clear_line_without_a_run(train, tracking_uri,
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_missing_dataset_is_one_clear_line(train, tracking_uri, tmp_path: Path):
     proc = train(f"data.root={tmp_path}/empty", "data.download=false", check=False)
@@ -189,6 +197,7 @@ def test_missing_dataset_is_one_clear_line(train, tracking_uri, tmp_path: Path):
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_fewer_classes_than_the_data_has_is_one_clear_line(train, tracking_uri):
     """`model.num_classes=3` on MNIST's 10 digits: refused before any run exists."""
@@ -201,6 +210,7 @@ def test_fewer_classes_than_the_data_has_is_one_clear_line(train, tracking_uri):
     assert runs_in(tracking_uri) == []
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_store_that_cannot_be_opened_is_named(train, tmp_path: Path):
     blocker = tmp_path / "not-a-folder"
@@ -212,6 +222,7 @@ def test_a_store_that_cannot_be_opened_is_named(train, tmp_path: Path):
     assert last.startswith(f"error: cannot open the MLflow tracking store {uri}")
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_tracking_server_that_is_down_is_one_line_from_every_command(tmp_path: Path):
     """MLFLOW_TRACKING_URI names a server that is not running: each command says so in a line
@@ -239,6 +250,7 @@ def test_a_tracking_server_that_is_down_is_one_line_from_every_command(tmp_path:
         assert "Traceback" not in proc.stderr, command
 
 
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_bad_value_from_the_environment_is_one_line_from_the_tools(tmp_path: Path):
     """Config values that come from environment variables are checked by the tools too."""

@@ -78,6 +78,7 @@ def ui(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
         log.close()
 
 
+@pytest.mark.process
 def test_the_experiment_lists_the_sweeps_runs_with_their_test_accuracy(ui, tmp_path: Path):
     assert CHROMIUM.is_file(), "no /usr/bin/chromium: apt-get install chromium (.ci/run does)"
     from playwright.sync_api import expect, sync_playwright

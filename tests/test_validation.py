@@ -176,6 +176,7 @@ def test_good_values_pass(override: str) -> None:
     _check([override])
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("override", "start"),
     [
