@@ -27,7 +27,8 @@ from optuna.trial import TrialState
 
 from mnist_exp import names
 from mnist_exp.config.paths import composed
-from mnist_exp.search.checks import SearchChecks
+from mnist_exp.errors import UserError
+from mnist_exp.runner.sweep import SweepCallback
 from mnist_exp.search.space import parse
 from mnist_exp.training import engine
 from mnist_exp.training.data import Data, Split
@@ -118,17 +119,16 @@ def test_a_callback_stops_training_after_an_epoch_that_all_callbacks_see() -> No
 def test_a_search_that_cannot_work_is_refused_in_one_line(
     tracking_uri: str, override: str, message: str
 ) -> None:
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(UserError) as refused:
         _check(tracking_uri, override)
-    assert str(refused.value).startswith("error: ") and message in str(refused.value)
-    assert "\n" not in str(refused.value)
+    assert message in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_a_study_of_the_other_direction_is_refused(tracking_uri: str, tmp_path: Path) -> None:
     db = tmp_path / "mlruns" / "optuna.db"
     db.parent.mkdir(parents=True)
     optuna.create_study(storage=f"sqlite:///{db}", study_name="mnist-exp", direction="minimize")
-    with pytest.raises(SystemExit, match="study 'mnist-exp' in sqlite:///.* is to minimize"):
+    with pytest.raises(UserError, match="study 'mnist-exp' in sqlite:///.* is to minimize"):
         _check(tracking_uri)
     _check(tracking_uri, "hydra.sweeper.study_name=another")  # a new study is fine
 
@@ -137,7 +137,7 @@ def _check(tracking_uri: str, *overrides: str) -> None:
     """What `mnist-train -m hparams_search=optuna OVERRIDES` checks before its parent run."""
     args = ["hparams_search=optuna", f"mlflow.tracking_uri={tracking_uri}", *overrides]
     with composed(args, with_hydra=True) as cfg:
-        SearchChecks().on_multirun_start(cfg)
+        SweepCallback().check(cfg)
 
 
 @pytest.mark.process

@@ -6,6 +6,7 @@ it reads from `HydraConfig`. The run's end is recorded by `lifecycle.recording`.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -22,7 +23,6 @@ from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import UserError
 from mnist_exp.runner import job_log, lifecycle
 from mnist_exp.runner.naming import name_from
-from mnist_exp.runner.trial import SearchJob
 from mnist_exp.tracking import processes
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.redaction import redact
@@ -68,8 +68,12 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
         **{str(k): str(v) for k, v in cfg.mlflow.tags.items()},
         **(extra_tags or {}),
     }
-    job = SearchJob.of(cfg, hydra_cfg)  # a trial of an Optuna search, or nothing
-    tags |= job.tags()
+    trial = None
+    if in_sweep and hydra_cfg.sweeper.get("trial") is not None:  # an Optuna search's job
+        from mnist_exp.runner.search_trial import SearchTrial
+
+        trial = SearchTrial(hydra_cfg.sweeper, cfg)
+        tags |= trial.tags()
     state, start = None, (0, 0)
     if cfg.trainer.resume:
         from mnist_exp.runner.resume import resumable  # imports MLflow: only when resuming
@@ -106,15 +110,16 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
         log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
     with (
         lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]),
-        job.training(recorder.run_id),
+        trial.running(recorder.run_id) if trial else contextlib.nullcontext(),
     ):
         from mnist_exp.runner.train_eval import train_and_evaluate
 
+        callbacks = [trial] if trial else []
         test, metrics = train_and_evaluate(
-            cfg, setup, recorder, out_dir, start, in_sweep, _startup_s, callbacks=job.callbacks
+            cfg, setup, recorder, out_dir, start, in_sweep, _startup_s, callbacks=callbacks
         )
-        if job.trial is not None:
-            recorder.set_tags(job.tags())  # pruned, and after which epoch
+        if trial:
+            recorder.set_tags(trial.tags())  # pruned, and after which epoch
     from mnist_exp.report.console import summary
 
     # All recorded (the model too) before the summary says so: their errors are raised here.
@@ -133,7 +138,8 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     )
     job_log.upload(recorder, start[0])  # after the summary, so that the log holds it too
     recorder.end("FINISHED")
-    job.finish(metrics)
+    if trial:
+        trial.finish(metrics)
     return RunResult(recorder.run_id, "FINISHED", metrics, weights, out_dir)
 
 

@@ -4,27 +4,36 @@ failed, the best trial and its params, and Optuna's own pictures (matplotlib, as
 from __future__ import annotations
 
 import logging
-import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig
 from optuna.trial import TrialState
 
 from mnist_exp import names
 from mnist_exp.search.settings import Settings
-from mnist_exp.search.study import counted
+from mnist_exp.search.study import counted, open_storage, open_study
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Metrics and tags for the parent run, Optuna's pictures, and the line that says it all."""
+
+    metrics: dict[str, int]  # trials by how they ended
+    tags: dict[str, str]
+    pictures: list[Path]
+    line: str
+
 
 log = logging.getLogger("mnist_exp")
 
 
-def summarise(
-    study: optuna.Study, settings: Settings, config: DictConfig, parent: str | None
-) -> None:
-    """Log the outcome, and record it on the `parent` run (when the sweep has one)."""
+def outcome(settings: Settings, metric: str, folder: Path) -> Outcome:
+    """What the study holds now, its pictures drawn into `folder`, for the sweep's parent run."""
+    study = open_study(settings, open_storage(settings), create=False)
     trials = counted(study)
     by_state = {
         s: sum(t.state == s for t in trials)
@@ -45,20 +54,9 @@ def summarise(
     if best is not None:
         params = " ".join(f"{k}={v}" for k, v in best.params.items())
         tags = {names.BEST_TRIAL_TAG: str(best.number), names.BEST_PARAMS_TAG: params}
-        line += f"; best trial {best.number}: {config.optimized_metric} {best.value:.4f} ({params})"
-    log.info(line + f"\nDashboard: optuna-dashboard {settings.storage}")
-    if not parent:
-        return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(config.mlflow.tracking_uri)
-    for key, value in metrics.items():
-        client.log_metric(parent, key, value, step=0)
-    for key, text in tags.items():
-        client.set_tag(parent, key, text)
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in _pictures(study, Path(tmp)):
-            client.log_artifact(parent, str(path), names.OPTUNA_PLOTS)
+        line += f"; best trial {best.number}: {metric} {best.value:.4f} ({params})"
+    line += f"\nDashboard: optuna-dashboard {settings.storage}"
+    return Outcome(metrics, tags, _pictures(study, folder), line)
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

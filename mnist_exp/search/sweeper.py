@@ -27,19 +27,19 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from mnist_exp.config.checks import check_search_space
 from mnist_exp.errors import UserError
 from mnist_exp.names import STUDY_PARENT_RUN_ATTR
+from mnist_exp.search import PLUGIN_NAME
 from mnist_exp.search import study as studies
 from mnist_exp.search.settings import Settings
 from mnist_exp.search.space import SearchSpace, parse
-from mnist_exp.search.summary import best_trial, summarise
+from mnist_exp.search.summary import best_trial
 from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
 from mnist_exp.tracking.redaction import redact
 
 log = logging.getLogger("mnist_exp")
-# The name conf/hydra/sweeper/optuna.yaml's `_target_` gives the sweeper (see `register`).
 WAIT_S = 2  # between looks at trials that run elsewhere, once none is left to launch here
-PLUGIN_NAME = "hydra_plugins.mnist_exp_search.OptunaSweeper"
 
 
 class OptunaSweeper(Sweeper):
@@ -53,16 +53,14 @@ class OptunaSweeper(Sweeper):
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.config = self.sweep_config = config  # the base class keeps it as Optional
-        try:
-            self.settings = Settings.of(config.hydra.sweeper, config)
-        except UserError as exc:
-            sys.exit(f"error: {exc}")
+        self.settings = Settings.of(config.hydra.sweeper, config)  # checked by the callback
         self.launcher: Launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        """Run trials until the study holds `n_trials` that count; then record the outcome."""
+        """Run trials until the study holds `n_trials` that count (the sweep callback then
+        records the outcome on the parent run)."""
         settings = self.settings
         try:
             space = parse(settings.params, arguments)
@@ -94,7 +92,6 @@ class OptunaSweeper(Sweeper):
                 break
         if elsewhere:
             log.info(f"{elsewhere} trials of the study are still running elsewhere")
-        summarise(study, settings, self.sweep_config, parent)
         best = best_trial(study)
         if best is not None:
             OmegaConf.save(
@@ -137,6 +134,17 @@ class OptunaSweeper(Sweeper):
         for trial_id, job in zip(ids, returns, strict=True):
             if (frozen := _fail(study, storage, trial_id)) is not None:
                 log.error(f"Optuna trial {frozen.number} failed: {_why(job)}")
+
+
+def prepare(config: DictConfig) -> Settings:
+    """Register the sweeper with Hydra, and refuse (`UserError`) a search that cannot work: its
+    settings, its search space, its storage, an existing study's direction."""
+    register()
+    settings = Settings.of(config.hydra.sweeper, config)
+    space = parse(settings.params, list(config.hydra.overrides.task))
+    check_search_space(config, [*space.distributions, *space.fixed])
+    studies.check_study(settings, studies.open_storage(settings))
+    return settings
 
 
 def register() -> None:

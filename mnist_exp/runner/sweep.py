@@ -1,0 +1,128 @@
+"""The one Hydra callback (conf/config.yaml): what a run or sweep needs before it starts and
+after its last job, in the order it needs it.
+
+Before a run: its folder must be writable. Before a sweep: its folder, the config and, for an
+Optuna search, the search itself are checked once, each refusal one line before anything runs;
+on the basic launcher the first job's tracker starts, then the sweep's MLflow parent run is
+opened, which each job's run joins as a child through an environment variable. After the last
+job the parent records the outcome (and a search's) and ends; the only writer of the parent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from mnist_exp.config.checks import check_config, check_search_space
+from mnist_exp.errors import UserError
+from mnist_exp.names import OPTUNA_PLOTS
+from mnist_exp.search import PLUGIN_NAME
+from mnist_exp.tracking.http import configure_requests
+from mnist_exp.tracking.redaction import redact
+
+if TYPE_CHECKING:
+    from mnist_exp.search.settings import Settings
+    from mnist_exp.tracking.mlflow_run import MlflowRun
+
+log = logging.getLogger("mnist_exp")
+_T = TypeVar("_T")
+
+
+class SweepCallback(Callback):
+    """Hydra instantiates it for every command; MLflow and Optuna load only for a sweep."""
+
+    def __init__(self) -> None:
+        self.parent: MlflowRun | None = None
+        self.search: Settings | None = None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _refuse_on_error(lambda: _check_writable(Path(config.hydra.run.dir), "hydra.run.dir"))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _refuse_on_error(lambda: self.check(config))
+        if config.hydra.runtime.choices.get("hydra/launcher") == "basic":
+            # The first job runs in this process: its tracker imports MLflow and creates a new
+            # store on the other core while this process imports torch.
+            from mnist_exp.tracking import remote
+
+            mlflow = config.mlflow
+            remote.start_tracker_early(
+                mlflow.tracking_uri, mlflow.experiment_name, bool(mlflow.log_model)
+            )
+            import mnist_exp.runner.build  # noqa: F401  (torch, for the first job)
+        from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
+        from mnist_exp.tracking.parent import open_parent
+
+        self.parent = _refuse_on_error(lambda: open_parent(config))
+        os.environ[PARENT_RUN_ENV] = self.parent.run_id
+        atexit.register(self._abandon)
+        uri = redact(config.mlflow.tracking_uri)
+        log.info(f"Sweep parent run {self.parent.run_id} in {uri}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
+        from mnist_exp.tracking.parent import record_outcome
+
+        parent, self.parent = self.parent, None
+        os.environ.pop(PARENT_RUN_ENV, None)
+        if parent is None:
+            return
+        lines = [record_outcome(parent, config)]
+        if self.search is not None:
+            from mnist_exp.search.summary import outcome
+
+            with tempfile.TemporaryDirectory() as tmp:
+                found = outcome(self.search, config.optimized_metric, Path(tmp))
+                parent.log_metrics(found.metrics, step=0)
+                parent.set_tags(found.tags)
+                for picture in found.pictures:
+                    parent.log_artifact(picture, OPTUNA_PLOTS)
+            lines.insert(0, found.line)
+        parent.end("FINISHED")
+        log.info("\n".join([*lines, f"Compare them: mnist-compare {parent.run_id}"]))
+
+    def check(self, config: DictConfig) -> None:
+        """Refuse (`UserError`) a sweep that cannot work, before anything of it exists."""
+        _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        check_config(config)
+        configure_requests(config.mlflow)
+        if config.hydra.sweeper.get("_target_") == PLUGIN_NAME:
+            from mnist_exp.search.sweeper import prepare
+
+            self.search = prepare(config)
+        else:
+            check_search_space(config)
+
+    def _abandon(self) -> None:
+        """At exit, a parent the sweep never closed (it crashed or was interrupted) is FAILED."""
+        if self.parent is not None:
+            self.parent.end("FAILED")
+
+
+def _refuse_on_error(check: Callable[[], _T]) -> _T:
+    """`check()`, or the one-line `error: ...` of its `UserError` as the command's end."""
+    try:
+        return check()
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def _check_writable(folder: Path, key: str) -> None:
+    """Hydra creates the run folder before the run and would answer with a stack trace."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the run folder {folder} ({exc.strerror or exc}): "
+            f"set {key} to a writable folder, or free space on its disk"
+        ) from exc

@@ -1,0 +1,135 @@
+"""A sweep's MLflow parent run: opened before its jobs (a search's study keeps one, reopened each
+time it goes on), and at the end what the jobs came to: counts, the best child, a picture."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from mnist_exp import names
+from mnist_exp.report import table
+from mnist_exp.report.sweep_plot import plot_sweep
+from mnist_exp.tracking import store
+from mnist_exp.tracking.mlflow_run import MlflowRun
+from mnist_exp.tracking.queries import sweep_runs
+from mnist_exp.tracking.redaction import redact
+
+
+def open_parent(config: DictConfig) -> MlflowRun:
+    """Start the sweep's parent run, or reopen the one of the study a search continues."""
+    client, experiment_id = store.open_store(
+        config.mlflow.tracking_uri, config.mlflow.experiment_name
+    )
+    sweep_dir = Path(config.hydra.sweep.dir)
+    study = _study_tags(config)
+    params = config.hydra.sweeper.get("params") or {}
+    tags = store.source_tags(Path.cwd()) | study
+    tags |= {
+        names.SWEEP_TAG: "true",
+        names.METRIC_TAG: config.optimized_metric,
+        names.SWEEP_OVERRIDES_TAG: " ".join(config.hydra.overrides.task),
+        names.SWEEP_PARAMS_TAG: " ".join(f"{k}={v}" for k, v in params.items()),
+        names.SWEEPER_TAG: str(config.hydra.runtime.choices.get("hydra/sweeper")),
+        names.LAUNCHER_TAG: str(config.hydra.runtime.choices.get("hydra/launcher")),
+        names.SWEEP_DIR_TAG: str(sweep_dir),
+        names.SWEEP_OPENED_TAG: str(time.time_ns() // 1_000_000),
+    }
+    retry_for_s = float(config.mlflow.retry_for_s)
+    earlier = _study_parent(client, experiment_id, study) if study else None
+    if earlier is None:
+        name = f"study {study[names.STUDY_TAG]}" if study else None
+        parent = MlflowRun.start(
+            client,
+            experiment_id,
+            run_name=name or f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
+            params={},
+            tags=tags,
+            retry_for_s=retry_for_s,
+        )
+        if not study:
+            return parent
+        # Two commands starting one study at once each made one: the earlier stays.
+        earlier = _study_parent(client, experiment_id, study)
+        if earlier == parent.run_id:
+            return parent
+        client.delete_run(parent.run_id)
+    assert earlier is not None
+    parent = MlflowRun.reopen(client, earlier, retry_for_s)
+    parent.set_tags(tags)
+    return parent
+
+
+def record_outcome(parent: MlflowRun, config: DictConfig) -> str:
+    """Name each child after its swept overrides and record on the parent how many jobs
+    finished and failed, the best child by `optimized_metric` and the sweep's picture;
+    returns the summary line."""
+    client = parent.client
+    run = client.get_run(parent.run_id)
+    _name_by_swept_overrides(client, sweep_runs(client, run))
+    children = sweep_runs(client, run)
+    # A job that failed before it could open a run left only its folder behind.
+    jobs = max(len(list(Path(config.hydra.sweep.dir).glob("*/.hydra"))), len(children))
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    failed = jobs - len(finished)
+    counts = {names.SWEEP_JOBS: jobs, names.SWEEP_FINISHED: len(finished)}
+    parent.log_metrics(counts | {names.SWEEP_FAILED: failed}, step=0)
+    metric = config.optimized_metric
+    summary = f"Sweep {parent.run_id}: {jobs} jobs, {len(finished)} finished, {failed} failed"
+    unpruned = [r for r in finished if r.data.tags.get(names.PRUNED_TAG) != "true"]
+    scored = [r for r in unpruned if not math.isnan(r.data.metrics.get(metric, math.nan))]
+    if scored:
+        best = table.rank(scored, metric)[0]
+        parent.set_tags(
+            {
+                names.BEST_RUN_ID_TAG: best.info.run_id,
+                names.BEST_RUN_NAME_TAG: best.info.run_name or "",
+                names.BEST_OVERRIDES_TAG: best.data.tags.get(names.OVERRIDES_TAG, ""),
+            }
+        )
+        value = best.data.metrics[metric]
+        parent.log_metrics({names.BEST_PREFIX + metric: value}, step=0)
+        goal = names.OPTIMIZABLE_METRICS[metric]
+        summary += f"; best {metric} ({goal}) {value:.4f} by run {best.info.run_id} "
+        summary += f"({best.info.run_name})"
+    with tempfile.TemporaryDirectory() as tmp:
+        picture = Path(tmp) / "sweep.png"
+        if plot_sweep(children, metric, picture):
+            parent.log_artifact(picture)
+    return summary
+
+
+def _study_tags(config: DictConfig) -> dict[str, str]:
+    """The study a sweeper keeps (name, storage with credentials redacted); {} for none."""
+    sweeper = config.hydra.sweeper
+    name, storage = sweeper.get("study_name"), sweeper.get("storage")
+    if not name or not storage:
+        return {}
+    return {names.STUDY_TAG: str(name), names.STORAGE_TAG: redact(str(storage))}
+
+
+def _study_parent(client: MlflowClient, experiment_id: str, study: dict[str, str]) -> str | None:
+    """The id of the study's parent run in the experiment: the earliest, if there are two."""
+    runs = client.search_runs(
+        [experiment_id],
+        # The sweeper refuses a study name holding a quote, which a filter string cannot hold.
+        filter_string=f"tags.`{names.STUDY_TAG}` = '{study[names.STUDY_TAG]}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
+    found = [r for r in runs if all(r.data.tags.get(k) == v for k, v in study.items())]
+    return found[0].info.run_id if found else None
+
+
+def _name_by_swept_overrides(client: MlflowClient, children: list[Run]) -> None:
+    """Rename each child after the overrides that differ between jobs: `lr=0.003,batch_size=128`."""
+    keys, given = table.swept_overrides(children)
+    for run, overrides in zip(children, given, strict=True):
+        name = table.short_name({k: overrides[k] for k in keys if k in overrides})
+        if name and name != run.info.run_name:
+            client.set_tag(run.info.run_id, names.RUN_NAME_TAG, name)
