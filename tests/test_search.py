@@ -135,7 +135,9 @@ def test_a_study_of_the_other_direction_is_refused(tracking_uri: str, tmp_path: 
 
 def _check(tracking_uri: str, *overrides: str) -> None:
     """What `mnist-train -m hparams_search=optuna OVERRIDES` checks before its parent run."""
+    folder = Path(tracking_uri.removeprefix("sqlite:///")).parents[1] / "sweep"
     args = ["hparams_search=optuna", f"mlflow.tracking_uri={tracking_uri}", *overrides]
+    args.append(f"hydra.sweep.dir={folder}")
     with composed(args, with_hydra=True) as cfg:
         SweepCallback().check(cfg)
 
