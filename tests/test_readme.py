@@ -1,8 +1,10 @@
-"""README.md against the code: it names what exists, and what it names exists.
+"""README.md and docs/ against the code: they name what exists, and what they name exists.
 
-- the layout table has a row for every module of `mnist_exp/` (every `.py` file but
-  `__init__.py`, whose package gets a row as `folder/`), and no row for anything missing;
-- the quick start still holds the two commands CI and newcomers run;
+- the README's layout table has a row for every folder of `mnist_exp/` and the top level,
+  and no row for anything missing; its quick start still holds the two commands CI and
+  newcomers run; it stays short (16 KB);
+- docs/reference.md names every option of every config group, and every metric and tag name
+  of `mnist_exp/names.py`;
 - every `mnist-*` command is an entry point of pyproject.toml, every `python -m mnist_exp.*`
   a runnable module, every project path a file or folder, and every `mnist-train` command's
   overrides compose into a config that passes the range checks.
@@ -18,23 +20,26 @@ from pathlib import Path
 
 import pytest
 
+from mnist_exp import names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PERFORMANCE = ROOT / "docs" / "performance.md"
+DOCS = ROOT / "docs"
+REFERENCE = DOCS / "reference.md"
 PACKAGE = ROOT / "mnist_exp"
 # The top-level folders the layout table names beside the package.
 TOP_LEVEL = ("conf/", "scripts/", "tests/", "outputs/", "mlruns/", "docs/")
+README_MAX_BYTES = 16 * 1024
 QUICK_START = ("bash scripts/setup.sh && .venv/bin/mnist-train", "bash scripts/test.sh")
 NOT_COMMANDS = {"mnist-exp"}  # the project's name, not a command
 
 
-def _section(title: str) -> str:
-    """The text of README's `## title` section, up to the next `## ` heading."""
-    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README.read_text(), re.M | re.S)
-    assert found, f"README.md has no '## {title}' section"
+def _section(title: str, path: Path = README) -> str:
+    """The text of a document's `## title` section, up to the next `## ` heading."""
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", path.read_text(), re.M | re.S)
+    assert found, f"{path.name} has no '## {title}' section"
     return found.group(1)
 
 
@@ -43,20 +48,13 @@ def _layout_rows() -> list[str]:
     return re.findall(r"^\|\s*`([^`]+)`\s*\|", _section("Layout"), re.M)
 
 
-def _package_entries() -> set[str]:
-    """What the table must name: modules as `runner/run.py`, sub-packages as `runner/`."""
-    entries = set()
-    for path in PACKAGE.rglob("*.py"):
-        relative = path.relative_to(PACKAGE)
-        if path.name != "__init__.py":
-            entries.add(relative.as_posix())
-        elif relative.parent != Path("."):
-            entries.add(f"{relative.parent.as_posix()}/")
-    return entries
+def _folders() -> set[str]:
+    """What the table must name: the package and each of its sub-packages, as `mnist_exp/x/`."""
+    return {f"{path.parent.relative_to(ROOT).as_posix()}/" for path in PACKAGE.rglob("__init__.py")}
 
 
 def _documents() -> list[tuple[str, str]]:
-    return [(p.relative_to(ROOT).as_posix(), p.read_text()) for p in (README, PERFORMANCE)]
+    return [(p.relative_to(ROOT).as_posix(), p.read_text()) for p in (README, *DOCS.glob("*.md"))]
 
 
 def _entry_points() -> dict[str, str]:
@@ -87,30 +85,50 @@ def _train_commands() -> list[tuple[str, ...]]:
     )
 
 
-def test_layout_table_names_every_module_and_package() -> None:
-    missing = sorted(_package_entries() - set(_layout_rows()))
-    assert not missing, f"README.md's layout table has no row for {missing} (under mnist_exp/)"
-
-
-def test_layout_table_names_the_top_level_folders() -> None:
-    missing = [folder for folder in TOP_LEVEL if folder not in _layout_rows()]
+def test_layout_table_names_every_folder_of_the_package_and_the_top_level() -> None:
+    missing = sorted((_folders() | set(TOP_LEVEL)) - set(_layout_rows()))
     assert not missing, f"README.md's layout table has no row for {missing}"
 
 
 def test_layout_table_names_nothing_that_is_not_there() -> None:
     rows = _layout_rows()
-    assert len(rows) == len(set(rows)), "README.md's layout table names a path twice"
-    gone = []
-    for row in rows:
-        if row in TOP_LEVEL:
-            exists = (ROOT / row).is_dir()
-        elif row.endswith("/"):
-            exists = (PACKAGE / row / "__init__.py").is_file()
-        else:
-            exists = row.endswith(".py") and (PACKAGE / row).is_file()
-        if not exists:
-            gone.append(row)
-    assert not gone, f"README.md's layout table names {gone}, which mnist_exp/ does not have"
+    assert len(rows) == len(set(rows)), "README.md's layout table names a folder twice"
+    gone = [row for row in rows if not (row.endswith("/") and (ROOT / row).is_dir())]
+    assert not gone, f"README.md's layout table names {gone}, which are not folders here"
+
+
+def test_the_readme_stays_short() -> None:
+    size = len(README.read_bytes())
+    assert size <= README_MAX_BYTES, (
+        f"README.md is {size} bytes: keep it to the tour (at most {README_MAX_BYTES}); "
+        f"reference material goes in docs/reference.md"
+    )
+
+
+def test_the_reference_names_every_option_of_every_group() -> None:
+    table = _section("Configuration", REFERENCE)
+    rows = {m[0]: m[1] for m in re.findall(r"^\| `([\w/]+)` \| ([^|]*) \|", table, re.M)}
+    for group in sorted(p for p in (ROOT / "conf").rglob("*") if p.is_dir()):
+        name = group.relative_to(ROOT / "conf").as_posix()
+        if name in ("hydra", "hydra/help"):
+            continue  # Hydra's own node, and --help's text: nothing to choose
+        assert name in rows, f"docs/reference.md's configuration table has no row for {name}"
+        for option in sorted(f.stem for f in group.glob("*.yaml")):
+            assert f"`{option}`" in rows[name], f"docs/reference.md: {name} lacks `{option}`"
+
+
+def test_the_reference_names_every_metric_and_tag() -> None:
+    text = _section("What every run leaves in MLflow", REFERENCE)
+    named = {
+        value
+        for key, value in vars(names).items()
+        if isinstance(value, str) and key.endswith(("_TAG", "_S", "_LOSS", "_ACCURACY"))
+    }
+    named |= {names.EPOCH, names.TRAIN_IMAGES_PER_S, names.SWEEP_JOBS, names.SWEEP_FINISHED}
+    named |= {names.SWEEP_FAILED, names.TRIALS_COMPLETE, names.TRIALS_PRUNED}
+    named |= {names.TRIALS_FAILED, names.RUN_LOG, names.REQUIREMENTS, names.FINAL_WEIGHTS}
+    missing = sorted(n for n in named if n not in text)
+    assert not missing, f"docs/reference.md does not say what these are: {missing}"
 
 
 def test_quick_start_holds_the_two_commands() -> None:
