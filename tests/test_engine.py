@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mnist_exp.training import checkpoint
+from mnist_exp.training.checkpoint import restore_training_state, training_state
 from mnist_exp.training.data import Data, Split, batch_indices
 from mnist_exp.training.engine import (
     Callback,
@@ -157,8 +159,6 @@ def test_evaluate_counts_correct_predictions_in_eval_mode() -> None:
 
 def test_resuming_from_a_saved_state_matches_an_uninterrupted_fit(tmp_path) -> None:
     """Stop after epoch 1, save through a weights-only checkpoint, restore, finish epoch 2."""
-    from mnist_exp.training import checkpoint
-    from mnist_exp.training.engine import restore_training_state, training_state
 
     def setup(seed: int):
         seed_everything(seed)
@@ -213,8 +213,6 @@ def _diverge(model, lr: float, split, recorder, epochs: int, **steps) -> NonFini
 
 def test_a_checkpoint_saved_in_another_layout_resumes_the_same_fused_adam_step() -> None:
     """Torch's fused CPU Adam misreads moments whose strides differ from their parameter's."""
-    from mnist_exp.training.engine import restore_training_state, training_state
-
     seed_everything(0)
     saved = ConvNet().to(memory_format=torch.channels_last)
     adam = torch.optim.Adam(saved.parameters(), lr=0.01, fused=True)

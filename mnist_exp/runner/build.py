@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp.config.refusals import refusal
 from mnist_exp.errors import UserError, one_line
-from mnist_exp.training import allocator, data, engine, image_folder
+from mnist_exp.training import allocator, checkpoint, data, engine, image_folder
 
 log = logging.getLogger("mnist_exp")
 
@@ -75,7 +75,7 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
             ) from exc
     if state is not None:
         try:
-            engine.restore_training_state(state, model, optimizer, scheduler)
+            checkpoint.restore_training_state(state, model, optimizer, scheduler)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
                 f"trainer.resume: the checkpoint of run {state['run_id']} does not fit this "
