@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mnist_exp.training import checkpoint
 from mnist_exp.training.checkpoint import restore_training_state, training_state
+from mnist_exp.training.compute import cpu_threads, plain_cpu_convolutions, seed_everything
 from mnist_exp.training.data import Data, Split, batch_indices
 from mnist_exp.training.engine import (
     Callback,
@@ -18,12 +19,9 @@ from mnist_exp.training.engine import (
     Schedule,
     StepOptions,
     _warm_up,
-    cpu_threads,
     epoch_generator,
     evaluate,
     fit,
-    plain_cpu_convolutions,
-    seed_everything,
 )
 from mnist_exp.training.networks import ConvNet, WideConvNet
 

@@ -9,8 +9,9 @@ import torch
 from conftest import SMALL, cli, loss_history, only_run, runs_in
 from mlflow.tracking import MlflowClient
 
+from mnist_exp.training.compute import seed_everything
 from mnist_exp.training.data import Data, Split
-from mnist_exp.training.engine import Callback, Schedule, StepOptions, fit, seed_everything
+from mnist_exp.training.engine import Callback, Schedule, StepOptions, fit
 from mnist_exp.training.networks import ConvNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

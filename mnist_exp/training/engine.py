@@ -5,34 +5,26 @@ Nothing here knows about Hydra or MLflow. Whoever wants the numbers passes a `Ca
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
-import os
-import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from mnist_exp.errors import UserError, one_line
-from mnist_exp.names import EPOCH_SECONDS, PRECISIONS, TRAIN_IMAGES_PER_S, VAL_ACCURACY, VAL_LOSS
+from mnist_exp.errors import one_line
+from mnist_exp.names import EPOCH_SECONDS, TRAIN_IMAGES_PER_S, VAL_ACCURACY, VAL_LOSS
 from mnist_exp.training import cuda_graph as graphs
+from mnist_exp.training.compute import autocast, step_kernels
 from mnist_exp.training.data import Data, Split, batch_indices
 
 log = logging.getLogger(__name__)
-
-_DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16), strict=True))  # autocast to
-# Up to this batch size a CPU step runs on one thread: a second thread costs more in
-# synchronisation than it shares, and the other core is left to the run's MLflow tracker.
-ONE_THREAD_UP_TO = 4
 
 
 class Callback:
@@ -78,75 +70,6 @@ class EvalResult:
     total: int
     predictions: Tensor | None = None  # int64, one per image in split order, on the CPU
     targets: Tensor | None = None  # the split's labels, on the CPU
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for `cuda` without it is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"device={name} but this machine has no usable CUDA GPU "
-            f"(torch {torch.__version__}): use device=auto or device=cpu"
-        )
-    return torch.device(name)
-
-
-def cpu_threads(batch_size: int, cores: int) -> int:
-    """How many threads a CPU step at `batch_size` runs best on, given `cores` to use."""
-    return 1 if batch_size <= ONE_THREAD_UP_TO else max(1, cores)
-
-
-def plain_cpu_convolutions(device: torch.device, batch_size: int, precision: str) -> bool:
-    """Whether training here runs faster on PyTorch's own convolutions, in NCHW.
-
-    On a CPU at batch size 1 in fp32 they beat oneDNN's, which repack the weights at every
-    call. From batch size 2 on, and in bf16, oneDNN's win (docs/performance.md).
-    """
-    return device.type == "cpu" and batch_size == 1 and _DTYPES[precision] is None
-
-
-def trains_channels_last(
-    requested: bool, device: torch.device, batch_size: int, precision: str
-) -> bool:
-    """Whether a run that asks for channels_last (`requested`) trains in it.
-
-    Not where `plain_cpu_convolutions` trains in NCHW. Model and images both follow this.
-    """
-    return requested and not plain_cpu_convolutions(device, batch_size, precision)
-
-
-@contextlib.contextmanager
-def step_kernels(device: torch.device, batch_size: int, precision: str) -> Iterator[None]:
-    """Inside, training steps at this size run on the fastest kernels: oneDNN's or PyTorch's.
-
-    Only oneDNN's switch changes (torch's `mkldnn.flags` would also reset its other settings,
-    with a warning); it is put back on the way out.
-    """
-    before = torch.backends.mkldnn.enabled
-    if plain_cpu_convolutions(device, batch_size, precision):
-        # torch annotates the switch as its descriptor (ContextProp); it takes a bool.
-        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python's, NumPy's (when installed) and torch's RNGs; optionally force determinism.
-
-    On the CPU the loop is deterministic as it is; `deterministic` also makes CUDA pick
-    deterministic kernels (and cuBLAS a fixed workspace), at some cost in speed.
-    """
-    random.seed(seed)
-    torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        np.random.seed(seed % 2**32)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
 
 def epoch_generator(seed: int, epoch: int, purpose: str = "order") -> torch.Generator:
@@ -227,8 +150,7 @@ def fit(
     one-time start-up and compiling, which a run still pays before its first step
     (`startup_s`).
 
-    On a CPU at a batch size and precision where `plain_cpu_convolutions` says so, the steps
-    run on PyTorch's own convolutions instead of oneDNN's (evaluation keeps oneDNN's).
+    On a CPU, `compute.step_kernels` picks the steps' convolutions (evaluation keeps oneDNN's).
     """
     epochs, batch_size, seed = schedule.epochs, schedule.batch_size, schedule.seed
     precision, channels_last = steps.precision, steps.channels_last
@@ -393,7 +315,7 @@ def evaluate(
     predicted: list[Tensor] = []
     with torch.inference_mode():
         for index in _on(device, batch_indices(len(split), batch_size, None)):
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 outputs = model(split.inputs(index, channels_last))
             labels = split.labels[index]
             classes = outputs.argmax(1)
@@ -436,15 +358,6 @@ def _loss(
     `augmentation` goes to `Split.inputs`. `cache=False` keeps autocast from caching its casts,
     which a captured CUDA graph may not do.
     """
-    with _autocast(split.images.device, precision, cache):
+    with autocast(split.images.device, precision, cache):
         outputs = model(split.inputs(index, channels_last, **augmentation))
         return F.cross_entropy(outputs, split.labels[index], label_smoothing=label_smoothing)
-
-
-def _autocast(
-    device: torch.device, precision: str, cache: bool = True
-) -> contextlib.AbstractContextManager:
-    dtype = _DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
