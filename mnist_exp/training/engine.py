@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from mnist_exp.errors import one_line
 from mnist_exp.names import EPOCH_SECONDS, TRAIN_IMAGES_PER_S, VAL_ACCURACY, VAL_LOSS
-from mnist_exp.training import cuda_graph as graphs
+from mnist_exp.training import cuda_graph
 from mnist_exp.training.compute import autocast, step_kernels
 from mnist_exp.training.data import Data, Split, batch_indices
 
@@ -143,14 +142,11 @@ def fit(
     naming the first bad step, before the callbacks see that step. At the epoch's end the
     weights are checked too, so no listener is ever handed diverged weights to save.
 
-    On a CUDA device, with `steps.cuda_graph`, each full batch's forward and backward passes are
-    replayed from a CUDA graph captured before the first epoch (see `cuda_graph.CapturedStep`;
-    refused, with the reason logged, where they cannot be captured). Otherwise warm-up passes
-    come first, then are undone (see `_warm_up`). Either way `epoch_seconds` leaves out CUDA's
-    one-time start-up and compiling, which a run still pays before its first step
-    (`startup_s`).
-
-    On a CPU, `compute.step_kernels` picks the steps' convolutions (evaluation keeps oneDNN's).
+    On a CUDA device the step is made ready before the first epoch (`cuda_graph.prepare`):
+    replayed from a captured CUDA graph with `steps.cuda_graph` where it can be, else warmed up.
+    Either way `epoch_seconds` leaves out CUDA's one-time start-up and compiling, which a run
+    still pays before its first step (`startup_s`). On a CPU, `compute.step_kernels` picks the
+    steps' convolutions (evaluation keeps oneDNN's).
     """
     epochs, batch_size, seed = schedule.epochs, schedule.batch_size, schedule.seed
     precision, channels_last = steps.precision, steps.channels_last
@@ -159,19 +155,11 @@ def fit(
     captured = None
     model.train()
     if device.type == "cuda" and schedule.start_epoch < epochs:
-        why_not = graphs.unsupported(model, bool(augmentation)) if steps.cuda_graph else None
-        if steps.cuda_graph and why_not is None:
-            loss_of = functools.partial(
-                _loss, model, train, precision, channels_last, steps.label_smoothing, cache=False
-            )
-            try:
-                captured = graphs.CapturedStep(model, loss_of, batch_size, device)
-            except RuntimeError as exc:  # CUDA refused to capture: the model is as it was
-                why_not = f"capturing it failed ({one_line(exc)})"
-        if why_not is not None:
-            log.info(f"The training step is not replayed as a CUDA graph: {why_not}")
-        if captured is None:
-            _warm_up(model, train, batch_size, precision, channels_last)
+        smoothing, augmenting = steps.label_smoothing, bool(augmentation)
+        loss_of = functools.partial(_loss, model, train, precision, channels_last, smoothing)
+        captured = cuda_graph.prepare(
+            model, loss_of, len(train), batch_size, device, steps.cuda_graph, augmenting
+        )
     step = schedule.start_step
     unchecked: list[Tensor] = []  # losses not yet read back from the device
     for epoch in range(schedule.start_epoch + 1, epochs + 1):
@@ -236,37 +224,6 @@ def fit(
             log.info(f"Training stops after epoch {epoch}: {stop}")
             break
     return step
-
-
-def _warm_up(
-    model: nn.Module,
-    split: Split,
-    batch_size: int,
-    precision: str,
-    channels_last: bool,
-) -> None:
-    """Forward and backward passes at the epoch's batch shapes, then undone: before the clock.
-
-    A new CUDA process loads its kernel libraries and picks kernels at the first step (most of
-    a second), and a `torch.compile`d model compiles there: none of that is training time.
-    The model's weights and statistics are put back, its gradients dropped, the RNGs forked:
-    the run then trains exactly as without it.
-    """
-    device = split.images.device
-    shapes = [min(batch_size, len(split))]
-    if len(split) > batch_size and len(split) % batch_size:
-        shapes.append(len(split) % batch_size)  # the epoch's last, short batch
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for size in shapes * 3:
-            _loss(
-                model, split, precision, channels_last, 0.0, torch.arange(size, device=device)
-            ).backward()
-    model.load_state_dict(saved)
-    model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _check_losses(losses: list[Tensor], step: int, epoch: int) -> None:
