@@ -49,7 +49,7 @@ from mnist_exp.runner.callbacks import MetricsLogger  # noqa: E402
 from mnist_exp.tracking import processes  # noqa: E402
 from mnist_exp.tracking.remote import RemoteRun  # noqa: E402
 from mnist_exp.tracking.store import open_store  # noqa: E402
-from mnist_exp.training import allocator, data, engine  # noqa: E402
+from mnist_exp.training import allocator, compute, data, engine  # noqa: E402
 from mnist_exp.training.networks import ConvNet  # noqa: E402
 
 # Images every training loop (a, b, c) is timed over, by batch size: a whole epoch from batch
@@ -69,7 +69,7 @@ def _mode(batch: int, *overrides: str) -> dict:
     cpu = torch.device("cpu")
     return {
         "precision": precision,
-        "channels_last": engine.trains_channels_last(
+        "channels_last": compute.trains_channels_last(
             cfg.trainer.channels_last, cpu, batch, precision
         ),
         "fused": cfg.optimizer.fused,
@@ -160,7 +160,7 @@ def ours_train(
     counts twice, and all of its CPU time counts as taken from training, as it is when
     training uses every core (at batch sizes up to 4 it uses one, and the tracker another).
     """
-    engine.seed_everything(0)
+    compute.seed_everything(0)
     model = ConvNet()
     if mode["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -206,7 +206,7 @@ def pure_compute(batch: int, images: int, mode: dict) -> float:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001, fused=mode["fused"])
     dtype = torch.bfloat16 if mode["precision"] == "bf16-mixed" else None
     steps = WARMUP + images // batch
-    with engine.step_kernels(torch.device("cpu"), batch, mode["precision"]):
+    with compute.step_kernels(torch.device("cpu"), batch, mode["precision"]):
         for i in range(steps):
             if i == WARMUP:
                 start = time.perf_counter()
@@ -302,7 +302,7 @@ def _best_of(measurements: dict, batch: int, rounds: int) -> dict:
     for _ in range(rounds):
         for key, measure in measurements.items():
             # b and c run on the threads a run at this batch size picks; a and d on all.
-            threads = engine.cpu_threads(batch, CORES) if key[0] in "bc" else CORES
+            threads = compute.cpu_threads(batch, CORES) if key[0] in "bc" else CORES
             value = _on_threads(threads, measure)
             value, shares = value if isinstance(value, tuple) else (value, {})
             if value > f[key]:

@@ -147,7 +147,8 @@ def in_process(main: Callable[[list[str]], object], argv: list[str], capfd) -> E
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     old_argv = sys.argv
-    sys.argv = [argv[0] if argv else "mnist-train", *argv]
+    # The command's name, as its console script has it: mnist_exp.rerun -> mnist-rerun.
+    sys.argv = [f"mnist-{main.__module__.rsplit('.', 1)[-1]}", *argv]
     capfd.readouterr()
     code: int = 0
     message = ""

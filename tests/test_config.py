@@ -15,7 +15,7 @@ from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import CONF_DIR, PROJECT_ROOT, compose_config
 from mnist_exp.errors import UserError
 from mnist_exp.tracking.redaction import redact
-from mnist_exp.training.engine import resolve_device
+from mnist_exp.training.compute import resolve_device
 
 OPTIONS = sorted(
     (group.name, option.stem)

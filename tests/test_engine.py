@@ -3,25 +3,26 @@
 import copy
 import dataclasses
 import functools
+import logging
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from mnist_exp.training import checkpoint, cuda_graph
+from mnist_exp.training.checkpoint import restore_training_state, training_state
+from mnist_exp.training.compute import cpu_threads, plain_cpu_convolutions, seed_everything
 from mnist_exp.training.data import Data, Split, batch_indices
 from mnist_exp.training.engine import (
     Callback,
     NonFiniteLossError,
     Schedule,
     StepOptions,
-    _warm_up,
-    cpu_threads,
+    _loss,
     epoch_generator,
     evaluate,
     fit,
-    plain_cpu_convolutions,
-    seed_everything,
 )
 from mnist_exp.training.networks import ConvNet, WideConvNet
 
@@ -157,8 +158,6 @@ def test_evaluate_counts_correct_predictions_in_eval_mode() -> None:
 
 def test_resuming_from_a_saved_state_matches_an_uninterrupted_fit(tmp_path) -> None:
     """Stop after epoch 1, save through a weights-only checkpoint, restore, finish epoch 2."""
-    from mnist_exp.training import checkpoint
-    from mnist_exp.training.engine import restore_training_state, training_state
 
     def setup(seed: int):
         seed_everything(seed)
@@ -213,8 +212,6 @@ def _diverge(model, lr: float, split, recorder, epochs: int, **steps) -> NonFini
 
 def test_a_checkpoint_saved_in_another_layout_resumes_the_same_fused_adam_step() -> None:
     """Torch's fused CPU Adam misreads moments whose strides differ from their parameter's."""
-    from mnist_exp.training.engine import restore_training_state, training_state
-
     seed_everything(0)
     saved = ConvNet().to(memory_format=torch.channels_last)
     adam = torch.optim.Adam(saved.parameters(), lr=0.01, fused=True)
@@ -272,21 +269,14 @@ def test_the_warm_up_leaves_the_model_and_the_rngs_as_they_were(device: str, com
     net = torch.compile(model) if compiled else model
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state() if device == "cuda" else None
-    _warm_up(net, _tiny().train.to(torch.device(device)), 64, "bf16-mixed", True)
+    split = _tiny().train.to(torch.device(device))
+    loss_of = functools.partial(_loss, net, split, "bf16-mixed", True, 0.1)
+    cuda_graph.warm_up(net, loss_of, len(split), 64, torch.device(device))
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
     if cuda_rng is not None:
         assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
-
-
-def test_a_step_is_captured_as_a_cuda_graph_only_where_it_can_be() -> None:
-    from mnist_exp.training.cuda_graph import unsupported
-
-    model = ConvNet()
-    assert unsupported(model, augmenting=False) is None
-    assert "augmentation" in unsupported(model, augmenting=True)
-    assert "compile" in unsupported(torch.compile(model), augmenting=False)
 
 
 class _CpuGraph:
@@ -322,11 +312,36 @@ def _cpu_capture(model, loss, device):
     return graph, graph.loss
 
 
+def test_a_step_is_captured_as_a_cuda_graph_only_where_it_can_be(monkeypatch, caplog) -> None:
+    """Where it cannot be, or CUDA refuses, the run says why and warms up instead."""
+    monkeypatch.setattr(cuda_graph, "_capture", _cpu_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model, split = ConvNet(), _tiny(8).train
+    loss_of = functools.partial(_loss, model, split, "32", False, 0.0)
+
+    def prepare(graph: bool, augmenting: bool) -> cuda_graph.CapturedStep | None:
+        cpu = torch.device("cpu")
+        return cuda_graph.prepare(model, loss_of, len(split), 8, cpu, graph, augmenting)
+
+    def refuse(*args):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    with caplog.at_level(logging.INFO, logger="mnist_exp"):
+        assert isinstance(prepare(graph=True, augmenting=False), cuda_graph.CapturedStep)
+        assert prepare(graph=False, augmenting=False) is None and not caplog.records
+        assert prepare(graph=True, augmenting=True) is None
+        monkeypatch.setattr(cuda_graph, "_capture", refuse)
+        assert prepare(graph=True, augmenting=False) is None
+    said = [r.getMessage().partition(": ")[2] for r in caplog.records]
+    assert said == [
+        "the augmentation draws on the CPU each batch",
+        "capturing it failed (RuntimeError: operation not permitted when stream is capturing)",
+    ]
+    assert "compile" in cuda_graph.unsupported(torch.compile(model), augmenting=False)
+
+
 def test_a_captured_step_undoes_its_warm_up_and_replays_on_the_batch_it_is_given(monkeypatch):
     """CapturedStep's bookkeeping around the graph, with a stand-in graph on the CPU."""
-    from mnist_exp.training import cuda_graph
-    from mnist_exp.training.engine import _loss
-
     monkeypatch.setattr(cuda_graph, "_capture", _cpu_capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     seed_everything(0)

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from mnist_exp.config.checks import check_config, check_overrides
 from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
-from mnist_exp.training import engine
+from mnist_exp.training import compute
 
 # Keys a quick run can take any value of (a huge trainer.epochs would be valid, and slow).
 QUICK_KEYS = [
@@ -99,12 +99,12 @@ def test_any_override_is_accepted_or_refused_in_one_line(overrides: list[str]) -
         check_overrides(overrides)
         cfg = compose_config(overrides)  # Hydra's composition errors come as UserError too
         check_config(cfg)
-        device = engine.resolve_device(cfg.device.type)
+        device = compute.resolve_device(cfg.device.type)
     except UserError as exc:
         _assert_one_clear_line(exc, overrides)
         return
     # Accepted: what the command builds next must then work.
-    engine.seed_everything(cfg.trainer.seed, deterministic=False)
+    compute.seed_everything(cfg.trainer.seed, deterministic=False)
     model = instantiate(cfg.model)
     model(torch.zeros(2, 1, 28, 28))
     optimizer = instantiate(cfg.optimizer)(model.parameters())

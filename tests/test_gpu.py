@@ -2,49 +2,86 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, cli, loss_history, only_run, runs_in
+from conftest import SMALL, in_process, loss_history, only_run, runs_in
 from mlflow.tracking import MlflowClient
 
+from mnist_exp import api, rerun
+from mnist_exp.api import RunResult
+from mnist_exp.training.compute import seed_everything
 from mnist_exp.training.data import Data, Split
-from mnist_exp.training.engine import Callback, Schedule, StepOptions, fit, seed_everything
+from mnist_exp.training.engine import Callback, Schedule, StepOptions, fit
 from mnist_exp.training.networks import ConvNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.process
+@pytest.fixture
+def train_on_gpu(
+    data_root: Path, tracking_uri: str, tmp_path: Path, monkeypatch
+) -> Iterator[Callable[..., RunResult]]:
+    """`api.train` of SMALL on the GPU, in `tmp_path/run` (no plots or MLflow model).
+
+    What a run sets for the whole process (determinism, threads) is put back after.
+    """
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark, threads = torch.backends.cudnn.benchmark, torch.get_num_threads()
+
+    def train(*overrides: str) -> RunResult:
+        return api.train(
+            [
+                f"data.root={data_root}",
+                f"mlflow.tracking_uri={tracking_uri}",
+                f"hydra.run.dir={tmp_path}/run",
+                "mlflow.log_plots=false",
+                "mlflow.log_model=false",
+                "device=cuda",
+                *SMALL,
+                *overrides,
+            ]
+        )
+
+    yield train
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.benchmark = benchmark
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 def test_a_gpu_run_records_everything_and_its_checkpoint_loads_without_a_gpu(
-    train, tracking_uri: str, tmp_path: Path, precision: str
+    train_on_gpu, tracking_uri: str, capfd, precision: str
 ):
-    proc = train("device=cuda", f"trainer.precision={precision}", *SMALL)
-    assert "Training on cuda" in proc.stdout + proc.stderr
+    result = train_on_gpu(f"trainer.precision={precision}")
+    assert "Training on cuda" in "".join(capfd.readouterr())
     (run,) = runs_in(tracking_uri)
-    assert run.info.status == "FINISHED"
+    assert run.info.status == result.status == "FINISHED"
     assert run.data.params["device.type"] == "cuda"
     assert run.data.metrics["test_accuracy"] > 0.5  # 640 images, 2 epochs: well above chance
     history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
     assert [m.step for m in history] == list(range(1, 21))
-    weights = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
+    assert result.checkpoint is not None
+    weights = torch.load(result.checkpoint, weights_only=True)
     assert {t.device.type for t in weights.values()} == {"cpu"}
     ConvNet().load_state_dict(weights)
 
 
-@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize("graph", ["false", "true"])
 def test_a_deterministic_gpu_run_reruns_bit_for_bit(
-    train, tracking_uri: str, tmp_path: Path, graph: str
+    train_on_gpu, tracking_uri: str, tmp_path: Path, capfd, graph: str
 ):
-    train("device=cuda", "trainer.deterministic=true", f"trainer.cuda_graph={graph}", *SMALL)
-    (original,) = runs_in(tracking_uri)
-    run_id = original.info.run_id
-    cli("mnist_exp.rerun", run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
+    run_id = train_on_gpu("trainer.deterministic=true", f"trainer.cuda_graph={graph}").run_id
+    argv = [run_id, f"hydra.run.dir={tmp_path}/rerun", f"mlflow.tracking_uri={tracking_uri}"]
+    ended = in_process(rerun.main, argv, capfd)
+    assert ended.code == 0, ended.err
+    original = MlflowClient(tracking_uri).get_run(run_id)
     again = only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
     assert loss_history(tracking_uri, again.info.run_id) == loss_history(tracking_uri, run_id)
     assert again.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
@@ -53,22 +90,20 @@ def test_a_deterministic_gpu_run_reruns_bit_for_bit(
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "graphed"),
     [(("model=wide_convnet",), True), (("data.max_shift=2", "trainer.epochs=1"), False)],
 )
 def test_a_gpu_run_says_when_its_step_is_not_replayed_as_a_graph(
-    train, tracking_uri: str, overrides: tuple[str, ...], graphed: bool
+    train_on_gpu, capfd, overrides: tuple[str, ...], graphed: bool
 ):
     """Dropout replays from the graph; augmentation draws on the CPU, so its steps launch."""
-    proc = train("device=cuda", "trainer.cuda_graph=true", *SMALL, *overrides)
-    said = "not replayed as a CUDA graph: the augmentation" in proc.stdout + proc.stderr
+    result = train_on_gpu("trainer.cuda_graph=true", *overrides)
+    said = "not replayed as a CUDA graph: the augmentation" in "".join(capfd.readouterr())
     assert said != graphed
-    (run,) = runs_in(tracking_uri)
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_accuracy"] > 0.3
+    assert result.status == "FINISHED"
+    assert result.metrics["test_accuracy"] > 0.3
 
 
 class _Losses(Callback):

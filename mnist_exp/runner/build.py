@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp.config.refusals import refusal
 from mnist_exp.errors import UserError, one_line
-from mnist_exp.training import allocator, data, engine, image_folder
+from mnist_exp.training import allocator, checkpoint, compute, data, image_folder
 
 log = logging.getLogger("mnist_exp")
 
@@ -39,13 +39,13 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
     parallel job takes its share of the cores.
     """
     allocator.keep_freed_memory()
-    device = engine.resolve_device(cfg.device.type)
+    device = compute.resolve_device(cfg.device.type)
     threads = cfg.trainer.num_threads
     if not threads:
         cores = share_of_cores(launcher)
-        threads = engine.cpu_threads(cfg.data.batch_size, cores) if device.type == "cpu" else cores
+        threads = compute.cpu_threads(cfg.data.batch_size, cores) if device.type == "cpu" else cores
     torch.set_num_threads(threads)
-    engine.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    compute.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     dataset = data.load(
         cfg.data.dataset,
         cfg.data.root,
@@ -75,7 +75,7 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
             ) from exc
     if state is not None:
         try:
-            engine.restore_training_state(state, model, optimizer, scheduler)
+            checkpoint.restore_training_state(state, model, optimizer, scheduler)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
                 f"trainer.resume: the checkpoint of run {state['run_id']} does not fit this "
@@ -112,8 +112,8 @@ def _check_classes(cfg: DictConfig, dataset: data.Data) -> None:
 
 
 def channels_last(cfg: DictConfig, device: torch.device) -> bool:
-    """Whether this run trains in channels_last: see `engine.trains_channels_last`."""
-    return engine.trains_channels_last(
+    """Whether this run trains in channels_last: see `compute.trains_channels_last`."""
+    return compute.trains_channels_last(
         bool(cfg.trainer.channels_last), device, cfg.data.batch_size, str(cfg.trainer.precision)
     )
 

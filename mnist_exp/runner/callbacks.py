@@ -55,7 +55,7 @@ class Checkpointer(engine.Callback):
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         s = self.setup
-        state = engine.training_state(s.model, s.optimizer, s.scheduler, epoch, step)
+        state = checkpoint.training_state(s.model, s.optimizer, s.scheduler, epoch, step)
         checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
         self.run.sync()
         self.run.log_artifact(self.path, names.CHECKPOINTS, defer=True)

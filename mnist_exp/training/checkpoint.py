@@ -1,21 +1,103 @@
-"""Resume checkpoints on disk: written atomically, read back only if they are ours and whole."""
+"""Resume checkpoints: the state a run continues from (weights, optimizer, schedule, RNGs,
+counters), written atomically, read back only if they are ours and whole."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import pickle
+import random
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp.errors import UserError, first_line
 
 FORMAT = "mnist-exp/resume-v1"
 KEYS = ("epoch", "step", "model", "optimizer", "rng", "run_id")
+
+
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    epoch: int,
+    step: int,
+) -> dict[str, Any]:
+    """Everything to continue after `epoch` exactly: weights, optimizer, schedule, RNGs, counters.
+
+    Only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
+    """
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    numpy_state = np.random.get_state()  # the legacy tuple, not the dict of legacy=False
+    assert isinstance(numpy_state, tuple)
+    kind, keys, pos, has_gauss, gauss = numpy_state
+    rng["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
+    return {
+        "epoch": epoch,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+) -> tuple[int, int]:
+    """Load a `training_state` into model, optimizer, scheduler and RNGs; returns (epoch, step)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    _lay_out_like_params(optimizer)
+    if (scheduler is None) != (state.get("scheduler") is None):
+        raise ValueError("the checkpoint and the config disagree on having an LR scheduler")
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_tuples(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if "numpy" in rng:
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    return state["epoch"], state["step"]
+
+
+def _lay_out_like_params(optimizer: torch.optim.Optimizer) -> None:
+    """Give each parameter's optimizer state (Adam's moments, say) the parameter's strides.
+
+    A checkpoint saved in another memory layout (channels_last, say, where batch size 1 now
+    trains in NCHW) loads with its own strides, and torch's fused CPU Adam then silently pairs
+    the wrong elements (tests/test_engine.py shows it).
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if (
+                    isinstance(value, Tensor)
+                    and value.shape == param.shape
+                    and value.stride() != param.stride()
+                ):
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def _tuples(value: Any) -> Any:
+    """`random.setstate` wants the nested tuples `getstate` gave, which saving may make lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def save(state: dict[str, Any], path: Path) -> None:

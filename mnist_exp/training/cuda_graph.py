@@ -1,4 +1,5 @@
-"""A training step's forward and backward passes, captured once as a CUDA graph and replayed.
+"""The training step on CUDA, made ready before the clock starts: captured as a graph, or
+warmed up.
 
 A small network's step is a hundred small kernels, each launched from Python: on a GPU the
 launches, not the arithmetic, take the time. Replaying the captured passes launches them all
@@ -8,10 +9,70 @@ and momentum the scheduler gives it.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+
+from mnist_exp.errors import one_line
+
+log = logging.getLogger(__name__)
+
+
+def prepare(
+    model: nn.Module,
+    loss_of: Callable[..., Tensor],
+    samples: int,
+    batch_size: int,
+    device: torch.device,
+    graph: bool,
+    augmenting: bool,
+) -> CapturedStep | None:
+    """Before the first epoch: the step captured as a graph if `graph` asks and it can be
+    (else the reason is logged), or else `warm_up`'s passes, with None.
+
+    `loss_of(index, cache=...)` computes a batch's loss; `samples` is the training split's size.
+    """
+    why_not = unsupported(model, augmenting) if graph else None
+    if graph and why_not is None:
+        try:
+            return CapturedStep(model, functools.partial(loss_of, cache=False), batch_size, device)
+        except RuntimeError as exc:  # CUDA refused to capture: the model is as it was
+            why_not = f"capturing it failed ({one_line(exc)})"
+    if why_not is not None:
+        log.info(f"The training step is not replayed as a CUDA graph: {why_not}")
+    warm_up(model, loss_of, samples, batch_size, device)
+    return None
+
+
+def warm_up(
+    model: nn.Module,
+    loss_of: Callable[[Tensor], Tensor],
+    samples: int,
+    batch_size: int,
+    device: torch.device,
+) -> None:
+    """Forward and backward passes at the epoch's batch shapes, then undone: before the clock.
+
+    A new CUDA process loads its kernel libraries and picks kernels at the first step (most of
+    a second), and a `torch.compile`d model compiles there: none of that is training time.
+    The model's weights and statistics are put back, its gradients dropped, the RNGs forked:
+    the run then trains exactly as without it.
+    """
+    shapes = [min(batch_size, samples)]
+    if samples > batch_size and samples % batch_size:
+        shapes.append(samples % batch_size)  # the epoch's last, short batch
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for size in shapes * 3:
+            loss_of(torch.arange(size, device=device)).backward()
+    model.load_state_dict(saved)
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def unsupported(model: nn.Module, augmenting: bool) -> str | None:

@@ -5,34 +5,25 @@ Nothing here knows about Hydra or MLflow. Whoever wants the numbers passes a `Ca
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
-import os
-import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from mnist_exp.errors import UserError, one_line
-from mnist_exp.names import EPOCH_SECONDS, PRECISIONS, TRAIN_IMAGES_PER_S, VAL_ACCURACY, VAL_LOSS
-from mnist_exp.training import cuda_graph as graphs
+from mnist_exp.names import EPOCH_SECONDS, TRAIN_IMAGES_PER_S, VAL_ACCURACY, VAL_LOSS
+from mnist_exp.training import cuda_graph
+from mnist_exp.training.compute import autocast, step_kernels
 from mnist_exp.training.data import Data, Split, batch_indices
 
 log = logging.getLogger(__name__)
-
-_DTYPES = dict(zip(PRECISIONS, (None, torch.bfloat16), strict=True))  # autocast to
-# Up to this batch size a CPU step runs on one thread: a second thread costs more in
-# synchronisation than it shares, and the other core is left to the run's MLflow tracker.
-ONE_THREAD_UP_TO = 4
 
 
 class Callback:
@@ -78,153 +69,6 @@ class EvalResult:
     total: int
     predictions: Tensor | None = None  # int64, one per image in split order, on the CPU
     targets: Tensor | None = None  # the split's labels, on the CPU
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; asking for `cuda` without it is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"device={name} but this machine has no usable CUDA GPU "
-            f"(torch {torch.__version__}): use device=auto or device=cpu"
-        )
-    return torch.device(name)
-
-
-def cpu_threads(batch_size: int, cores: int) -> int:
-    """How many threads a CPU step at `batch_size` runs best on, given `cores` to use."""
-    return 1 if batch_size <= ONE_THREAD_UP_TO else max(1, cores)
-
-
-def plain_cpu_convolutions(device: torch.device, batch_size: int, precision: str) -> bool:
-    """Whether training here runs faster on PyTorch's own convolutions, in NCHW.
-
-    On a CPU at batch size 1 in fp32 they beat oneDNN's, which repack the weights at every
-    call. From batch size 2 on, and in bf16, oneDNN's win (docs/performance.md).
-    """
-    return device.type == "cpu" and batch_size == 1 and _DTYPES[precision] is None
-
-
-def trains_channels_last(
-    requested: bool, device: torch.device, batch_size: int, precision: str
-) -> bool:
-    """Whether a run that asks for channels_last (`requested`) trains in it.
-
-    Not where `plain_cpu_convolutions` trains in NCHW. Model and images both follow this.
-    """
-    return requested and not plain_cpu_convolutions(device, batch_size, precision)
-
-
-@contextlib.contextmanager
-def step_kernels(device: torch.device, batch_size: int, precision: str) -> Iterator[None]:
-    """Inside, training steps at this size run on the fastest kernels: oneDNN's or PyTorch's.
-
-    Only oneDNN's switch changes (torch's `mkldnn.flags` would also reset its other settings,
-    with a warning); it is put back on the way out.
-    """
-    before = torch.backends.mkldnn.enabled
-    if plain_cpu_convolutions(device, batch_size, precision):
-        # torch annotates the switch as its descriptor (ContextProp); it takes a bool.
-        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python's, NumPy's (when installed) and torch's RNGs; optionally force determinism.
-
-    On the CPU the loop is deterministic as it is; `deterministic` also makes CUDA pick
-    deterministic kernels (and cuBLAS a fixed workspace), at some cost in speed.
-    """
-    random.seed(seed)
-    torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        np.random.seed(seed % 2**32)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def training_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler | None,
-    epoch: int,
-    step: int,
-) -> dict[str, Any]:
-    """Everything to continue after `epoch` exactly: weights, optimizer, schedule, RNGs, counters.
-
-    Only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
-    """
-    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    with contextlib.suppress(ImportError):
-        state = np.random.get_state()  # the legacy tuple, not the dict of legacy=False
-        assert isinstance(state, tuple)
-        kind, keys, pos, has_gauss, gauss = state
-        rng["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
-    return {
-        "epoch": epoch,
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng,
-    }
-
-
-def restore_training_state(
-    state: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: LRScheduler | None,
-) -> tuple[int, int]:
-    """Load a `training_state` into model, optimizer, scheduler and RNGs; returns (epoch, step)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    _lay_out_like_params(optimizer)
-    if (scheduler is None) != (state.get("scheduler") is None):
-        raise ValueError("the checkpoint and the config disagree on having an LR scheduler")
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(_tuples(rng["python"]))
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    if "numpy" in rng:
-        kind, keys, pos, has_gauss, gauss = rng["numpy"]
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    return state["epoch"], state["step"]
-
-
-def _lay_out_like_params(optimizer: torch.optim.Optimizer) -> None:
-    """Give each parameter's optimizer state (Adam's moments, say) the parameter's strides.
-
-    A checkpoint saved in another memory layout (channels_last, say, where batch size 1 now
-    trains in NCHW) loads with its own strides, and torch's fused CPU Adam then silently pairs
-    the wrong elements (tests/test_engine.py shows it).
-    """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                if (
-                    isinstance(value, Tensor)
-                    and value.shape == param.shape
-                    and value.stride() != param.stride()
-                ):
-                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-
-
-def _tuples(value: Any) -> Any:
-    """`random.setstate` wants the nested tuples `getstate` gave, which saving may make lists."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def epoch_generator(seed: int, epoch: int, purpose: str = "order") -> torch.Generator:
@@ -298,15 +142,11 @@ def fit(
     naming the first bad step, before the callbacks see that step. At the epoch's end the
     weights are checked too, so no listener is ever handed diverged weights to save.
 
-    On a CUDA device, with `steps.cuda_graph`, each full batch's forward and backward passes are
-    replayed from a CUDA graph captured before the first epoch (see `cuda_graph.CapturedStep`;
-    refused, with the reason logged, where they cannot be captured). Otherwise warm-up passes
-    come first, then are undone (see `_warm_up`). Either way `epoch_seconds` leaves out CUDA's
-    one-time start-up and compiling, which a run still pays before its first step
-    (`startup_s`).
-
-    On a CPU at a batch size and precision where `plain_cpu_convolutions` says so, the steps
-    run on PyTorch's own convolutions instead of oneDNN's (evaluation keeps oneDNN's).
+    On a CUDA device the step is made ready before the first epoch (`cuda_graph.prepare`):
+    replayed from a captured CUDA graph with `steps.cuda_graph` where it can be, else warmed up.
+    Either way `epoch_seconds` leaves out CUDA's one-time start-up and compiling, which a run
+    still pays before its first step (`startup_s`). On a CPU, `compute.step_kernels` picks the
+    steps' convolutions (evaluation keeps oneDNN's).
     """
     epochs, batch_size, seed = schedule.epochs, schedule.batch_size, schedule.seed
     precision, channels_last = steps.precision, steps.channels_last
@@ -315,19 +155,11 @@ def fit(
     captured = None
     model.train()
     if device.type == "cuda" and schedule.start_epoch < epochs:
-        why_not = graphs.unsupported(model, bool(augmentation)) if steps.cuda_graph else None
-        if steps.cuda_graph and why_not is None:
-            loss_of = functools.partial(
-                _loss, model, train, precision, channels_last, steps.label_smoothing, cache=False
-            )
-            try:
-                captured = graphs.CapturedStep(model, loss_of, batch_size, device)
-            except RuntimeError as exc:  # CUDA refused to capture: the model is as it was
-                why_not = f"capturing it failed ({one_line(exc)})"
-        if why_not is not None:
-            log.info(f"The training step is not replayed as a CUDA graph: {why_not}")
-        if captured is None:
-            _warm_up(model, train, batch_size, precision, channels_last)
+        smoothing, augmenting = steps.label_smoothing, bool(augmentation)
+        loss_of = functools.partial(_loss, model, train, precision, channels_last, smoothing)
+        captured = cuda_graph.prepare(
+            model, loss_of, len(train), batch_size, device, steps.cuda_graph, augmenting
+        )
     step = schedule.start_step
     unchecked: list[Tensor] = []  # losses not yet read back from the device
     for epoch in range(schedule.start_epoch + 1, epochs + 1):
@@ -394,37 +226,6 @@ def fit(
     return step
 
 
-def _warm_up(
-    model: nn.Module,
-    split: Split,
-    batch_size: int,
-    precision: str,
-    channels_last: bool,
-) -> None:
-    """Forward and backward passes at the epoch's batch shapes, then undone: before the clock.
-
-    A new CUDA process loads its kernel libraries and picks kernels at the first step (most of
-    a second), and a `torch.compile`d model compiles there: none of that is training time.
-    The model's weights and statistics are put back, its gradients dropped, the RNGs forked:
-    the run then trains exactly as without it.
-    """
-    device = split.images.device
-    shapes = [min(batch_size, len(split))]
-    if len(split) > batch_size and len(split) % batch_size:
-        shapes.append(len(split) % batch_size)  # the epoch's last, short batch
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for size in shapes * 3:
-            _loss(
-                model, split, precision, channels_last, 0.0, torch.arange(size, device=device)
-            ).backward()
-    model.load_state_dict(saved)
-    model.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _check_losses(losses: list[Tensor], step: int, epoch: int) -> None:
     """Raise `NonFiniteLossError` for the first non-finite loss; `step` is the last one's step.
 
@@ -471,7 +272,7 @@ def evaluate(
     predicted: list[Tensor] = []
     with torch.inference_mode():
         for index in _on(device, batch_indices(len(split), batch_size, None)):
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 outputs = model(split.inputs(index, channels_last))
             labels = split.labels[index]
             classes = outputs.argmax(1)
@@ -514,15 +315,6 @@ def _loss(
     `augmentation` goes to `Split.inputs`. `cache=False` keeps autocast from caching its casts,
     which a captured CUDA graph may not do.
     """
-    with _autocast(split.images.device, precision, cache):
+    with autocast(split.images.device, precision, cache):
         outputs = model(split.inputs(index, channels_last, **augmentation))
         return F.cross_entropy(outputs, split.labels[index], label_smoothing=label_smoothing)
-
-
-def _autocast(
-    device: torch.device, precision: str, cache: bool = True
-) -> contextlib.AbstractContextManager:
-    dtype = _DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
