@@ -119,6 +119,15 @@ def test_each_folder_knows_nothing_of_what_it_must_not(folder: str, forbidden: t
                 assert not hit, f"{path.relative_to(ROOT)} imports {name}"
 
 
+def test_no_two_modules_share_a_name() -> None:
+    """A module's file name says what it holds, once: `trial.py` twice was two things."""
+    seen: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "__init__.py":
+            seen.setdefault(path.name, []).append(path.relative_to(PACKAGE).as_posix())
+    assert not {k: v for k, v in seen.items() if len(v) > 1}
+
+
 @pytest.mark.process
 def test_the_command_line_imports_neither_torch_nor_mlflow_before_its_run() -> None:
     """A bad override is refused at once, and the tracker imports MLflow while the run imports
