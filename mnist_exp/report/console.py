@@ -25,12 +25,9 @@ def wants_progress_bar(setting: bool | None, in_sweep: bool) -> bool:
 
 
 class Console(Callback):
-    """Either a progress bar per epoch (loss, images/s) or the seed's plain lines.
-
-    Plain: `Epoch [e/E], Step [s/S], Loss: x` every `every` steps, as the seed prints.
-    Both end each epoch with one line of its metrics. With the bar, run the loop inside
-    `tqdm.contrib.logging.logging_redirect_tqdm()` so that log lines print above it.
-    """
+    """A progress bar per epoch (loss, images/s), or the seed's `Epoch [e/E], Step [s/S], Loss: x`
+    every `every` steps; then a line of the epoch's metrics. Run the loop with a bar inside
+    `tqdm.contrib.logging.logging_redirect_tqdm()`, so that log lines print above it."""
 
     def __init__(self, every: int, batch_size: int, progress_bar: bool) -> None:
         self.every = every
