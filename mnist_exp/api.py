@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobStatus, run_job
 from hydra.types import HydraContext
@@ -40,8 +41,6 @@ def train(overrides: Sequence[str] = ()) -> RunResult:
             f"only (key=value); for a sweep, use mnist-train -m"
         )
     check_overrides(overrides)
-    from hydra._internal.callbacks import Callbacks
-
     failures: list[Exception] = []  # what the job raised: Hydra's job keeps only a wrapper
     tags = {names.SOURCE_TAG: "python", names.COMMAND_TAG: f"mnist_exp.api.train({overrides!r})"}
 
@@ -95,10 +94,9 @@ def runs(
                 f"no MLflow experiment {name!r} in {redact(uri)}: pass experiment_name of one there"
             )
         mlflow.set_tracking_uri(uri)
+        ids = [experiment.experiment_id]
         try:
-            found = mlflow.search_runs(
-                [experiment.experiment_id], filter_string=parent, order_by=["start_time DESC"]
-            )
+            found = mlflow.search_runs(ids, filter_string=parent, order_by=["start_time DESC"])
         finally:
             mlflow.set_tracking_uri(previous)
     assert not isinstance(found, list)

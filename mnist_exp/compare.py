@@ -73,8 +73,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     headers, rows = table(runs, metric, args.per_seed)
     text = render(headers, rows, args.format)
-    # Said only where seeds were taken together: else a row is a run, as with --per-seed.
-    together = len(rows) < len(runs)
+    together = len(rows) < len(runs)  # said only then: else a row is a run, as with --per-seed
     if args.output:
         args.output.write_text(text)
         of = f" ({len(runs)} runs, seeds together)" if together else ""

@@ -39,11 +39,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         predictions = model.predict(np.stack([mnist_pixels(image, width) for image in images]))
     import pandas as pd  # loaded with MLflow by now
 
-    # Any model's output may be many things; the classifier's (serving.py) is a DataFrame.
-    assert isinstance(predictions, pd.DataFrame)
-    for path, label, probability in zip(
-        args.images, predictions["label"], predictions["probability"], strict=True
-    ):
+    assert isinstance(predictions, pd.DataFrame)  # what our classifier (serving.py) returns
+    rows = zip(args.images, predictions["label"], predictions["probability"], strict=True)
+    for path, label, probability in rows:
         print(f"{path}: {label} ({probability:.1%})")
 
 

@@ -34,8 +34,7 @@ class _Invocation:
     """What Hydra's task function needs to know of the command line it runs for."""
 
     command: str = ""  # as the user typed it, recorded with each run
-    # All is recorded once Hydra returns: a run finished in this process (a single run, or
-    # a job of a sweep on the basic launcher, whose parent run ends before Hydra returns).
+    # All recorded once Hydra returns: a run, or a basic-launcher sweep's job, in this process.
     recorded: bool = False
     owns_full_error: bool = False  # run_command set HYDRA_FULL_ERROR (see _composing)
 

@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -32,8 +34,7 @@ def check_config(cfg: DictConfig) -> None:
     _integer(cfg, "trainer.seed", low=0, high=2**64 - 1)  # what torch.manual_seed takes
     _integer(cfg, "trainer.log_every_n_steps", low=1)
     _integer(cfg, "trainer.print_every_n_steps", low=0)
-    # The model group stays open to a user's own `_target_`, whose file need not extend the
-    # schema: its keys are checked here whatever their type.
+    # A user's own model file need not extend the schema: its keys are checked whatever their type.
     _integer(cfg, "model.num_classes", low=2, high=MAX_CLASSES)
     channels = _get(cfg, "model.channels")
     if channels is not None and not (
@@ -87,9 +88,6 @@ def check_config(cfg: DictConfig) -> None:
 def check_overrides(args: list[str]) -> None:
     """Refuse what Hydra would take or answer with a stack trace: a group set to a non-name or a
     schema (`device=null`, `data=base_data`), a flag to other than true or false (`=2`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     parser = OverridesParser.create()
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
@@ -135,9 +133,7 @@ GROUPS = {
 FLAGS = schema.bool_keys()  # `group.key` -> whether null is allowed too
 MAX_SHIFT = 27  # pixels: a larger shift moves every 28x28 image out of its frame
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # pixels a side of data=image_folder's images
-MAX_CLASSES = 10_000
-MAX_CHANNELS = 1024
-MAX_THREADS = 1024
+MAX_CLASSES, MAX_CHANNELS, MAX_THREADS = 10_000, 1024, 1024
 MAX_INT = 2**31 - 1  # counts beyond this are typos, and overflow torch's index arithmetic
 
 

@@ -19,7 +19,6 @@ from mnist_exp.config.refusals import composition_refusal
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
-
 OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
 
 
@@ -57,8 +56,7 @@ def groups_help(*, _root_: DictConfig) -> str:
 
 OmegaConf.register_new_resolver("study_storage", study_storage, replace=True)
 OmegaConf.register_new_resolver("mnist_exp_groups", groups_help, replace=True)
-# The option files in conf/ extend these schemas: they must be stored before any composition,
-# here or through the `@hydra.main` of mnist_exp.train, which imports this module.
+# conf/'s option files extend the schemas: stored before any composition (train's too).
 schema.register()
 
 

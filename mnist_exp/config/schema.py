@@ -1,9 +1,8 @@
 """The schema of each config group: dataclasses that Hydra's ConfigStore holds as `base_*` options.
 
-Each option file in conf/ extends its own (`defaults: [base_trainer, _self_]`): a wrong type or
-unknown key is refused as the config is composed; defaults live in the YAML files. Closed groups
-take no key beyond their fields; `_target_` groups stay open, so that a user's own `_target_` can
-take other arguments (`+model.hidden=128`) and a recorded run of one still reruns.
+Option files extend theirs (`defaults: [base_trainer, _self_]`): a wrong type or unknown key is
+refused as Hydra composes. `_target_` groups stay open to a user's own `_target_`'s arguments
+(`+model.hidden=128`), so that its recorded run still reruns; defaults live in the YAML files.
 """
 
 from __future__ import annotations
