@@ -15,8 +15,7 @@ from mnist_exp.names import OPTIMIZABLE_METRICS
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = {"max": "maximize", "min": "minimize"}  # OPTIMIZABLE_METRICS' goal -> Optuna's
-# A trial is only pruned on a metric measured after every epoch.
-PER_EPOCH = ("val_accuracy", "val_loss", "train_images_per_s")
+PER_EPOCH = ("val_accuracy", "val_loss", "train_images_per_s")  # what a trial is pruned on
 
 
 @dataclass(frozen=True)
@@ -68,12 +67,11 @@ class Settings:
             params={str(k): str(v) for k, v in (sweeper.get("params") or {}).items()},
         )
         if settings.pruner != "none" and metric not in PER_EPOCH:
-            raise _refused(
-                sweeper,
-                "pruner",
+            why = (
                 f"needs an optimized_metric measured every epoch ({', '.join(PER_EPOCH[:2])}), "
-                f"not {metric}: set data.val_size and optimized_metric=val_accuracy, or use none",
+                f"not {metric}: set data.val_size and optimized_metric=val_accuracy, or use none"
             )
+            raise _refused(sweeper, "pruner", why)
         return settings
 
     def sampler_for(self, trial_number: int) -> BaseSampler:

@@ -38,8 +38,7 @@ def open_storage(settings: Settings) -> RDBStorage:
     try:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
-        # Optuna creates a new database's tables on first use; two processes doing that at
-        # once fail, as MLflow's do (tracking.store.open_store).
+        # Optuna makes a new database's tables on first use: one process at a time, as MLflow's.
         with FileLock(f"{db}.lock") if db is not None else nullcontext(), _quietly():
             return RDBStorage(
                 url,

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from mnist_exp import names
 from mnist_exp.search.settings import Settings
-from mnist_exp.search.study import counted, open_storage, open_study
+from mnist_exp.search.study import ENDED, counted, open_storage, open_study
 
 log = logging.getLogger("mnist_exp")
 
@@ -35,19 +34,18 @@ def outcome(settings: Settings, metric: str, folder: Path) -> Outcome:
     study = open_study(settings, open_storage(settings), create=False)
     trials = counted(study)
     by_state = Counter(t.state for t in trials)
+    complete, pruned, failed = (by_state[state] for state in ENDED)
     metrics = {
-        names.TRIALS_COMPLETE: by_state[TrialState.COMPLETE],
-        names.TRIALS_PRUNED: by_state[TrialState.PRUNED],
-        names.TRIALS_FAILED: by_state[TrialState.FAIL],
+        names.TRIALS_COMPLETE: complete,
+        names.TRIALS_PRUNED: pruned,
+        names.TRIALS_FAILED: failed,
     }
-    best = best_trial(study)
     tags = {}
     line = (
-        f"Optuna study {settings.study_name!r}: {len(trials)} trials, "
-        f"{metrics[names.TRIALS_COMPLETE]} complete, {metrics[names.TRIALS_PRUNED]} pruned, "
-        f"{metrics[names.TRIALS_FAILED]} failed"
+        f"Optuna study {settings.study_name!r}: {len(trials)} trials, {complete} complete, "
+        f"{pruned} pruned, {failed} failed"
     )
-    if best is not None:
+    if (best := best_trial(study)) is not None:
         params = " ".join(f"{k}={v}" for k, v in best.params.items())
         tags = {names.BEST_TRIAL_TAG: str(best.number), names.BEST_PARAMS_TAG: params}
         line += f"; best trial {best.number}: {metric} {best.value:.4f} ({params})"

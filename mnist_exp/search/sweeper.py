@@ -109,8 +109,7 @@ class OptunaSweeper(Sweeper):
             batch.append([*space.overrides(trial), f"hydra.sweeper.trial={trial.number}"])
         ids = studies.trial_ids(storage, self.settings.study_name, [t.number for t in trials])
         try:
-            # The sweep keeps its trials alive while jobs wait in a queue or start up.
-            with studies.heartbeat(storage, ids):
+            with studies.heartbeat(storage, ids):  # alive while jobs wait in a queue or start
                 returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
         except KeyboardInterrupt:
             for trial_id in ids:  # tried again by the next run of the same command
@@ -145,9 +144,8 @@ def register() -> None:
     module = sys.modules.get(module_name)
     if module is None:
         module = types.ModuleType(module_name, "mnist_exp.search.sweeper, as Hydra finds it")
-        alias = type(name, (OptunaSweeper,), {"__module__": module_name})
-        alias.__doc__ = OptunaSweeper.__doc__
-        setattr(module, name, alias)
+        body = {"__module__": module_name, "__doc__": OptunaSweeper.__doc__}
+        setattr(module, name, type(name, (OptunaSweeper,), body))
         sys.modules[module_name] = module
     Plugins.instance().register(getattr(module, name))
 
