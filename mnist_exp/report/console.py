@@ -13,7 +13,6 @@ from tqdm import tqdm
 from mnist_exp.training.engine import Callback, EvalResult
 
 log = logging.getLogger("mnist_exp")
-
 _POSTFIX_EVERY_S = 0.25  # how often the bar's loss and images/s are brought up to date
 
 
@@ -25,9 +24,8 @@ def wants_progress_bar(setting: bool | None, in_sweep: bool) -> bool:
 
 
 class Console(Callback):
-    """A progress bar per epoch (loss, images/s), or the seed's `Epoch [e/E], Step [s/S], Loss: x`
-    every `every` steps; then a line of the epoch's metrics. Run the loop with a bar inside
-    `tqdm.contrib.logging.logging_redirect_tqdm()`, so that log lines print above it."""
+    """A bar per epoch, or the seed's `Epoch [e/E], Step [s/S], Loss: x`; then the epoch's metrics.
+    With the bar, run the loop in tqdm's `logging_redirect_tqdm()`: log lines print above it."""
 
     def __init__(self, every: int, batch_size: int, progress_bar: bool) -> None:
         self.every = every

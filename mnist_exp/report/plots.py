@@ -48,8 +48,7 @@ def learning_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: Pa
             ax = loss_ax if key in _LOSSES else acc_ax
             ax.plot(steps, values, marker="o", label=key)
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
@@ -72,8 +71,7 @@ def confusion_plot(confusion: Tensor, path: Path, class_names: Sequence[str] = (
         ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(n), names)
     ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(f"test confusion matrix ({counts.sum()} images, accuracy {accuracy:.4f})")
     canvas.print_png(path)

@@ -26,19 +26,16 @@ def plot_sweep(runs: Sequence[Run], metric: str, path: Path) -> bool:
         values = [overrides.get(param, "") for overrides in given]
         ys = [r.data.metrics[metric] for r in scored]
         try:
-            numbers: list[float] | None = [float(v) for v in values]
-        except ValueError:
-            numbers = None
-        if numbers is not None:
-            ax.scatter(numbers, ys)
-            if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
-                ax.set_xscale("log")
-        else:
+            numbers = [float(v) for v in values]
+        except ValueError:  # not all numbers: a tick each
             labels = sorted(set(values))
             ax.scatter([labels.index(v) for v in values], ys)
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_xlabel(param)
-        ax.set_ylabel(metric)
+        else:
+            ax.scatter(numbers, ys)
+            if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
+                ax.set_xscale("log")
+        ax.set(xlabel=param, ylabel=metric)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{metric} of {len(scored)} runs")
     fig.tight_layout()

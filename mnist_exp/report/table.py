@@ -112,9 +112,8 @@ def table(
     groups = grouped(runs, metric, per_seed)
     keys = sorted({k for run in runs for k in run.data.params})
     differing = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
-    metrics = [
-        m for m in dict.fromkeys([metric, *METRICS]) if any(m in r.data.metrics for r in runs)
-    ]
+    shown = dict.fromkeys([metric, *METRICS])  # the sorting metric first, once
+    metrics = [m for m in shown if any(m in r.data.metrics for r in runs)]
     columns: list[tuple[str, Cell]] = [
         ("run_id", lambda g: g.best.info.run_id),
         ("run_name", lambda g: g.best.info.run_name or ""),
