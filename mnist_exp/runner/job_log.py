@@ -17,16 +17,10 @@ log = logging.getLogger("mnist_exp")
 
 
 def upload(run: Recorder, start_epoch: int, error: BaseException | None = None) -> None:
-    """Upload the job's log as `names.RUN_LOG` (a resumed run's under `resumed-<epoch>/`), with
-    `error`, what failed the run, written to it first (the command's last line says it on the
-    terminal). Never raises; skipped with the tracking server gone or no log file."""
-    if not HydraConfig.initialized() or run.gave_up:
-        return
-    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
-    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    # Hydra's job log, in the run folder: not a file of the caller's own (the Python API).
-    handler = next((h for h in files if run_dir in Path(h.baseFilename).resolve().parents), None)
-    if handler is None:
+    """Upload the job's log as `names.RUN_LOG` (a resumed run's in `resumed-<epoch>/`), `error`
+    written to it first; never raises, skipped with the tracking server gone or no log file."""
+    handler = _job_log_handler()
+    if handler is None or run.gave_up:
         return
     if error is not None:
         why = first_line(error) if isinstance(error, UserError) else one_line(error)
@@ -43,3 +37,13 @@ def upload(run: Recorder, start_epoch: int, error: BaseException | None = None) 
             run.log_artifact(shutil.copyfile(path, Path(tmp) / name), folder)
     except Exception as exc:
         log.error(f"could not log {path} to MLflow run {run.run_id}: {one_line(exc)}")
+
+
+def _job_log_handler() -> logging.FileHandler | None:
+    """The handler of Hydra's job log file in the run folder, if there is one."""
+    if not HydraConfig.initialized():
+        return None
+    folder = Path(HydraConfig.get().runtime.output_dir).resolve()
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    # In the run folder: not a file of the caller's own (the Python API).
+    return next((h for h in files if folder in Path(h.baseFilename).resolve().parents), None)

@@ -62,8 +62,7 @@ class SearchTrial(engine.Callback):
 
     @contextmanager
     def running(self, run_id: str) -> Iterator[None]:
-        """Inside, the trial holds the run's id and beats; an error fails it, and an interruption
-        also enqueues its parameters again, as a killed sweep's are."""
+        """Inside, the trial holds the run's id and beats; an error fails it, a signal retries."""
         self.trial.set_user_attr(names.TRIAL_RUN_ID_ATTR, run_id)
         try:
             with heartbeat(self.storage, [self.trial_id]):

@@ -38,9 +38,8 @@ def describe(cfg: DictConfig, setup: Setup, step: int) -> ModelSpec:
 
 
 def own_code(target: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """What the model must carry of `target`'s top-level module (one's own: a file, a folder on
-    PYTHONPATH, an editable install), or the distributions it requires (`name==version`: one in
-    site-packages, torchvision, say); mnist_exp goes along anyway."""
+    """What the model carries of `target`'s top-level module, one's own (a file, a PYTHONPATH
+    folder, an editable install), or the `name==version` it requires, one in site-packages."""
     top = target.split(".")[0]
     module = sys.modules.get(top)  # Hydra imported it to build the model
     if top == "mnist_exp" or module is None:

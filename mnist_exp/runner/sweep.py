@@ -43,8 +43,7 @@ class SweepCallback(Callback):
         with exit_on_user_error():
             self.check(config)
         if config.hydra.runtime.choices.get("hydra/launcher") == "basic":
-            # The first job runs in this process: its tracker imports MLflow and creates a new
-            # store on the other core while this process imports torch.
+            # The first job runs here: its tracker loads MLflow and the store as this loads torch.
             from mnist_exp.tracking import remote
 
             mlflow = config.mlflow
