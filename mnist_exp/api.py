@@ -1,18 +1,7 @@
-"""The project from Python: `train(overrides)` runs an experiment, `runs()` lists the recorded ones.
+"""The project from Python (README.md, "From Python"): `train(overrides)` and `runs()`.
 
-```python
-from mnist_exp.api import train, runs
-result = train(["optimizer.lr=0.003", "trainer.epochs=1"])
-result.run_id, result.status, result.metrics["test_accuracy"], result.checkpoint
-runs()                         # the experiment's runs, as a pandas DataFrame
-runs(parent_run_id=sweep_id)   # one sweep's children
-```
-
-`train` composes the config with Hydra's compose API and runs it as a Hydra job through
-the same runner as `mnist-train`, so its MLflow run has the same params, metrics, tags and
-artifacts (plus `mnist_exp.source=python`). It can be called many times in one process: it
-never exits, and puts back Hydra's global state, the logging set-up and signal handlers.
-Bad input raises `mnist_exp.UserError` with the command line's one-line message.
+`train` runs a Hydra job through `mnist-train`'s runner (the same MLflow run, tagged
+`mnist_exp.source=python`), never exits, and puts back Hydra's state, logging and signals.
 """
 
 from __future__ import annotations
@@ -21,10 +10,10 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hydra._internal.callbacks import Callbacks
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobStatus, run_job
 from hydra.types import HydraContext
@@ -43,11 +32,8 @@ __all__ = ["RunResult", "runs", "train"]
 
 
 def train(overrides: Sequence[str] = ()) -> RunResult:
-    """Run one experiment with these overrides (as on `mnist-train`'s command line).
-
-    Returns the finished run. Raises `UserError` for bad input (the run, if it already
-    existed, marked FAILED), and `KeyboardInterrupt` on Ctrl-C (the run marked KILLED).
-    """
+    """Run one experiment with these overrides (as `mnist-train`'s); the finished run. Raises
+    `UserError` for bad input (the run, once it exists, FAILED), `KeyboardInterrupt` (KILLED)."""
     overrides = list(overrides)
     if any(o.startswith("-") for o in overrides):
         raise UserError(
@@ -56,13 +42,19 @@ def train(overrides: Sequence[str] = ()) -> RunResult:
         )
     check_overrides(overrides)
     failures: list[Exception] = []  # what the job raised: Hydra's job keeps only a wrapper
-    with _hydra(overrides) as (cfg, context):
+    tags = {names.SOURCE_TAG: "python", names.COMMAND_TAG: f"mnist_exp.api.train({overrides!r})"}
+
+    def task(cfg: DictConfig) -> RunResult:
+        try:
+            return run_experiment(cfg, tags)
+        except Exception as exc:
+            failures.append(exc)
+            raise
+
+    with composed(overrides, with_hydra=True) as cfg:
         _unique_run_dir(cfg, overrides)
-        tags = {
-            names.SOURCE_TAG: "python",
-            names.COMMAND_TAG: f"mnist_exp.api.train({overrides!r})",
-        }
-        task = partial(_task, tags=tags, failures=failures)
+        loader = GlobalHydra.instance().config_loader()
+        context = HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
         with _logging_restored(), _environment_restored():
             job = run_job(task, cfg, "hydra.run.dir", None, context, configure_logging=True)
     if job.status == JobStatus.FAILED:
@@ -77,11 +69,7 @@ def runs(
     parent_run_id: str | None = None,
     tracking_uri: str | None = None,
 ) -> pd.DataFrame:
-    """The experiment's runs (newest first) as `mlflow.search_runs` shows them.
-
-    With `parent_run_id`, only that sweep's child runs. The experiment and store default
-    to the config's `mlflow.experiment_name` and `mlflow.tracking_uri`.
-    """
+    """The experiment's runs, or a sweep's children, newest first (`mlflow.search_runs`)."""
     import mlflow
 
     from mnist_exp.tracking.http import configure_requests
@@ -106,32 +94,13 @@ def runs(
                 f"no MLflow experiment {name!r} in {redact(uri)}: pass experiment_name of one there"
             )
         mlflow.set_tracking_uri(uri)
+        ids = [experiment.experiment_id]
         try:
-            found = mlflow.search_runs(
-                [experiment.experiment_id], filter_string=parent, order_by=["start_time DESC"]
-            )
+            found = mlflow.search_runs(ids, filter_string=parent, order_by=["start_time DESC"])
         finally:
             mlflow.set_tracking_uri(previous)
     assert not isinstance(found, list)
     return found
-
-
-def _task(cfg: DictConfig, tags: dict[str, str], failures: list[Exception]) -> RunResult:
-    try:
-        return run_experiment(cfg, tags)
-    except Exception as exc:
-        failures.append(exc)
-        raise
-
-
-@contextmanager
-def _hydra(overrides: list[str]) -> Iterator[tuple[DictConfig, HydraContext]]:
-    """The composed config (with its `hydra` node) and a context to run it as a job in."""
-    from hydra._internal.callbacks import Callbacks
-
-    with composed(overrides, with_hydra=True) as cfg:
-        loader = GlobalHydra.instance().config_loader()
-        yield cfg, HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
 
 
 def _unique_run_dir(cfg: DictConfig, overrides: list[str]) -> None:
@@ -165,8 +134,7 @@ def _logging_restored() -> Iterator[None]:
 
 @contextmanager
 def _environment_restored() -> Iterator[None]:
-    """The variables a run sets (MLflow's HTTP settings, say) would be read by the caller's
-    next run as if they were the caller's own: the caller's come back after."""
+    """The variables a run sets (MLflow's HTTP settings, say) are not the caller's next run's."""
     before = dict(os.environ)
     try:
         yield

@@ -1,10 +1,7 @@
 """`mnist-compare`: runs side by side, best first.
 
-Shows the runs of a sweep (by its parent run id; by default the latest sweep) or of a whole
-experiment: the params that differ between them and the key metrics, sorted by the
-optimised metric; as an aligned table, CSV or Markdown. Runs that differ only in
-`trainer.seed` are one row, their metrics' mean, standard deviation and count of seeds
-(`--per-seed`: a row a run).
+A sweep's runs (by default the latest's) or an experiment's, sorted by the optimised metric, as
+a table, CSV or Markdown; a configuration's seeds are one row (mean, standard deviation, count).
 """
 
 from __future__ import annotations
@@ -14,11 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
-
 from mnist_exp.config.paths import compose_config
-from mnist_exp.errors import UserError
+from mnist_exp.errors import exit_on_user_error
 from mnist_exp.names import METRIC_TAG, SWEEP_TAG
 from mnist_exp.report.table import render, table
 from mnist_exp.tracking.http import configure_requests
@@ -30,38 +24,25 @@ from mnist_exp.tracking.store import open_store
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mnist-compare", description=__doc__.splitlines()[0])
     parser.add_argument("parent", nargs="?", help="a sweep's parent run id (default: latest sweep)")
-    parser.add_argument(
-        "--experiment", action="store_true", help="all runs of the experiment instead of one sweep"
-    )
+    parser.add_argument("--experiment", action="store_true", help="all its runs, not one sweep")
     parser.add_argument("--experiment-name", help="default: mlflow.experiment_name of the config")
     parser.add_argument("--tracking-uri", help="default: mlflow.tracking_uri of the config")
     parser.add_argument("--metric", help="sort by this metric (default: the sweep's optimized one)")
-    parser.add_argument(
-        "--per-seed", action="store_true", help="a row a run, not a row a configuration"
-    )
-    parser.add_argument(
-        "--register",
-        metavar="NAME",
-        help="register the best run's model as a new version of NAME in MLflow's Model Registry",
-    )
+    parser.add_argument("--per-seed", action="store_true", help="a row a run, not a configuration")
+    registry = "register the best run's model as a new version of NAME in MLflow's Model Registry"
+    parser.add_argument("--register", metavar="NAME", help=registry)
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
     parser.add_argument("--output", type=Path, help="write to this file instead of the terminal")
     args = parser.parse_args(argv)
-
-    try:
+    with exit_on_user_error():
         cfg = compose_config()
         configure_requests(cfg.mlflow)
         uri = args.tracking_uri or cfg.mlflow.tracking_uri
         client, experiment_id = open_store(uri, args.experiment_name or cfg.mlflow.experiment_name)
-    except UserError as exc:
-        sys.exit(f"error: {exc}")
     parent = None
     if args.experiment:
-        runs = [
-            r
-            for r in client.search_runs([experiment_id], max_results=10000)
-            if r.data.tags.get(SWEEP_TAG) != "true"
-        ]
+        found = client.search_runs([experiment_id], max_results=10000)
+        runs = [r for r in found if r.data.tags.get(SWEEP_TAG) != "true"]
     else:
         try:
             parent = (
@@ -80,12 +61,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     metric = args.metric or (parent and parent.data.tags.get(METRIC_TAG)) or cfg.optimized_metric
     if not runs:
         sys.exit("error: no runs to compare")
-    if args.register:
-        _register(client, runs, metric, args.register)
+    if name := args.register:
+        from mnist_exp.tracking.registry import register_best
+
+        with exit_on_user_error():
+            best, version = register_best(client, runs, metric, name)
+        print(
+            f"registered {name} version {version.version}: the model of run {best.info.run_id} "
+            f"({best.info.run_name}), {metric} {best.data.metrics[metric]:.4g}; "
+            f"load it as models:/{name}/{version.version} or models:/{name}/latest"
+        )
     headers, rows = table(runs, metric, args.per_seed)
     text = render(headers, rows, args.format)
-    # Said only where seeds were taken together: else a row is a run, as with --per-seed.
-    together = len(rows) < len(runs)
+    together = len(rows) < len(runs)  # said only then: else a row is a run, as with --per-seed
     if args.output:
         args.output.write_text(text)
         of = f" ({len(runs)} runs, seeds together)" if together else ""
@@ -97,21 +85,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif note:
         print(f"sorted by {metric}{note}")
     print(text, end="")
-
-
-def _register(client: MlflowClient, runs: list[Run], metric: str, name: str) -> None:
-    """Register the best run's model as a new version of `name`; one line says which."""
-    from mnist_exp.tracking.registry import register_best
-
-    try:
-        best, version = register_best(client, runs, metric, name)
-    except UserError as exc:
-        sys.exit(f"error: {exc}")
-    print(
-        f"registered {name} version {version.version}: the model of run {best.info.run_id} "
-        f"({best.info.run_name}), {metric} {best.data.metrics[metric]:.4g}; "
-        f"load it as models:/{name}/{version.version} or models:/{name}/latest"
-    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,21 @@
 """The one exception type for problems the user can fix."""
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class UserError(Exception):
-    """Bad input (a config value, a missing dataset, an unreachable store).
+    """Bad input: the command says in one line what was wrong and what to do, and exits non-zero."""
 
-    The entry point reports it as a single line and exits non-zero; the message must say
-    what was wrong and what to do.
-    """
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Inside, a `UserError` ends the command with its one line, `error: ...`."""
+    try:
+        yield
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def first_line(exc: BaseException) -> str:

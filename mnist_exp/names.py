@@ -1,7 +1,6 @@
 """The names a run leaves in MLflow: metric keys, tag keys and artifact paths, each defined once.
 
-Users, `mnist-compare`, the MLflow UI and old runs rely on these; changing one breaks them.
-Plain constants, so every package (the loop included) may import them without MLflow.
+Users, tools and old runs rely on them; plain constants, which the loop may import too.
 """
 
 from __future__ import annotations
@@ -31,16 +30,14 @@ OPTIMIZABLE_METRICS = {
 SWEEP_JOBS, SWEEP_FINISHED, SWEEP_FAILED = "sweep_jobs", "sweep_finished", "sweep_failed"
 BEST_PREFIX = "best_"  # + optimized_metric: the best child's value
 # An Optuna search's parent: its study's trials that count towards n_trials, by how they ended.
-TRIALS_COMPLETE, TRIALS_PRUNED = "trials_complete", "trials_pruned"
-TRIALS_FAILED = "trials_failed"
+TRIALS_COMPLETE, TRIALS_PRUNED, TRIALS_FAILED = "trials_complete", "trials_pruned", "trials_failed"
 
 # Tags of every run.
 OVERRIDES_TAG = "mnist_exp.overrides"  # the Hydra overrides of the command line
 OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are
 COMMAND_TAG = "mnist_exp.command"
 HOST_TAG, PID_TAG, PID_START_TAG = "mnist_exp.host", "mnist_exp.pid", "mnist_exp.pid_start"
-# The SLURM job the run's process ran in, as squeue and sacct name it (`123_4`: array task 4).
-SLURM_JOB_TAG = "mnist_exp.slurm_job_id"
+SLURM_JOB_TAG = "mnist_exp.slurm_job_id"  # as squeue and sacct name it (`123_4`: array task 4)
 VERSION_TAG = "mnist_exp.version."  # + a package name, or python
 GIT_DIRTY_TAG = "mnist_exp.git.dirty"
 SOURCE_TAG = "mnist_exp.source"  # "python" on a run started through mnist_exp.api
@@ -49,8 +46,7 @@ ERROR_TAG = "mnist_exp.error"
 FAILED_STEP_TAG, FAILED_EPOCH_TAG = "mnist_exp.failed_step", "mnist_exp.failed_epoch"
 FAILURE_TAGS = (ERROR_TAG, FAILED_STEP_TAG, FAILED_EPOCH_TAG)
 RESUMED_FROM_EPOCH_TAG = "mnist_exp.resumed_from_epoch"
-# How many times a new tracker process took over the run from one that died (kill -9, OOM).
-TRACKER_RESTARTS_TAG = "mnist_exp.tracker_restarts"
+TRACKER_RESTARTS_TAG = "mnist_exp.tracker_restarts"  # trackers that took over from a dead one
 RERUN_OF_TAG, RERUN_OVERRIDES_TAG = "mnist_exp.rerun_of", "mnist_exp.rerun_overrides"
 # MLflow's own tags.
 RUN_NAME_TAG = "mlflow.runName"
@@ -64,13 +60,11 @@ SWEEP_OVERRIDES_TAG = "mnist_exp.sweep.overrides"
 SWEEP_PARAMS_TAG = "mnist_exp.sweep.params"
 SWEEPER_TAG, LAUNCHER_TAG = "mnist_exp.sweep.sweeper", "mnist_exp.sweep.launcher"
 SWEEP_DIR_TAG = "mnist_exp.sweep.dir"
-# Milliseconds since the epoch when the sweep last began: a search's parent, reopened each time
-# its study goes on, keeps its first start time.
+# When the sweep last began (ms since the epoch): a search's reopened parent keeps its first start.
 SWEEP_OPENED_TAG = "mnist_exp.sweep.opened_at"
 BEST_RUN_ID_TAG, BEST_RUN_NAME_TAG = "mnist_exp.best_run_id", "mnist_exp.best_run_name"
 BEST_OVERRIDES_TAG = "mnist_exp.best_overrides"
-# An Optuna search's parent (one per study): the study, its storage (credentials redacted),
-# and its best trial: number and params (`key=value ...`).
+# An Optuna search's parent: its study, storage (redacted), best trial and its `key=value ...`.
 STUDY_TAG, STORAGE_TAG = "mnist_exp.sweep.study", "mnist_exp.sweep.storage"
 BEST_TRIAL_TAG, BEST_PARAMS_TAG = "mnist_exp.best_trial", "mnist_exp.best_params"
 # A search job's run: its trial's number; a pruned one, and the epoch it stopped after.
@@ -91,8 +85,7 @@ REQUIREMENTS = "environment/requirements.txt"
 MODEL = "model"
 PLOTS = "plots"
 OPTUNA_PLOTS = "optuna"  # an Optuna search's parent: Optuna's pictures of its study
-# The run folder's log (Hydra's job log: what the terminal showed), uploaded as the run ends;
-# a resumed run's next part goes to logs/resumed-<epoch>/train.log beside it.
+# Hydra's job log (what the terminal showed); a resumed run's next part in logs/resumed-<epoch>/.
 RUN_LOG = "logs/train.log"
 
 # Tags of a model version that `mnist-compare --register` registers: where it came from.
@@ -105,6 +98,5 @@ PRECISIONS = ("32", "bf16-mixed")
 
 
 def class_metric(name: str) -> str:
-    """`test_accuracy_class_<name>`: the class's index (MNIST) or folder name, with each
-    character an MLflow key may not hold made `_`."""
+    """`test_accuracy_class_<name>` (index or folder name), characters MLflow refuses made `_`."""
     return TEST_ACCURACY_CLASS + re.sub(r"[^\w\-. /:]", "_", name)

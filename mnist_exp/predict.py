@@ -1,22 +1,18 @@
 """`mnist-predict MODEL IMAGE...` (also `python -m mnist_exp.predict`): a model on image files.
 
-MODEL is a run id or a model URI (`runs:/RUN_ID/model`, `models:/NAME/latest`). Prints
-`IMAGE: LABEL (PROBABILITY)` for each image, the label being the class's name where the model
-was trained on named classes (see `training.images` for how any image is made to look like
-the model's training images).
+Prints `IMAGE: LABEL (PROBABILITY)` for each image, LABEL the class's name where it has one.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from mnist_exp.config.paths import compose_config
-from mnist_exp.errors import UserError
+from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.queries import input_shape, load_model
 from mnist_exp.training.images import mnist_pixels, read_image
@@ -27,17 +23,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="mnist-predict", description="Classify image files with a run's logged model."
     )
-    parser.add_argument(
-        "model", help="a run id (its `model`), or a model URI such as models:/NAME/latest"
-    )
+    parser.add_argument("model", help="a run id (its `model`), or a model URI: models:/NAME/latest")
     parser.add_argument("images", nargs="+", type=Path, help="image files (PNG, JPEG, ...)")
-    parser.add_argument(
-        "--tracking-uri",
-        help="the MLflow store (default: mnist-train's, mlflow.tracking_uri; "
-        "MLFLOW_TRACKING_URI wins when set)",
-    )
+    store = "the MLflow store (default: mlflow.tracking_uri; MLFLOW_TRACKING_URI wins when set)"
+    parser.add_argument("--tracking-uri", help=store)
     args = parser.parse_args(argv)
-    try:
+    with exit_on_user_error():
         images = [read_image(path) for path in args.images]
         mlflow = compose_config().mlflow  # the default store, and how to talk to a server
         configure_requests(mlflow)
@@ -46,15 +37,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if channels not in ([], [1]) or height != width:
             raise UserError(f"{args.model} takes images {input_shape(model)}: not grayscale")
         predictions = model.predict(np.stack([mnist_pixels(image, width) for image in images]))
-    except UserError as exc:
-        sys.exit(f"error: {exc}")
     import pandas as pd  # loaded with MLflow by now
 
-    # Any model's output may be many things; the classifier's (serving.py) is a DataFrame.
-    assert isinstance(predictions, pd.DataFrame)
-    for path, label, probability in zip(
-        args.images, predictions["label"], predictions["probability"], strict=True
-    ):
+    assert isinstance(predictions, pd.DataFrame)  # what our classifier (serving.py) returns
+    rows = zip(args.images, predictions["label"], predictions["probability"], strict=True)
+    for path, label, probability in rows:
         print(f"{path}: {label} ({probability:.1%})")
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mnist_exp import train
-from mnist_exp.errors import UserError
+from mnist_exp.errors import exit_on_user_error
 from mnist_exp.runner.rerun_config import write_rerun_config
 
 USAGE = "usage: mnist-rerun RUN_ID_OR_RUN_DIR [--resume] [key=value ...]"
@@ -29,10 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     resume = "--resume" in rest
     overrides = [a for a in rest if a != "--resume"]
     with tempfile.TemporaryDirectory() as conf_dir:
-        try:
+        with exit_on_user_error():
             run_id = write_rerun_config(source, overrides, resume, Path(conf_dir))
-        except UserError as exc:
-            sys.exit(f"error: {exc}")
         if resume:
             overrides.append(f"trainer.resume={run_id}")
         sys.argv = ["mnist-train", "--config-dir", conf_dir, "--config-name", "rerun", *overrides]

@@ -1,16 +1,14 @@
-"""Refuse config values that cannot work, before torch is imported and before any run exists.
-
-The schema (`mnist_exp.config.schema`) has already refused a value of the wrong type and an
-unknown key while Hydra composed the config; these are the checks no type can express.
-"""
+"""Refuse config values that cannot work, before torch loads: what no type of the schema says."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
-from typing import Any, NoReturn
+from collections.abc import Callable, Iterable
+from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -25,7 +23,7 @@ def check_config(cfg: DictConfig) -> None:
     """Raise `UserError` naming the first key whose value cannot work."""
     _resolve(cfg)
     _fits_schema(cfg)
-    _number(cfg, "optimizer.lr", low=0.0, strict=True)
+    _number(cfg, "optimizer.lr", lambda v: v > 0, "must be a finite number > 0")
     _integer(cfg, "data.batch_size", low=1)
     _integer(cfg, "data.eval_batch_size", low=1)
     _integer(cfg, "data.val_size", low=0)
@@ -36,8 +34,7 @@ def check_config(cfg: DictConfig) -> None:
     _integer(cfg, "trainer.seed", low=0, high=2**64 - 1)  # what torch.manual_seed takes
     _integer(cfg, "trainer.log_every_n_steps", low=1)
     _integer(cfg, "trainer.print_every_n_steps", low=0)
-    # The model group stays open to a user's own `_target_`, whose file need not extend the
-    # schema: its keys are checked here whatever their type.
+    # A user's own model file need not extend the schema: its keys are checked whatever their type.
     _integer(cfg, "model.num_classes", low=2, high=MAX_CLASSES)
     channels = _get(cfg, "model.channels")
     if channels is not None and not (
@@ -45,58 +42,52 @@ def check_config(cfg: DictConfig) -> None:
         and len(channels) == 2
         and all(type(c) is int and 1 <= c <= MAX_CHANNELS for c in channels)
     ):
-        _refuse("model.channels", channels, f"must be two whole numbers from 1 to {MAX_CHANNELS}")
-    _fraction(cfg, "model.dropout", optional=True)
-    _fraction(cfg, "data.max_scale")
-    _fraction(cfg, "trainer.label_smoothing")
-    rotation = _get(cfg, "data.max_rotation")
-    if not (_is_number(rotation) and 0 <= rotation <= 180):
-        _refuse("data.max_rotation", rotation, "must be a number of degrees from 0 to 180")
+        raise refusal(
+            "model.channels", channels, f"must be two whole numbers from 1 to {MAX_CHANNELS}"
+        )
+    share = "must be a number from 0 to below 1"
+    _number(cfg, "model.dropout", lambda v: 0 <= v < 1, share, optional=True)
+    _number(cfg, "data.max_scale", lambda v: 0 <= v < 1, share)
+    _number(cfg, "trainer.label_smoothing", lambda v: 0 <= v < 1, share)
+    degrees = "must be a number of degrees from 0 to 180"
+    _number(cfg, "data.max_rotation", lambda v: 0 <= v <= 180, degrees)
     precision = _get(cfg, "trainer.precision")
     if str(precision) not in PRECISIONS:
-        _refuse("trainer.precision", precision, f"must be one of {', '.join(PRECISIONS)}")
+        raise refusal("trainer.precision", precision, f"must be one of {', '.join(PRECISIONS)}")
     device = _get(cfg, "device.type")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
-        _refuse("device.type", device, "must be auto, cpu, cuda or cuda:N")
+        raise refusal("device.type", device, "must be auto, cpu, cuda or cuda:N")
     _integer(cfg, "trainer.num_threads", low=1, high=MAX_THREADS, optional=True)
     _integer(cfg, "mlflow.retry_for_s", low=0)
     _integer(cfg, "mlflow.request_max_retries", low=0)
     _integer(cfg, "mlflow.request_timeout_s", low=1)
     metric = _get(cfg, "optimized_metric")
     if not isinstance(metric, str) or metric not in OPTIMIZABLE_METRICS:
-        _refuse("optimized_metric", metric, f"must be one of {', '.join(OPTIMIZABLE_METRICS)}")
+        why = f"must be one of {', '.join(OPTIMIZABLE_METRICS)}"
+        raise refusal("optimized_metric", metric, why)
     if metric.startswith("val_") and not _get(cfg, "data.val_size"):
-        _refuse("optimized_metric", metric, "is never logged without a split: set data.val_size")
+        why = "is never logged without a split: set data.val_size"
+        raise refusal("optimized_metric", metric, why)
+    between = "must be a number between 0 and 1"
     if _get(cfg, "scheduler"):
-        pct = _get(cfg, "scheduler.pct_start")
-        if pct is not None and not (_is_number(pct) and 0 < pct < 1):
-            _refuse("scheduler.pct_start", pct, "must be a number between 0 and 1")
+        _number(cfg, "scheduler.pct_start", lambda v: 0 < v < 1, between, optional=True)
     if OmegaConf.is_missing(cfg.data, "root"):
-        _refuse("data.root", "???", "must name the folder of your images (data.root=DIR)")
+        raise refusal("data.root", "???", "must name the folder of your images (data.root=DIR)")
     if _get(cfg, "data.test_fraction") is not None:  # data=image_folder
-        fraction = _get(cfg, "data.test_fraction")
-        if not (_is_number(fraction) and 0 < fraction < 1):
-            _refuse("data.test_fraction", fraction, "must be a number between 0 and 1")
+        _number(cfg, "data.test_fraction", lambda v: 0 < v < 1, between)
         _integer(cfg, "data.image_size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
     for key in ("data.dataset", "data.root", "mlflow.experiment_name", "mlflow.tracking_uri"):
         if not str(_get(cfg, key)).strip():
-            _refuse(key, _get(cfg, key), "must not be blank")
+            raise refusal(key, _get(cfg, key), "must not be blank")
     name = _get(cfg, "mlflow.run_name")
     if name is not None and not str(name).strip():
-        _refuse("mlflow.run_name", name, "must not be blank (null: named after the overrides)")
+        why = "must not be blank (null: named after the overrides)"
+        raise refusal("mlflow.run_name", name, why)
 
 
 def check_overrides(args: list[str]) -> None:
-    """Refuse before Hydra what it would take or answer with a stack trace.
-
-    A config group set to a non-name (`device=null`, `optimizer=1`) or to a schema
-    (`data=base_data`, which holds types, not values), and a flag set to
-    anything but true or false (OmegaConf would read `trainer.compile=2` or `=yes` as true).
-    Arguments Hydra cannot parse are left for Hydra to report.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
+    """Refuse what Hydra would take or answer with a stack trace: a group set to a non-name or a
+    schema (`device=null`, `data=base_data`), a flag to other than true or false (`=2`)."""
     parser = OverridesParser.create()
     for arg in args:
         if arg.startswith("-") or "=" not in arg:
@@ -119,8 +110,7 @@ def check_overrides(args: list[str]) -> None:
 
 
 def check_search_space(cfg: DictConfig, keys: Iterable[str] | None = None) -> None:
-    """Refuse a sweep whose `hydra.sweeper.params` (or `keys`, when given: a search's keys,
-    the command line's included) names a key or group the config lacks."""
+    """Refuse a sweep whose `hydra.sweeper.params` (or a search's `keys`) name no key or group."""
     groups = set(_get(cfg, "hydra.runtime.choices") or {})
     for key in _get(cfg, "hydra.sweeper.params") or {} if keys is None else keys:
         name = str(key).lstrip("+~")
@@ -143,9 +133,7 @@ GROUPS = {
 FLAGS = schema.bool_keys()  # `group.key` -> whether null is allowed too
 MAX_SHIFT = 27  # pixels: a larger shift moves every 28x28 image out of its frame
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # pixels a side of data=image_folder's images
-MAX_CLASSES = 10_000
-MAX_CHANNELS = 1024
-MAX_THREADS = 1024
+MAX_CLASSES, MAX_CHANNELS, MAX_THREADS = 10_000, 1024, 1024
 MAX_INT = 2**31 - 1  # counts beyond this are typos, and overflow torch's index arithmetic
 
 
@@ -171,8 +159,7 @@ def _resolve(cfg: DictConfig) -> None:
 
 
 def _fits_schema(cfg: DictConfig) -> None:
-    """Each closed group fits its schema, also where composition could not check it: keys
-    added with `+` (Hydra lets them into a schema), a user's option file not extending it."""
+    """Each closed group fits its schema, keys added with `+` and a user's own option file too."""
     for group, group_schema in schema.CLOSED_GROUPS.items():
         node = _get(cfg, group)
         if not isinstance(node, DictConfig):
@@ -185,10 +172,6 @@ def _fits_schema(cfg: DictConfig) -> None:
             raise composition_refusal(exc) from None
 
 
-def _refuse(key: str, value: Any, why: str) -> NoReturn:
-    raise refusal(key, value, why)
-
-
 def _is_number(value: Any) -> bool:
     """A real, finite number (not a bool, nor an int too large to be a float)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -199,19 +182,12 @@ def _is_number(value: Any) -> bool:
         return False
 
 
-def _number(cfg: DictConfig, key: str, *, low: float, strict: bool = False) -> None:
+def _number(
+    cfg: DictConfig, key: str, fits: Callable[[Any], bool], why: str, *, optional: bool = False
+) -> None:
     value = _get(cfg, key)
-    if not _is_number(value) or value < low or (strict and value == low):
-        _refuse(key, value, f"must be a finite number {'>' if strict else '>='} {low:g}")
-
-
-def _fraction(cfg: DictConfig, key: str, *, optional: bool = False) -> None:
-    """A share: a number from 0 up to, not including, 1."""
-    value = _get(cfg, key)
-    if optional and value is None:
-        return
-    if not (_is_number(value) and 0 <= value < 1):
-        _refuse(key, value, "must be a number from 0 to below 1")
+    if not (optional and value is None) and not (_is_number(value) and fits(value)):
+        raise refusal(key, value, why)
 
 
 def _integer(
@@ -222,4 +198,4 @@ def _integer(
         return
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         suffix = " or null" if optional else ""
-        _refuse(key, value, f"must be a whole number from {low} to {high}{suffix}")
+        raise refusal(key, value, f"must be a whole number from {low} to {high}{suffix}")

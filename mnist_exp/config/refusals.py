@@ -1,9 +1,5 @@
-"""One-line refusals: the form of every config error, Hydra's composition errors included.
-
-`key=value must be ...: change it on the command line or in conf/`, so that the command's
-answer to a bad value is one line naming the key and saying what to do, whether the value
-was refused by the schema while Hydra composed the config or by a range check afterwards.
-"""
+"""One-line refusals, `key=value must be ...: change it on the command line or in conf/`, for
+every config error: a range check's, or the schema's while Hydra composes the config."""
 
 from __future__ import annotations
 

@@ -1,77 +1,54 @@
 """The schema of each config group: dataclasses that Hydra's ConfigStore holds as `base_*` options.
 
-Each option file in conf/ extends its schema through `defaults` (Hydra's structured-configs
-tutorial), e.g. conf/trainer/default.yaml starts with `defaults: [base_trainer, _self_]`, so a
-value of the wrong type is refused as the config is composed, and so is an unknown key wherever
-Hydra would refuse it. The schemas hold types only: every default value lives in its YAML file.
-
-Two kinds of group:
-- closed (`data`, `device`, `trainer`, `mlflow`): a structured config; no key beyond its fields.
-- `_target_` groups (`model`, `optimizer`, `scheduler`): the keys our classes take are typed,
-  and the node stays an open dictionary, so a user's own `_target_` can take other arguments
-  (`model._target_=my.Net +model.hidden=128`, or an option file of their own) and a recorded
-  run of one still reruns. Unknown keys still need Hydra's `+`, as everywhere in the config.
-
-Range checks, which no type can express, are in `mnist_exp.config.checks`.
+Option files extend theirs (`defaults: [base_trainer, _self_]`): a wrong type or unknown key is
+refused as Hydra composes. `_target_` groups stay open to a user's own `_target_`'s arguments
+(`+model.hidden=128`), so that its recorded run still reruns; defaults live in the YAML files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-# Field order is the order of the keys in the YAML files: the schema is merged first, so it
-# decides the order `--cfg job`, hydra/config.yaml and the run's params show.
+# Fields in the YAML files' order: merged first, the schema orders `--cfg job` and the params.
 
 
 @dataclass
-class ConfigSchema:
-    """conf/config.yaml: the top level, beside the groups."""
-
+class ConfigSchema:  # conf/config.yaml: the top level, beside the groups
     optimized_metric: str = MISSING
 
 
 @dataclass
-class ModelSchema:
-    """conf/model/convnet.yaml; a user's own model may extend it too."""
-
+class ModelSchema:  # conf/model/convnet.yaml; a user's own model may extend it too
     _target_: str = MISSING
     num_classes: int = MISSING
 
 
 @dataclass
-class WideConvNetSchema(ModelSchema):
-    """conf/model/wide_convnet.yaml."""
-
+class WideConvNetSchema(ModelSchema):  # conf/model/wide_convnet.yaml
     channels: list[int] = MISSING
     dropout: float = MISSING
 
 
 @dataclass
-class OptimizerSchema:
-    """What every optimizer option has: a torch.optim class, built once the model exists."""
-
+class OptimizerSchema:  # every optimizer option: a torch.optim class, built once the model is
     _target_: str = MISSING
     _partial_: bool = MISSING
     lr: float = MISSING
 
 
 @dataclass
-class AdamSchema(OptimizerSchema):
-    """conf/optimizer/adam.yaml and adamw.yaml."""
-
+class AdamSchema(OptimizerSchema):  # conf/optimizer/adam.yaml and adamw.yaml
     betas: list[float] = MISSING
     weight_decay: float = MISSING
     fused: bool | None = MISSING
 
 
 @dataclass
-class SgdSchema(OptimizerSchema):
-    """conf/optimizer/sgd.yaml."""
-
+class SgdSchema(OptimizerSchema):  # conf/optimizer/sgd.yaml
     momentum: float = MISSING
     nesterov: bool = MISSING
     weight_decay: float = MISSING
@@ -79,9 +56,7 @@ class SgdSchema(OptimizerSchema):
 
 
 @dataclass
-class OneCycleSchema:
-    """conf/scheduler/onecycle.yaml."""
-
+class OneCycleSchema:  # conf/scheduler/onecycle.yaml
     _target_: str = MISSING
     _partial_: bool = MISSING
     max_lr: float = MISSING
@@ -92,9 +67,7 @@ class OneCycleSchema:
 
 
 @dataclass
-class DataSchema:
-    """conf/data/mnist.yaml, and fashion_mnist.yaml through it."""
-
+class DataSchema:  # conf/data/mnist.yaml, and fashion_mnist.yaml through it
     dataset: str = MISSING
     root: str = MISSING
     download: bool = MISSING
@@ -109,25 +82,19 @@ class DataSchema:
 
 
 @dataclass
-class ImageFolderSchema(DataSchema):
-    """conf/data/image_folder.yaml: a folder of one's own images."""
-
+class ImageFolderSchema(DataSchema):  # conf/data/image_folder.yaml: a folder of one's own images
     test_fraction: float = MISSING
     image_size: int = MISSING
     cache_dir: str | None = MISSING
 
 
 @dataclass
-class DeviceSchema:
-    """conf/device/*.yaml."""
-
+class DeviceSchema:  # conf/device/*.yaml
     type: str = MISSING
 
 
 @dataclass
-class TrainerSchema:
-    """conf/trainer/default.yaml."""
-
+class TrainerSchema:  # conf/trainer/default.yaml
     epochs: int = MISSING
     seed: int = MISSING
     deterministic: bool = MISSING
@@ -144,9 +111,7 @@ class TrainerSchema:
 
 
 @dataclass
-class MlflowSchema:
-    """conf/mlflow/local.yaml."""
-
+class MlflowSchema:  # conf/mlflow/local.yaml
     tracking_uri: str = MISSING
     experiment_name: str = MISSING
     run_name: str | None = MISSING
@@ -172,15 +137,12 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("trainer", "base_trainer"): TrainerSchema,
     ("mlflow", "base_mlflow"): MlflowSchema,
 }
-# Groups whose node is an object of our own: each option file fits the group's widest schema.
-CLOSED_GROUPS: dict[str, type] = {
-    "data": ImageFolderSchema,
-    "device": DeviceSchema,
-    "trainer": TrainerSchema,
-    "mlflow": MlflowSchema,
-}
 # Groups whose node Hydra instantiates: their keys are the `_target_`'s arguments.
 TARGET_GROUPS = ("model", "optimizer", "scheduler")
+# Groups whose node is an object of our own: each option file fits the group's widest (last) schema.
+CLOSED_GROUPS: dict[str, type] = {
+    group: schema for (group, _), schema in SCHEMAS.items() if group and group not in TARGET_GROUPS
+}
 
 
 def register() -> None:
@@ -199,11 +161,10 @@ def bool_keys() -> dict[str, bool]:
     """Every `group.key` some schema types as a flag, and whether it may also be null."""
     found: dict[str, bool] = {}
     for (group, _), schema in SCHEMAS.items():
-        hints = get_type_hints(schema)
-        for field in fields(schema):
-            if hints[field.name] in (bool, bool | None):
-                key = f"{group}.{field.name}" if group else field.name
-                found[key] = found.get(key, False) or hints[field.name] is not bool
+        for name, hint in get_type_hints(schema).items():
+            if hint in (bool, bool | None):
+                key = f"{group}.{name}" if group else name
+                found[key] = found.get(key, False) or hint is not bool
     return found
 
 

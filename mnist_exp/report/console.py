@@ -13,7 +13,6 @@ from tqdm import tqdm
 from mnist_exp.training.engine import Callback, EvalResult
 
 log = logging.getLogger("mnist_exp")
-
 _POSTFIX_EVERY_S = 0.25  # how often the bar's loss and images/s are brought up to date
 
 
@@ -25,12 +24,8 @@ def wants_progress_bar(setting: bool | None, in_sweep: bool) -> bool:
 
 
 class Console(Callback):
-    """Either a progress bar per epoch (loss, images/s) or the seed's plain lines.
-
-    Plain: `Epoch [e/E], Step [s/S], Loss: x` every `every` steps, as the seed prints.
-    Both end each epoch with one line of its metrics. With the bar, run the loop inside
-    `tqdm.contrib.logging.logging_redirect_tqdm()` so that log lines print above it.
-    """
+    """A bar per epoch, or the seed's `Epoch [e/E], Step [s/S], Loss: x`; then the epoch's metrics.
+    With the bar, run the loop in tqdm's `logging_redirect_tqdm()`: log lines print above it."""
 
     def __init__(self, every: int, batch_size: int, progress_bar: bool) -> None:
         self.every = every

@@ -1,8 +1,4 @@
-"""What a run's servable model is made of, as the training process hands it to the recorder.
-
-Plain values only (it crosses to the tracker process), and no MLflow or torch: the training
-process builds it, `report.serving` turns it into an MLflow model.
-"""
+"""A run's servable model, in plain values that cross to the tracker (see `report.serving`)."""
 
 from __future__ import annotations
 

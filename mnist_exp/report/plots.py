@@ -1,8 +1,4 @@
-"""Pictures of a run: learning curves, the test confusion matrix, the misclassified images.
-
-Drawn with matplotlib's Agg canvas (no display, no pyplot state) from numbers and tensors
-handed in; nothing here knows of MLflow or of the training loop.
-"""
+"""Pictures of a run, drawn on matplotlib's Agg canvas (no pyplot state) from what is handed in."""
 
 from __future__ import annotations
 
@@ -37,15 +33,11 @@ def per_class_accuracy(confusion: Tensor) -> dict[int, float]:
 
 
 def learning_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: Path) -> None:
-    """Losses (left) and accuracies (right) against the global step.
-
-    `history` maps metric keys to (step, value) pairs; `train_loss` is drawn raw and as a
-    moving average, one-off values (the test metrics) as markers.
-    """
+    """Losses and accuracies by step: `train_loss` raw and as a moving average, the rest markers."""
     figure, canvas = _figure(10, 4)
     loss_ax, acc_ax = figure.subplots(1, 2)
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.2)
-    for key in _LOSSES:
+    for key in CURVES:
         steps, values = _unzip(history.get(key, ()))
         if key == TRAIN_LOSS and len(values) > 1:
             loss_ax.plot(steps, values, color="tab:blue", alpha=0.25, linewidth=0.6)
@@ -53,14 +45,10 @@ def learning_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: Pa
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
             loss_ax.plot(steps[window - 1 :], smooth, color="tab:blue", label=key)
         elif len(values):
-            loss_ax.plot(steps, values, marker="o", label=key)
-    for key in _ACCURACIES:
-        steps, values = _unzip(history.get(key, ()))
-        if len(values):
-            acc_ax.plot(steps, values, marker="o", label=key)
+            ax = loss_ax if key in _LOSSES else acc_ax
+            ax.plot(steps, values, marker="o", label=key)
     for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
@@ -83,8 +71,7 @@ def confusion_plot(confusion: Tensor, path: Path, class_names: Sequence[str] = (
         ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
     ax.set_xticks(range(n), names)
     ax.set_yticks(range(n), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set(xlabel="predicted", ylabel="true")
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(f"test confusion matrix ({counts.sum()} images, accuracy {accuracy:.4f})")
     canvas.print_png(path)
@@ -98,12 +85,8 @@ def misclassified_grid(
     class_names: Sequence[str] = (),
     limit: int = 36,
 ) -> int:
-    """The first `limit` misclassified images, each titled `true -> predicted` (by the classes'
-    names where given, else their indices); returns the count.
-
-    `images` are uint8 `N x 1 x H x W` as the data module keeps them. Draws a single mosaic
-    (one `imshow`), which is much faster than a subplot per image.
-    """
+    """The first `limit` misclassified images (uint8 `N x 1 x H x W`), titled `true -> predicted`
+    by name or index, as one mosaic (one `imshow` is much faster than a subplot each); the count."""
     wrong = torch.nonzero(targets != predictions).flatten()[:limit]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
@@ -116,11 +99,8 @@ def misclassified_grid(
     for n, index in enumerate(wrong.tolist()):
         top, left = (n // cols) * cell_h + band, (n % cols) * cell_w
         mosaic[top : top + height, left : left + width] = 255 - images[index, 0].numpy()
-        true, predicted = int(targets[index]), int(predictions[index])
-        if class_names:
-            title = f"{class_names[true]} -> {class_names[predicted]}"
-        else:
-            title = f"{true} -> {predicted}"
+        pair = (int(targets[index]), int(predictions[index]))
+        title = " -> ".join(class_names[k] if class_names else str(k) for k in pair)
         ax.text(left + width / 2, top - 1, title, ha="center", va="bottom", fontsize=8)
     ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_axis_off()
@@ -132,10 +112,7 @@ def misclassified_grid(
 
 
 def _figure(width: float, height: float) -> tuple[Any, Any]:
-    """A matplotlib Figure (inches) and its Agg canvas, without pyplot's global state.
-
-    Axes are placed by hand: matplotlib's automatic layouts cost more than the drawing.
-    """
+    """A Figure (inches) and its Agg canvas; axes go by hand (automatic layouts cost more)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -144,7 +121,5 @@ def _figure(width: float, height: float) -> tuple[Any, Any]:
 
 
 def _unzip(pairs: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
-    if not pairs:
-        return np.empty(0), np.empty(0)
-    steps, values = zip(*pairs, strict=True)
-    return np.asarray(steps), np.asarray(values, dtype=float)
+    steps_values = np.asarray(pairs, dtype=float).reshape(-1, 2)
+    return steps_values[:, 0], steps_values[:, 1]

@@ -18,36 +18,26 @@ def plot_sweep(runs: Sequence[Run], metric: str, path: Path) -> bool:
     params, given = swept_overrides(scored)
     if not params:
         return False
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global state to close
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.5), squeeze=False)
+    fig = Figure(figsize=(4 * len(params), 3.5))
+    axes = fig.subplots(1, len(params), squeeze=False)
     for ax, param in zip(axes[0], params, strict=True):
         values = [overrides.get(param, "") for overrides in given]
         ys = [r.data.metrics[metric] for r in scored]
-        numbers = [n for n in map(_float, values) if n is not None]
-        if len(numbers) == len(values):
-            ax.scatter(numbers, ys)
-            if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
-                ax.set_xscale("log")
-        else:
+        try:
+            numbers = [float(v) for v in values]
+        except ValueError:  # not all numbers: a tick each
             labels = sorted(set(values))
             ax.scatter([labels.index(v) for v in values], ys)
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-        ax.set_xlabel(param)
-        ax.set_ylabel(metric)
+        else:
+            ax.scatter(numbers, ys)
+            if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
+                ax.set_xscale("log")
+        ax.set(xlabel=param, ylabel=metric)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{metric} of {len(scored)} runs")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return True
-
-
-def _float(value: str) -> float | None:
-    try:
-        return float(value)
-    except ValueError:
-        return None

@@ -1,8 +1,4 @@
-"""One experiment from its composed config: build, train, test, record. Shared by CLI and API.
-
-It runs inside a Hydra job (the command line's, or the API's), whose folder and overrides
-it reads from `HydraConfig`. The run's end is recorded by `lifecycle.recording`.
-"""
+"""One experiment from its composed config, in a Hydra job: build, train, test, record."""
 
 from __future__ import annotations
 
@@ -20,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_exp import names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
-from mnist_exp.errors import UserError
 from mnist_exp.runner import job_log, lifecycle
 from mnist_exp.runner.naming import name_from
 from mnist_exp.tracking import processes
@@ -45,11 +40,8 @@ class RunResult:
 
 
 def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
-    """Train, test and record the experiment `cfg` describes, as a run of MLflow.
-
-    Raises `UserError` (with the run marked FAILED once it exists) for what the user can
-    fix, and `KeyboardInterrupt` (the run marked KILLED) on Ctrl-C or SIGTERM.
-    """
+    """Train, test and record `cfg`'s experiment as an MLflow run. Raises `UserError` (the run,
+    once it exists, FAILED) for what the user can fix, `KeyboardInterrupt` (KILLED) on a signal."""
     check_config(cfg)
     _runs_started.append(time.perf_counter())
     hydra_cfg = HydraConfig.get()
@@ -83,14 +75,15 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     # The tracker process imports MLflow and opens the store while this one imports torch.
     recorder = RemoteRun(uri, cfg.mlflow.experiment_name)
     try:
-        # torch is imported only now, while the tracker process starts on another core.
         from mnist_exp.runner.build import build
 
         setup = build(cfg, state, hydra_cfg.launcher if in_sweep else None)
     except BaseException:
         recorder.close()
         raise
-    _startup_done()
+    if not gc.isenabled():  # the CLI turns it off while starting: what it made lives on
+        gc.freeze()
+        gc.enable()
     log.info(f"Training on {setup.device}; recording in {redact(uri)}")
     # hydra.output_subdir=null: Hydra kept no copy of the config, so there is none to record.
     files = out_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
@@ -143,25 +136,8 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     return RunResult(recorder.run_id, "FINISHED", metrics, weights, out_dir)
 
 
-def optimized(result: RunResult, key: str) -> float:
-    """The run's value of `optimized_metric`, for sweepers."""
-    if key not in result.metrics:
-        raise UserError(f"optimized_metric={key!r} was never logged by this run")
-    return result.metrics[key]
-
-
-def _startup_done() -> None:
-    """Turn the garbage collector back on (the CLI turns it off while starting), leaving out
-    what start-up made: modules, config, data and model live till the end."""
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
-
-
 def _startup_s() -> float:
-    """Seconds since this run began: for a process's first run, since the process started
-    (or, where /proc cannot tell, since this loaded); for a sweep's later jobs or another
-    call from Python, since the job's own start."""
+    """Seconds since the process (or this module) started for its first run, else the job."""
     if len(_runs_started) > 1:
         return time.perf_counter() - _runs_started[-1]
     age = processes.age()

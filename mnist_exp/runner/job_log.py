@@ -1,7 +1,4 @@
-"""The run folder's log (Hydra's job log: what the terminal showed), uploaded to the run.
-
-Called as the run ends, however it ends: finished, failed or killed (`lifecycle.recording`).
-"""
+"""The run folder's log (Hydra's job log: what the terminal showed), uploaded as the run ends."""
 
 from __future__ import annotations
 
@@ -20,14 +17,8 @@ log = logging.getLogger("mnist_exp")
 
 
 def upload(run: Recorder, start_epoch: int, error: BaseException | None = None) -> None:
-    """Upload the job's log file as `names.RUN_LOG` (a resumed run's under `resumed-<epoch>/`).
-
-    `error`, what failed the run, is written to the file first (not to the terminal, where
-    the command's last line says it). Never raises: a failed upload is one line in the log,
-    and the run's end is recorded as if it had not been tried. Skipped when the tracking
-    server is gone (the run's end says so) or when the job writes no log file
-    (`hydra/job_logging=none`).
-    """
+    """Upload the job's log as `names.RUN_LOG` (a resumed run's in `resumed-<epoch>/`), `error`
+    written to it first; never raises, skipped with the tracking server gone or no log file."""
     handler = _job_log_handler()
     if handler is None or run.gave_up:
         return
@@ -43,9 +34,7 @@ def upload(run: Recorder, start_epoch: int, error: BaseException | None = None) 
         # A copy under the artifact's name: Hydra names the file after the job, and lines
         # logged while it uploads would otherwise land in a half-sent file.
         with tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / name
-            shutil.copyfile(path, copy)
-            run.log_artifact(copy, folder)
+            run.log_artifact(shutil.copyfile(path, Path(tmp) / name), folder)
     except Exception as exc:
         log.error(f"could not log {path} to MLflow run {run.run_id}: {one_line(exc)}")
 
@@ -55,9 +44,6 @@ def _job_log_handler() -> logging.FileHandler | None:
     if not HydraConfig.initialized():
         return None
     folder = Path(HydraConfig.get().runtime.output_dir).resolve()
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            path = Path(handler.baseFilename).resolve()
-            if folder in path.parents:  # not a file of the caller's own (the Python API)
-                return handler
-    return None
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    # In the run folder: not a file of the caller's own (the Python API).
+    return next((h for h in files if folder in Path(h.baseFilename).resolve().parents), None)

@@ -20,10 +20,8 @@ _NOT_REPLAYED = ("hydra/", "hparams_search")
 
 
 def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir: Path) -> str:
-    """Write `conf_dir/rerun.yaml`: today's defaults, the recorded choices and values on top.
-
-    `source` is a run id or a Hydra run folder; returns the run's id (or the folder).
-    """
+    """Write `conf_dir/rerun.yaml`, the recorded choices and values on today's defaults, of
+    `source` (a run id or Hydra run folder); returns the run's id (or the folder)."""
     cfg = compose_config([o for o in overrides if o.startswith("mlflow.")])
     configure_requests(cfg.mlflow)
     uri = cfg.mlflow.tracking_uri
@@ -37,24 +35,20 @@ def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir
             raise UserError(
                 f"{folder} has no .hydra/config.yaml: pass a Hydra run folder or run id"
             )
-        found = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{names.OUTPUT_DIR_TAG}` = '{folder.resolve()}'"
-        )
-        run = found[0] if found else None
+        where = f"tags.`{names.OUTPUT_DIR_TAG}` = '{folder.resolve()}'"
+        run = next(iter(client.search_runs([experiment_id], filter_string=where)), None)
         recorded_tags = run.data.tags if run else {}
         run_id = run.info.run_id if run else str(folder.resolve())
     else:
         run = get_run(client, source, uri)
         recorded_tags, run_id = run.data.tags, source
-        hydra_dir = Path(
-            client.download_artifacts(source, names.HYDRA_FILES, str(conf_dir / "recorded"))
-        )
+        recorded_dir = str(conf_dir / "recorded")
+        hydra_dir = Path(client.download_artifacts(source, names.HYDRA_FILES, recorded_dir))
     if resume and run is None:
         raise UserError(f"--resume: no MLflow run recorded {folder}: pass its run id")
     recorded = OmegaConf.load(hydra_dir / "config.yaml")
     choices = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices
     warn_about_environment(recorded_tags)
-
     defaults: list = ["config"]
     defaults += [
         {f"override /{group}": choice}
@@ -66,10 +60,8 @@ def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir
     recorded.trainer.resume = None
     if not resume:
         name = recorded_tags.get(names.RUN_NAME_TAG) or run_id
-        changed = describing(overrides)
-        recorded.mlflow.run_name = f"rerun of {name}" + (
-            f" ({' '.join(changed)})" if changed else ""
-        )
+        changed = " ".join(describing(overrides))
+        recorded.mlflow.run_name = f"rerun of {name}" + (f" ({changed})" if changed else "")
         recorded.mlflow.tags = {
             names.RERUN_OF_TAG: run_id,
             names.RERUN_OVERRIDES_TAG: " ".join(overrides),
@@ -90,8 +82,5 @@ def warn_about_environment(tags: dict[str, str]) -> None:
         except metadata.PackageNotFoundError:
             here = "not installed"
         if here != recorded:
-            print(
-                f"warning: {package} {here} here, {recorded} in the recorded run: "
-                f"results may differ",
-                file=sys.stderr,
-            )
+            why = f"{package} {here} here, {recorded} in the recorded run: results may differ"
+            print(f"warning: {why}", file=sys.stderr)

@@ -1,7 +1,4 @@
-"""What `trainer.resume` points at: a run id or a checkpoint file, checked before anything runs.
-
-Everything here only reads; a refusal leaves MLflow and the checkpoint untouched.
-"""
+"""What `trainer.resume` points at, a run id or a checkpoint file, checked (read only) first."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""A run as the trial of an Optuna search: its metric reported after each epoch, training
-stopped when the pruner says so, the trial told how the run ended, so a trial ends with its job
-even if the sweep is gone.
-
-The sweeper names the trial in the job's `hydra.sweeper.trial`; imported only for such a job
-(it loads Optuna and torch).
-"""
+"""A run as the trial of an Optuna search (`hydra.sweeper.trial`): its metric reported each
+epoch, pruned when Optuna says, the trial told how the run ended, even if the sweep is gone."""
 
 from __future__ import annotations
 
@@ -27,15 +22,10 @@ log = logging.getLogger("mnist_exp")
 
 
 class SearchTrial(engine.Callback):
-    """The Optuna trial a job runs; as the loop's callback, it reports `metric` after each
-    epoch and stops training once the trial is pruned."""
+    """The Optuna trial a job runs; as the loop's callback, it reports and prunes."""
 
     def __init__(self, sweeper: DictConfig, cfg: DictConfig) -> None:
-        """The trial `sweeper` (the job's `hydra.sweeper`) names.
-
-        Raises `UserError` when the trial has ended already (the search gave up waiting for
-        this job and tried its parameters again), so it is not trained twice.
-        """
+        """The job's trial; `UserError` if it ended already (the search gave up on this job)."""
         settings = Settings.of(sweeper, cfg)
         self.storage = open_storage(settings)
         self.study = open_study(settings, self.storage, create=False)
@@ -72,16 +62,13 @@ class SearchTrial(engine.Callback):
 
     @contextmanager
     def running(self, run_id: str) -> Iterator[None]:
-        """Inside, the trial holds the run's id and its heartbeat is recorded; an error fails
-        the trial, and an interruption (Ctrl-C, SIGTERM) also enqueues its parameters again,
-        as a killed sweep's are."""
+        """Inside, the trial holds the run's id and beats; an error fails it, a signal retries."""
         self.trial.set_user_attr(names.TRIAL_RUN_ID_ATTR, run_id)
         try:
             with heartbeat(self.storage, [self.trial_id]):
                 yield
         except KeyboardInterrupt:
-            frozen = self._tell(TrialState.FAIL)
-            if frozen is not None:
+            if (frozen := self._tell(TrialState.FAIL)) is not None:
                 retry(self.study, frozen)
             raise
         except BaseException:

@@ -1,5 +1,4 @@
-"""The servable model's description from a run: the network's class and arguments, the images
-it takes, the class names, and the code its class needs (found from the `_target_`)."""
+"""The servable model's description from a run (`report.model_spec.ModelSpec`)."""
 
 from __future__ import annotations
 
@@ -39,13 +38,8 @@ def describe(cfg: DictConfig, setup: Setup, step: int) -> ModelSpec:
 
 
 def own_code(target: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The code of `target`'s top-level module or package that the model must carry, and the
-    installed distributions it comes from instead (`name==version`).
-
-    mnist_exp goes along anyway. A module or package of one's own (a file, a folder on
-    PYTHONPATH, an editable install) is copied into the model, so that it loads where that
-    code is not installed; one installed in site-packages (torchvision, say) is a requirement.
-    """
+    """What the model carries of `target`'s top-level module, one's own (a file, a PYTHONPATH
+    folder, an editable install), or the `name==version` it requires, one in site-packages."""
     top = target.split(".")[0]
     module = sys.modules.get(top)  # Hydra imported it to build the model
     if top == "mnist_exp" or module is None:

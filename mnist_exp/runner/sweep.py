@@ -1,29 +1,21 @@
-"""The one Hydra callback (conf/config.yaml): what a run or sweep needs before it starts and
-after its last job, in the order it needs it.
-
-Before a run: its folder must be writable. Before a sweep: its folder, the config and, for an
-Optuna search, the search itself are checked once, each refusal one line before anything runs;
-on the basic launcher the first job's tracker starts, then the sweep's MLflow parent run is
-opened, which each job's run joins as a child through an environment variable. After the last
-job the parent records the outcome (and a search's) and ends; the only writer of the parent.
-"""
+"""The one Hydra callback (conf/config.yaml): a sweep's folder, config and search checked once,
+the first job's tracker started early, the MLflow parent run opened, and after the last job its
+outcome recorded; a single run's folder checked writable."""
 
 from __future__ import annotations
 
 import atexit
 import logging
 import os
-import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mnist_exp.config.checks import check_config, check_search_space
-from mnist_exp.errors import UserError
+from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import OPTUNA_PLOTS
 from mnist_exp.search import PLUGIN_NAME
 from mnist_exp.tracking.http import configure_requests
@@ -34,7 +26,6 @@ if TYPE_CHECKING:
     from mnist_exp.tracking.mlflow_run import MlflowRun
 
 log = logging.getLogger("mnist_exp")
-_T = TypeVar("_T")
 
 
 class SweepCallback(Callback):
@@ -45,13 +36,14 @@ class SweepCallback(Callback):
         self.search: Settings | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _refuse_on_error(lambda: _check_writable(Path(config.hydra.run.dir), "hydra.run.dir"))
+        with exit_on_user_error():
+            _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _refuse_on_error(lambda: self.check(config))
+        with exit_on_user_error():
+            self.check(config)
         if config.hydra.runtime.choices.get("hydra/launcher") == "basic":
-            # The first job runs in this process: its tracker imports MLflow and creates a new
-            # store on the other core while this process imports torch.
+            # The first job runs here: its tracker loads MLflow and the store as this loads torch.
             from mnist_exp.tracking import remote
 
             mlflow = config.mlflow
@@ -62,11 +54,11 @@ class SweepCallback(Callback):
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import open_parent
 
-        self.parent = _refuse_on_error(lambda: open_parent(config))
+        with exit_on_user_error():
+            self.parent = open_parent(config)
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
         atexit.register(self._abandon)
-        uri = redact(config.mlflow.tracking_uri)
-        log.info(f"Sweep parent run {self.parent.run_id} in {uri}")
+        log.info(f"Sweep parent run {self.parent.run_id} in {redact(config.mlflow.tracking_uri)}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
@@ -106,14 +98,6 @@ class SweepCallback(Callback):
         """At exit, a parent the sweep never closed (it crashed or was interrupted) is FAILED."""
         if self.parent is not None:
             self.parent.end("FAILED")
-
-
-def _refuse_on_error(check: Callable[[], _T]) -> _T:
-    """`check()`, or the one-line `error: ...` of its `UserError` as the command's end."""
-    try:
-        return check()
-    except UserError as exc:
-        sys.exit(f"error: {exc}")
 
 
 def _check_writable(folder: Path, key: str) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from omegaconf import DictConfig
 from optuna.pruners import BasePruner, HyperbandPruner, MedianPruner, NopPruner
@@ -17,8 +15,7 @@ from mnist_exp.names import OPTIMIZABLE_METRICS
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = {"max": "maximize", "min": "minimize"}  # OPTIMIZABLE_METRICS' goal -> Optuna's
-# A trial is only pruned on a metric measured after every epoch.
-PER_EPOCH = ("val_accuracy", "val_loss", "train_images_per_s")
+PER_EPOCH = ("val_accuracy", "val_loss", "train_images_per_s")  # what a trial is pruned on
 
 
 @dataclass(frozen=True)
@@ -41,8 +38,7 @@ class Settings:
 
     @classmethod
     def of(cls, sweeper: DictConfig, cfg: DictConfig) -> Settings:
-        """From `hydra.sweeper` and the config of the sweep or job; raises `UserError` naming
-        the first value that cannot work."""
+        """From `hydra.sweeper` and the sweep's or job's config; `UserError` names a bad value."""
         metric = str(cfg.optimized_metric)
         goal = DIRECTIONS[OPTIMIZABLE_METRICS[metric]] if metric in OPTIMIZABLE_METRICS else None
         direction = sweeper.get("direction") or goal
@@ -52,8 +48,11 @@ class Settings:
             raise _refused(
                 sweeper, "direction", f"does not suit optimized_metric={metric}: use {goal} or null"
             )
+        name = _text(sweeper, "study_name")
+        if "'" in name or "\\" in name:  # MLflow finds the study's parent run by a filter on it
+            raise _refused(sweeper, "study_name", "must not hold a quote or a backslash")
         settings = cls(
-            study_name=_name(sweeper),
+            study_name=name,
             storage=_text(sweeper, "storage"),
             direction=direction,
             n_trials=_whole(sweeper, "n_trials", low=1),
@@ -68,17 +67,15 @@ class Settings:
             params={str(k): str(v) for k, v in (sweeper.get("params") or {}).items()},
         )
         if settings.pruner != "none" and metric not in PER_EPOCH:
-            raise _refused(
-                sweeper,
-                "pruner",
+            why = (
                 f"needs an optimized_metric measured every epoch ({', '.join(PER_EPOCH[:2])}), "
-                f"not {metric}: set data.val_size and optimized_metric=val_accuracy, or use none",
+                f"not {metric}: set data.val_size and optimized_metric=val_accuracy, or use none"
             )
+            raise _refused(sweeper, "pruner", why)
         return settings
 
     def sampler_for(self, trial_number: int) -> BaseSampler:
-        """The sampler that draws trial `trial_number`: seeded from `seed` and the number, so a
-        search reproduces and two commands sharing a study do not draw the same values."""
+        """Seeded by `seed` and the trial's number: reproducible, and unlike another command's."""
         seed = (self.seed * 1_000_003 + trial_number) % 2**32
         if self.sampler == "random":
             return RandomSampler(seed=seed)
@@ -106,18 +103,9 @@ def _text(sweeper: DictConfig, key: str) -> str:
     return value
 
 
-def _name(sweeper: DictConfig) -> str:
-    """The study's name, which MLflow finds the study's parent run by (a filter string)."""
-    name = _text(sweeper, "study_name")
-    if "'" in name or "\\" in name:
-        raise _refused(sweeper, "study_name", "must not hold a quote or a backslash")
-    return name
-
-
-def _whole(sweeper: Mapping[str, Any], key: str, *, low: int) -> int:
+def _whole(sweeper: DictConfig, key: str, *, low: int) -> int:
     value = sweeper.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        assert isinstance(sweeper, DictConfig)
         raise _refused(sweeper, key, f"must be a whole number from {low}")
     return value
 

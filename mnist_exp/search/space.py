@@ -1,9 +1,7 @@
 """The search space: Hydra's sweep syntax read as Optuna distributions, and a trial as overrides.
 
-The syntax is hydra-optuna-sweeper's, so its configs and command lines keep working:
-`choice(a, b)` and `a,b` are categorical, `range(1, 9, 2)` steps over integers (or floats),
-`interval(0.1, 1)` is uniform, `tag(log, interval(1e-4, 0.1))` log-uniform; any other value
-is fixed for every trial.
+hydra-optuna-sweeper's syntax: `choice(a, b)` and `a,b` are categorical, `range(1, 9, 2)` steps,
+`interval(0.1, 1)` is uniform, `tag(log, interval(1e-4, 0.1))` log-uniform; other values fixed.
 """
 
 from __future__ import annotations
@@ -35,17 +33,12 @@ class SearchSpace:
 
     def overrides(self, trial: Trial) -> list[str]:
         """Draw the trial's values (a retried trial gets its earlier ones) as overrides."""
-        drawn = {name: suggest(trial, name, d) for name, d in self.distributions.items()}
-        return [f"{k}={_as_override(v)}" for k, v in drawn.items()] + [
-            f"{k}={v}" for k, v in self.fixed.items()
-        ]
+        drawn = [f"{k}={_as_override(suggest(trial, k, d))}" for k, d in self.distributions.items()]
+        return drawn + [f"{k}={v}" for k, v in self.fixed.items()]
 
 
 def parse(params: dict[str, str], arguments: list[str]) -> SearchSpace:
-    """`hydra.sweeper.params` (key -> value), then the command line's overrides, which win.
-
-    Raises `UserError` naming an entry Optuna cannot search.
-    """
+    """`hydra.sweeper.params` and the command line's overrides (which win), or a `UserError`."""
     lines = [f"{k}={v}" for k, v in params.items()] + list(arguments)
     try:
         parsed = OverridesParser.create().parse_overrides(lines)
@@ -66,18 +59,14 @@ def parse(params: dict[str, str], arguments: list[str]) -> SearchSpace:
     return SearchSpace(distributions, fixed)
 
 
-def suggest(trial: Trial, name: str, distribution: BaseDistribution) -> Any:
-    """`trial.suggest_*` for `distribution`: what the study's sampler draws for `name`."""
-    if isinstance(distribution, CategoricalDistribution):
-        return trial.suggest_categorical(name, distribution.choices)
-    if isinstance(distribution, IntDistribution):
-        return trial.suggest_int(
-            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
-        )
-    assert isinstance(distribution, FloatDistribution)
-    return trial.suggest_float(
-        name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
-    )
+def suggest(trial: Trial, name: str, dist: BaseDistribution) -> Any:
+    """`trial.suggest_*` for `dist`: what the study's sampler draws for `name`."""
+    if isinstance(dist, CategoricalDistribution):
+        return trial.suggest_categorical(name, dist.choices)
+    if isinstance(dist, IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    assert isinstance(dist, FloatDistribution)
+    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
 
 
 def _distribution(override: Override) -> BaseDistribution:
@@ -85,9 +74,8 @@ def _distribution(override: Override) -> BaseDistribution:
     line = override.input_line
     value = override.value()
     try:
-        if override.is_choice_sweep() or (
-            isinstance(value, RangeSweep) and value.shuffle
-        ):  # choice(...) and a,b,c; shuffle(range(...)) is a set of choices too
+        # choice(...) and a,b,c; shuffle(range(...)) is a set of choices too
+        if override.is_choice_sweep() or (isinstance(value, RangeSweep) and value.shuffle):
             choices = list(override.sweep_iterator(transformer=Transformer.encode))
             plain = [c for c in choices if isinstance(c, str | int | float | bool)]
             if not choices or len(plain) < len(choices):

@@ -1,9 +1,5 @@
-"""The study a search keeps in its storage: opening it, what counts as done, trials left behind.
-
-A trial's job records a heartbeat while it runs; a trial whose heartbeat stopped (its sweep
-was killed) is failed and enqueued again with the same parameters by Optuna's
-`RetryHeartbeatStaleTrialCallback`, so it does not count towards `n_trials`.
-"""
+"""The study a search keeps in its storage: opening it, what counts as done, trials left behind
+(a trial whose heartbeat stopped is failed and enqueued again, counting no more)."""
 
 from __future__ import annotations
 
@@ -12,7 +8,7 @@ import logging
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import optuna
 from filelock import FileLock
@@ -32,36 +28,30 @@ SQLITE_WAIT_S = 60  # a write waits this long for another process's (SQLite lock
 
 
 def open_storage(settings: Settings) -> RDBStorage:
-    """The study's storage, with heartbeats; a new SQLite file is made by one process at a time.
-
-    Raises `UserError` when the URL cannot be opened.
-    """
-    db = sqlite_path(settings.storage)
+    """The study's storage, with heartbeats; `UserError` when the URL cannot be opened."""
+    url = settings.storage
+    db, sqlite = sqlite_path(url), url.startswith("sqlite")
+    # SQLAlchemy 2.1 opens `postgresql://` with psycopg 3; the project installs psycopg2 (the
+    # `server` extra, as MLflow's server uses): a bare URL takes it where psycopg 3 is absent.
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        url = "postgresql+psycopg2://" + url.removeprefix("postgresql://")
     try:
-        if db is None:
-            return _storage(settings)
-        db.parent.mkdir(parents=True, exist_ok=True)
-        # Optuna creates a new database's tables on first use; two processes doing that at
-        # once fail, as MLflow's do (tracking.store.open_store).
-        with FileLock(f"{db}.lock"):
-            return _storage(settings)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        # Optuna makes a new database's tables on first use: one process at a time, as MLflow's.
+        with FileLock(f"{db}.lock") if db is not None else nullcontext(), _quietly():
+            return RDBStorage(
+                url,
+                engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite else None,
+                heartbeat_interval=settings.heartbeat_s,
+                grace_period=3 * settings.heartbeat_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+            )
     except Exception as exc:
         raise UserError(
             f"cannot open the Optuna storage {redact(settings.storage)} ({first_line(exc)}): "
             f"fix hydra.sweeper.storage (an SQLAlchemy URL such as sqlite:///path/optuna.db)"
         ) from None
-
-
-def _storage(settings: Settings) -> RDBStorage:
-    sqlite = settings.storage.startswith("sqlite")
-    with _quietly():
-        return RDBStorage(
-            _with_driver(settings.storage),
-            engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite else None,
-            heartbeat_interval=settings.heartbeat_s,
-            grace_period=3 * settings.heartbeat_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-        )
 
 
 def check_study(settings: Settings, storage: RDBStorage) -> bool:
@@ -79,14 +69,6 @@ def check_study(settings: Settings, storage: RDBStorage) -> bool:
     return found is not None
 
 
-def _with_driver(url: str) -> str:
-    """SQLAlchemy 2.1 opens `postgresql://` with psycopg 3; the project installs psycopg2 (the
-    `server` extra, as MLflow's server uses), so a bare URL takes it where psycopg 3 is absent."""
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
-
-
 def open_study(settings: Settings, storage: RDBStorage, *, create: bool) -> optuna.Study:
     """The study named in `settings`, created when `create` and absent (see `check_study`)."""
     if not check_study(settings, storage) and not create:
@@ -101,17 +83,11 @@ def open_study(settings: Settings, storage: RDBStorage, *, create: bool) -> optu
 
 
 def counted(study: optuna.Study) -> list[FrozenTrial]:
-    """The trials that count towards `n_trials`: ended, but not those failed as stale and
-    tried again (the retry counts in their place)."""
+    """The trials that count to `n_trials`: ended, less those failed as stale and retried."""
     trials = study.get_trials(deepcopy=False)
     with _quietly():
         retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     return [t for t in trials if t.state in ENDED and t.number not in retried]
-
-
-def running(study: optuna.Study) -> list[FrozenTrial]:
-    """Trials asked for and not ended: this sweep's, another command's, or left to retry."""
-    return study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
 
 
 def trial_ids(storage: RDBStorage, study_name: str, numbers: Sequence[int]) -> list[int]:

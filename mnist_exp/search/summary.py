@@ -1,21 +1,22 @@
-"""What a search leaves on its MLflow parent run at the end: trials complete, pruned and
-failed, the best trial and its params, and Optuna's own pictures (matplotlib, as PNG)."""
+"""What a search leaves on its parent run: trials by how they ended, the best, Optuna's plots."""
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from mnist_exp import names
 from mnist_exp.search.settings import Settings
-from mnist_exp.search.study import counted, open_storage, open_study
+from mnist_exp.search.study import ENDED, counted, open_storage, open_study
+
+log = logging.getLogger("mnist_exp")
 
 
 @dataclass(frozen=True)
@@ -28,30 +29,23 @@ class Outcome:
     line: str
 
 
-log = logging.getLogger("mnist_exp")
-
-
 def outcome(settings: Settings, metric: str, folder: Path) -> Outcome:
     """What the study holds now, its pictures drawn into `folder`, for the sweep's parent run."""
     study = open_study(settings, open_storage(settings), create=False)
     trials = counted(study)
-    by_state = {
-        s: sum(t.state == s for t in trials)
-        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    }
+    by_state = Counter(t.state for t in trials)
+    complete, pruned, failed = (by_state[state] for state in ENDED)
     metrics = {
-        names.TRIALS_COMPLETE: by_state[TrialState.COMPLETE],
-        names.TRIALS_PRUNED: by_state[TrialState.PRUNED],
-        names.TRIALS_FAILED: by_state[TrialState.FAIL],
+        names.TRIALS_COMPLETE: complete,
+        names.TRIALS_PRUNED: pruned,
+        names.TRIALS_FAILED: failed,
     }
-    best = best_trial(study)
     tags = {}
     line = (
-        f"Optuna study {settings.study_name!r}: {len(trials)} trials, "
-        f"{metrics[names.TRIALS_COMPLETE]} complete, {metrics[names.TRIALS_PRUNED]} pruned, "
-        f"{metrics[names.TRIALS_FAILED]} failed"
+        f"Optuna study {settings.study_name!r}: {len(trials)} trials, {complete} complete, "
+        f"{pruned} pruned, {failed} failed"
     )
-    if best is not None:
+    if (best := best_trial(study)) is not None:
         params = " ".join(f"{k}={v}" for k, v in best.params.items())
         tags = {names.BEST_TRIAL_TAG: str(best.number), names.BEST_PARAMS_TAG: params}
         line += f"; best trial {best.number}: {metric} {best.value:.4f} ({params})"
@@ -67,8 +61,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 
 def _pictures(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optimisation history, parameter importances and slice plot, as far as the trials allow
-    (importances need two complete trials that differ)."""
+    """Optuna's history, importances and slice plots, as far as the trials allow."""
     import matplotlib
 
     matplotlib.use("Agg")

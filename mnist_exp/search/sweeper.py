@@ -1,9 +1,7 @@
 """`hydra/sweeper=optuna` (chosen by `hparams_search=optuna`): Hydra's `Sweeper` on an Optuna study.
 
-It asks the study for up to `n_jobs` trials at a time, launches them as jobs through the
-chosen `hydra/launcher` (each job told its trial in `hydra.sweeper.trial`), and goes on
-until `n_trials` trials of the study have ended, whoever ran them: the same command run
-again continues the study, and two commands on one study share its trials.
+It launches `n_jobs` trials at a time through `hydra/launcher` until `n_trials` of the study have
+ended, whoever ran them: run again, it continues the study; two commands on one share its trials.
 """
 
 from __future__ import annotations
@@ -19,16 +17,15 @@ from typing import Any
 
 import optuna
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from mnist_exp.config.checks import check_search_space
-from mnist_exp.errors import UserError
+from mnist_exp.errors import exit_on_user_error
 from mnist_exp.names import STUDY_PARENT_RUN_ATTR
 from mnist_exp.search import PLUGIN_NAME
 from mnist_exp.search import study as studies
@@ -43,8 +40,7 @@ WAIT_S = 2  # between looks at trials that run elsewhere, once none is left to l
 
 
 class OptunaSweeper(Sweeper):
-    """Hydra instantiates it with the keys of `hydra.sweeper`; `setup` reads and checks them
-    from the whole config, where `${trainer.seed}` and the storage's default resolve."""
+    """`setup` reads `hydra.sweeper` from the whole config, where its `${...}` resolve."""
 
     def __init__(self, **_: Any) -> None:
         self.job_idx = 0
@@ -59,17 +55,13 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        """Run trials until the study holds `n_trials` that count (the sweep callback then
-        records the outcome on the parent run)."""
+        """Run trials until the study holds `n_trials` that count."""
         settings = self.settings
-        try:
+        with exit_on_user_error():
             space = parse(settings.params, arguments)
             storage = studies.open_storage(settings)
             study = studies.open_study(settings, storage, create=True)
-        except UserError as exc:
-            sys.exit(f"error: {exc}")
-        parent = os.environ.get(PARENT_RUN_ENV)
-        if parent:
+        if parent := os.environ.get(PARENT_RUN_ENV):
             study.set_user_attr(STUDY_PARENT_RUN_ATTR, parent)
         done = len(studies.counted(study))
         log.info(
@@ -92,20 +84,15 @@ class OptunaSweeper(Sweeper):
                 break
         if elsewhere:
             log.info(f"{elsewhere} trials of the study are still running elsewhere")
-        best = best_trial(study)
-        if best is not None:
-            OmegaConf.save(
-                OmegaConf.create(
-                    {"name": "optuna", "best_params": best.params, "best_value": best.value}
-                ),
-                Path(self.sweep_config.hydra.sweep.dir) / "optimization_results.yaml",
-            )
+        if (best := best_trial(study)) is not None:
+            results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+            folder = Path(self.sweep_config.hydra.sweep.dir)
+            OmegaConf.save(OmegaConf.create(results), folder / "optimization_results.yaml")
 
     def _batch_size(self, study: optuna.Study) -> tuple[int, int]:
-        """How many trials to launch now (up to `n_jobs`, leaving room for the trials other
-        commands are running on the same study), and how many those are."""
+        """How many trials to launch now, and how many other commands run on the study."""
         studies.fail_stale(study)
-        running = [t for t in studies.running(study) if t.state == TrialState.RUNNING]
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         left = self.settings.n_trials - len(studies.counted(study)) - len(running)
         return max(0, min(self.settings.n_jobs, left)), len(running)
 
@@ -122,8 +109,7 @@ class OptunaSweeper(Sweeper):
             batch.append([*space.overrides(trial), f"hydra.sweeper.trial={trial.number}"])
         ids = studies.trial_ids(storage, self.settings.study_name, [t.number for t in trials])
         try:
-            # The sweep keeps its trials alive while jobs wait in a queue or start up.
-            with studies.heartbeat(storage, ids):
+            with studies.heartbeat(storage, ids):  # alive while jobs wait in a queue or start
                 returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
         except KeyboardInterrupt:
             for trial_id in ids:  # tried again by the next run of the same command
@@ -132,13 +118,17 @@ class OptunaSweeper(Sweeper):
             raise
         self.job_idx += len(returns)
         for trial_id, job in zip(ids, returns, strict=True):
-            if (frozen := _fail(study, storage, trial_id)) is not None:
-                log.error(f"Optuna trial {frozen.number} failed: {_why(job)}")
+            if (frozen := _fail(study, storage, trial_id)) is None:
+                continue
+            try:
+                why = f"its job returned {job.return_value!r} without ending it"
+            except Exception as exc:  # JobReturn raises the job's own error
+                why = f"its job raised {type(exc).__name__}: {exc}"
+            log.error(f"Optuna trial {frozen.number} failed: {why}")
 
 
 def prepare(config: DictConfig) -> Settings:
-    """Register the sweeper with Hydra, and refuse (`UserError`) a search that cannot work: its
-    settings, its search space, its storage, an existing study's direction."""
+    """Register the sweeper, and refuse (`UserError`) a search that cannot work."""
     register()
     settings = Settings.of(config.hydra.sweeper, config)
     space = parse(settings.params, list(config.hydra.overrides.task))
@@ -148,37 +138,21 @@ def prepare(config: DictConfig) -> Settings:
 
 
 def register() -> None:
-    """Let Hydra instantiate the sweeper by `PLUGIN_NAME`.
-
-    Hydra takes a sweeper only from its plugin namespace (`hydra_plugins.*`): a class it has
-    registered under that name, which its `_target_` also imports. Plugins usually ship a
-    `hydra_plugins` package; the project's top level being fixed, the class is registered
-    under that name, in a module of that name, instead.
-    """
+    """Let Hydra instantiate the sweeper by `PLUGIN_NAME`: Hydra takes sweepers only from
+    `hydra_plugins.*`, and the project's fixed top level has no such package, so one is made."""
     module_name, _, name = PLUGIN_NAME.rpartition(".")
     module = sys.modules.get(module_name)
     if module is None:
         module = types.ModuleType(module_name, "mnist_exp.search.sweeper, as Hydra finds it")
-        alias = type(name, (OptunaSweeper,), {"__module__": module_name})
-        alias.__doc__ = OptunaSweeper.__doc__
-        setattr(module, name, alias)
+        body = {"__module__": module_name, "__doc__": OptunaSweeper.__doc__}
+        setattr(module, name, type(name, (OptunaSweeper,), body))
         sys.modules[module_name] = module
     Plugins.instance().register(getattr(module, name))
 
 
-def _fail(
-    study: optuna.Study, storage: RDBStorage, trial_id: int
-) -> optuna.trial.FrozenTrial | None:
+def _fail(study: optuna.Study, storage: RDBStorage, trial_id: int) -> FrozenTrial | None:
     """Fail the trial if its job did not end it; the failed trial, or None if it had ended."""
     trial = storage.get_trial(trial_id)
     if trial.state.is_finished():
         return None
     return study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-
-
-def _why(job: JobReturn) -> str:
-    """What a job that left its trial running returned, in a few words."""
-    try:
-        return f"its job returned {job.return_value!r} without ending it"
-    except Exception as exc:  # JobReturn raises the job's own error
-        return f"its job raised {type(exc).__name__}: {exc}"
