@@ -1,9 +1,9 @@
 """The Hydra callback that starts a sweep's first job early, when its jobs run in this process.
 
 Before the sweep's parent run is opened (by the MLflow callback, listed after this one), it
-starts the first job's tracker process, which imports MLflow, creates a new SQLite store and,
-if jobs log a model, imports torch for it; meanwhile this process imports torch. Otherwise all
-of it came one after another, on one core, as the sweep and its first job began and ended.
+starts the first job's tracker process, which imports MLflow and creates a new SQLite store;
+meanwhile this process imports torch. Otherwise all of it came one after another, on one
+core, as the sweep and its first job began.
 """
 
 from __future__ import annotations
@@ -29,7 +29,5 @@ class EarlyStart(Callback):
             check_search_space(config)
         except UserError:
             return  # refused next, by the MLflow callback: nothing to start for it
-        remote.start_tracker_early(
-            config.mlflow.tracking_uri, config.mlflow.experiment_name, bool(config.mlflow.log_model)
-        )
+        remote.start_tracker_early(config.mlflow.tracking_uri, config.mlflow.experiment_name)
         import mnist_exp.runner.build  # noqa: F401  (torch, for the first job)
