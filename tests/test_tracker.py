@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mnist_exp import UserError
 from mnist_exp.errors import TrackerLost
 from mnist_exp.runner.lifecycle import recording
-from mnist_exp.tracking import remote
+from mnist_exp.tracking import tracker
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.tracking.store import open_store
 
@@ -86,7 +86,7 @@ def test_a_tracker_that_cannot_be_replaced_fails_the_run_from_the_training_proce
     run.sync()
     # A tracker that ends at once (named as the run's own tracker, which starts no command).
     dies = (sys.executable, "-c", "raise SystemExit(3)", "mnist_exp.tracking.tracker")
-    monkeypatch.setattr(remote, "TRACKER_COMMAND", dies)
+    monkeypatch.setattr(tracker, "COMMAND", dies)
     os.kill(run.pid, signal.SIGKILL)
     with pytest.raises(TrackerLost) as error, recording(run, tmp_path / "last.ckpt", 0):
         run.log_metric("train_loss", 0.5, 2)
@@ -108,8 +108,8 @@ def test_a_tracker_started_early_makes_the_new_store_and_records_the_next_run(
     """A sweep's first job: its tracker creates the store before any run is asked of it."""
     db = tmp_path / "new" / "mlflow.db"
     tracking_uri = f"sqlite:///{db}"
-    remote.start_tracker_early(tracking_uri, "early")
-    ((process, _),) = remote._idle
+    tracker.start_tracker_early(tracking_uri, "early")
+    ((process, _),) = tracker.idle
     deadline = time.monotonic() + 60
     while not _experiments(db):
         assert process.poll() is None and time.monotonic() < deadline, "no store was made"

@@ -1,17 +1,25 @@
-"""What the training process sends its tracker process: plain objects, no MLflow in them.
+"""What the training process sends its tracker process, and what the tracker does for each.
 
-`Store` and `Open` begin a run; each request after them says what the tracker does for it
-(`do`, on the `mlflow_run.MlflowRun` it opened) and is answered in turn.
+Plain objects, made and pickled without MLflow: `Store` and `Open` begin a run; each request
+after them is done (`do`) on the `mlflow_run.MlflowRun` opened, and answered in turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mnist_exp import names
+from mnist_exp.errors import one_line
+
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
     from mnist_exp.report.model_spec import ModelSpec
     from mnist_exp.tracking.mlflow_run import MlflowRun
 
@@ -25,19 +33,34 @@ def _environment() -> dict[str, str]:
 
 @dataclass
 class Store:
-    """The store to open, with this process's MLflow settings and credentials (not on the
-    tracker's command line, where other users would see them). `early`: sent to a tracker
-    started ahead of its run, which then only makes a new SQLite store."""
+    """The store to open, with the training process's MLflow settings and credentials (not on
+    the tracker's command line, where other users would see them). `early`: to a tracker
+    started ahead of its run, which makes a new SQLite store and waits for the run's own."""
 
     tracking_uri: str
     experiment_name: str
     early: bool = False
     environment: dict[str, str] = field(default_factory=_environment)
 
+    def take_environment(self) -> None:
+        """Make the tracker's MLflow and mnist_exp variables the training process's of now
+        (between two runs it may change them: a sweep's parent run, HTTP retries)."""
+        for key in [k for k in os.environ if k.startswith(ENVIRONMENT_PREFIXES)]:
+            if key not in self.environment:
+                del os.environ[key]
+        os.environ.update(self.environment)
+        # Logging the model downloads a file of it back, and MLflow's progress bar for that
+        # would land in the training process's output (the tracker's stderr is its).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 
 @dataclass
 class Open:
-    """Start a new run, or with `run_id` continue a stopped one (see `RemoteRun.start`)."""
+    """Start a run with `params` (flattened to dotted keys), its source tags (see
+    `store.source_tags`) and `tags`, or continue the stopped run `run_id` adding `tags`; then
+    log the installed packages and the folder `files[0]` under `files[1]`. A server outage
+    of up to `retry_for_s` is waited out; a run that opened but failed to be recorded is FAILED.
+    """
 
     tags: dict[str, str]
     files: tuple[Path, str] | None
@@ -46,6 +69,31 @@ class Open:
     run_name: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     project_root: Path = Path()  # the source tags' git repository
+
+    def do(self, client: MlflowClient, experiment_id: str) -> MlflowRun:
+        from mnist_exp.tracking.mlflow_run import MlflowRun, flatten
+        from mnist_exp.tracking.store import installed_requirements, source_tags
+
+        if self.run_id is not None:
+            run = MlflowRun.reopen(client, self.run_id, self.retry_for_s)
+        else:
+            tags = source_tags(self.project_root) | self.tags
+            params = flatten(self.params)
+            run = MlflowRun.start(
+                client, experiment_id, run_name=self.run_name, params=params, tags=tags,
+                retry_for_s=self.retry_for_s,
+            )  # fmt: skip
+        try:
+            if self.run_id is not None:
+                run.set_tags(self.tags)
+            if self.files:
+                run.log_config_files(*self.files)
+            run.log_text(installed_requirements(), names.REQUIREMENTS)
+        except Exception as exc:
+            run.set_tags({names.ERROR_TAG: one_line(exc)})
+            run.end("FAILED")
+            raise
+        return run
 
 
 @dataclass
@@ -66,16 +114,12 @@ class SetTags:
 
 @dataclass
 class Upload:
-    """A file, or the files of a folder, into `artifact_path`."""
-
-    path: Path
+    path: Path  # a file, or a folder whose files are uploaded
     artifact_path: str | None
 
     def do(self, run: MlflowRun) -> None:
-        if self.path.is_dir():
-            run.log_artifacts(self.path, self.artifact_path)
-        else:
-            run.log_artifact(self.path, self.artifact_path)
+        upload = run.log_artifacts if self.path.is_dir() else run.log_artifact
+        upload(self.path, self.artifact_path)
 
 
 @dataclass
@@ -104,3 +148,19 @@ class End:
 
 
 Request = LogValues | SetTags | Upload | MetricHistory | LogModel | End
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Defer Ctrl-C, SIGTERM and SLURM's warning of a time limit (SIGUSR2, whose submitit
+    handler raises) while a message goes through: half of one garbles the pipe."""
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    previous = [signal.signal(s, lambda number, _: caught.append(number)) for s in held]
+    try:
+        yield
+    finally:
+        for number, handler in zip(held, previous, strict=True):
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for signum in caught:
+            signal.raise_signal(signum)

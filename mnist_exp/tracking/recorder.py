@@ -1,39 +1,5 @@
-"""What the runner and its callbacks need of a run's recorder (`remote.RemoteRun`; tests' fakes)."""
+"""The recorder the runner and its callbacks write a run to: a tracker process's `RemoteRun`."""
 
-from __future__ import annotations
+from mnist_exp.tracking.remote import RemoteRun as Recorder
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, SupportsFloat
-
-if TYPE_CHECKING:
-    from mnist_exp.report.model_spec import ModelSpec
-
-
-class Recorder(Protocol):
-    """One MLflow run being recorded. Metrics may be kept a while; `sync` waits until all are in.
-    `gave_up`: the tracking server stayed away longer than the run was told to wait."""
-
-    gave_up: bool
-
-    @property
-    def run_id(self) -> str: ...
-
-    def opened(self) -> bool: ...
-    def log_metric(self, key: str, value: SupportsFloat, step: int) -> None: ...
-    def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None: ...
-    def sync(self) -> None: ...
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
-    def log_artifact(
-        self, path: Path, artifact_path: str | None = ..., *, defer: bool = ...
-    ) -> None: ...
-    def log_artifacts(self, folder: Path, artifact_path: str | None = ...) -> None: ...
-    def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]: ...
-    def log_model(self, weights: Path, spec: ModelSpec) -> None: ...
-    def end(self, status: str) -> None: ...
-
-
-if TYPE_CHECKING:  # mypy checks that the recorder has every method, with its signature
-    from mnist_exp.tracking.remote import RemoteRun
-
-    _RECORDER: type[Recorder] = RemoteRun
+__all__ = ["Recorder"]

@@ -1,8 +1,8 @@
-"""The tracker process (`python -m mnist_exp.tracking.tracker FD`): records one run for `RemoteRun`.
+"""The tracker process (`python -m mnist_exp.tracking.tracker FD`): records runs for `RemoteRun`.
 
-It imports MLflow and opens the store while the training process imports torch, then
-records what it is sent over the socket. If the training process dies without a word, the
-tracker sees its end of the socket close and marks the run FAILED.
+Started by the training process (`take`, kept idle between runs), it imports MLflow and
+opens the store while the training process imports torch, then does what it is sent over
+the socket. If the training process dies without a word, it marks the run FAILED.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import gc
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -19,16 +21,53 @@ from typing import TYPE_CHECKING, Any
 
 from mnist_exp import names
 from mnist_exp.errors import UserError, one_line
-from mnist_exp.tracking.messages import ENVIRONMENT_PREFIXES, End, Open, Request, Store
+from mnist_exp.tracking.messages import End, Open, Request, Store
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from mnist_exp.tracking.mlflow_run import MlflowRun
-
 log = logging.getLogger("mnist_exp")
 
+# How a tracker process is started, with the socket's file descriptor appended.
+COMMAND = (sys.executable, "-m", "mnist_exp.tracking.tracker")
 ORPHANED = "the training process ended without closing the run (killed or crashed)"
+# Tracker processes whose run has ended, each with its socket: the next run takes one.
+idle: list[tuple[subprocess.Popen[bytes], Connection]] = []
+
+
+def take(store: Store, reuse: bool = True) -> tuple[subprocess.Popen[bytes], Connection]:
+    """An idle tracker process (or a new one) and the training process's end of its socket,
+    the tracker sent the store of its next run."""
+    while reuse and idle:
+        process, conn = idle.pop()
+        with contextlib.suppress(OSError):
+            if process.poll() is None:
+                conn.send(store)
+                return process, conn
+        conn.close()
+    process, conn = _start()
+    with contextlib.suppress(OSError):  # one that ended at once is found so when it is used
+        conn.send(store)
+    return process, conn
+
+
+def start_tracker_early(tracking_uri: str, experiment_name: str) -> None:
+    """Start a tracker process now, for this process's next run to take (a sweep's first
+    job): meanwhile it imports MLflow and creates a new SQLite store, not as that run starts."""
+    if not idle:
+        process, conn = _start()
+        conn.send(Store(tracking_uri, experiment_name, early=True))
+        idle.append((process, conn))
+
+
+def _start() -> tuple[subprocess.Popen[bytes], Connection]:
+    # A process of its own, not a multiprocessing child: inside a sweep's job the start
+    # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
+    mine, theirs = socket.socketpair()
+    fd = theirs.fileno()
+    process = subprocess.Popen([*COMMAND, str(fd)], pass_fds=[fd], stdin=subprocess.DEVNULL)
+    theirs.close()
+    return process, Connection(mine.detach())
 
 
 def _serve(conn: Connection) -> None:
@@ -55,7 +94,7 @@ def _record_one(conn: Connection) -> bool:
 
     try:
         store: Store = conn.recv()
-        _take_environment(store.environment)
+        store.take_environment()
         if store.early:  # a new SQLite store is made now; a server's exists already
             if sqlite_path(store.tracking_uri) is not None:
                 with contextlib.suppress(Exception):  # the run's own opening says what failed
@@ -75,7 +114,7 @@ def _record_one(conn: Connection) -> bool:
     try:
         if isinstance(opened, Exception):
             raise opened
-        run = _open(*opened, opening)
+        run = opening.do(*opened)
     except Exception as exc:
         conn.send((False, _error(exc)))
         return False
@@ -103,52 +142,6 @@ def _record_one(conn: Connection) -> bool:
         if not run.gave_up:  # a server given up on was reported by the training process
             log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
     return False
-
-
-def _take_environment(environment: dict[str, str]) -> None:
-    """Make this process's MLflow and mnist_exp variables the training process's of now.
-
-    A tracker records one run after another; between them the training process may change
-    them (a sweep's parent run, MLflow's HTTP retries, credentials).
-    """
-    for key in [k for k in os.environ if k.startswith(ENVIRONMENT_PREFIXES)]:
-        if key not in environment:
-            del os.environ[key]
-    os.environ.update(environment)
-    # Logging the model downloads a file of it back, and MLflow's progress bar for that would
-    # land in the middle of the training process's output (this process's stderr is its).
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def _open(client: MlflowClient, experiment_id: str, opening: Open) -> MlflowRun:
-    """Start or reopen the run and record what it was made from; FAILED if that fails."""
-    from mnist_exp.tracking.mlflow_run import MlflowRun, flatten
-    from mnist_exp.tracking.store import installed_requirements, source_tags
-
-    tags = opening.tags
-    if opening.run_id is not None:
-        run = MlflowRun.reopen(client, opening.run_id, opening.retry_for_s)
-    else:
-        run = MlflowRun.start(
-            client,
-            experiment_id,
-            run_name=opening.run_name,
-            params=flatten(opening.params),
-            tags=source_tags(opening.project_root) | tags,
-            retry_for_s=opening.retry_for_s,
-        )
-        tags = {}
-    try:
-        if tags:
-            run.set_tags(tags)
-        if opening.files:
-            run.log_config_files(*opening.files)
-        run.log_text(installed_requirements(), names.REQUIREMENTS)
-    except Exception as exc:
-        run.set_tags({names.ERROR_TAG: str(_error(exc))})
-        run.end("FAILED")
-        raise
-    return run
 
 
 def _error(exc: Exception) -> UserError:
