@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError
@@ -152,9 +153,14 @@ class TrackerLink:
                 ok, value = self._conn.recv()
                 if not ok:
                     raise value
-        except (UserError, OSError, EOFError) as exc:
-            ended = None if isinstance(exc, UserError) else self._process.wait(timeout=30)
-            self._give_up(died, exc if ended is None else f"it ended too, exit code {ended}")
+        except UserError as exc:  # it could not reopen the run, or no more restarts
+            self._give_up(died, exc)
+        except (OSError, EOFError):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+            ended = self._process.returncode
+            why = "it stopped answering" if ended is None else f"it ended too, exit code {ended}"
+            self._give_up(died, why)
         log.warning(
             f"{died}; a new one (process {self._process.pid}) continues the run and records "
             f"again the {len(self._values)} metric values not confirmed"
