@@ -147,9 +147,9 @@ class TrackerLink:
             if self._restarts > MAX_TRACKER_RESTARTS:
                 raise UserError(f"trackers died {self._restarts} times in this run")
             self._process, self._conn = tracker.take(self._store, reuse=False)
-            if self._opening is not None and self._info is not None:  # reopen it, noting why
+            if self._opening is not None and isinstance(self._info, tuple):  # reopen it, noting why
                 tags = {TRACKER_RESTARTS_TAG: str(self._restarts)}
-                self._conn.send(m.Open(tags, None, self._opening.retry_for_s, self._opened()[0]))
+                self._conn.send(m.Open(tags, None, self._opening.retry_for_s, self._info[0]))
                 ok, value = self._conn.recv()
                 if not ok:
                     raise value

@@ -49,18 +49,16 @@ class Store:
             if key not in self.environment:
                 del os.environ[key]
         os.environ.update(self.environment)
-        # Logging the model downloads a file of it back, and MLflow's progress bar for that
-        # would land in the training process's output (the tracker's stderr is its).
+        # store.py's default, which the loop may have dropped: MLflow's bar for an artifact
+        # download would land in the training process's output (the tracker's stderr is its).
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @dataclass
 class Open:
-    """Start a run with `params` (flattened to dotted keys), its source tags (see
-    `store.source_tags`) and `tags`, or continue the stopped run `run_id` adding `tags`; then
-    log the installed packages and the folder `files[0]` under `files[1]`. A server outage
-    of up to `retry_for_s` is waited out; a run that opened but failed to be recorded is FAILED.
-    """
+    """Start a run with `params` (as dotted keys), source tags and `tags`, or add `tags` to the
+    stopped run `run_id`; then log the installed packages and the folder `files[0]` under
+    `files[1]`. A run that opened but could not be recorded so is FAILED."""
 
     tags: dict[str, str]
     files: tuple[Path, str] | None

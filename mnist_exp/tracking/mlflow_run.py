@@ -44,12 +44,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowRun:
-    """One MLflow run; each call is sent at once.
-
-    Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the sweep's parent run.
-    While the server cannot be reached a call is retried, up to `retry_for_s` in all; a
-    longer outage raises `TrackingUnavailable`.
-    """
+    """One MLflow run. Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the
+    sweep's parent run. While the server cannot be reached a call is retried, up to
+    `retry_for_s` in all; a longer outage raises `TrackingUnavailable`."""
 
     def __init__(
         self,
@@ -97,11 +94,8 @@ class MlflowRun:
 
     @classmethod
     def reopen(cls, client: MlflowClient, run_id: str, retry_for_s: float = 0.0) -> MlflowRun:
-        """Continue a stopped run: RUNNING again, and steps it already holds are not re-sent.
-
-        The run now belongs to this process, and the tags of an earlier failure are dropped.
-        A server outage of up to `retry_for_s` is waited out, as when a run starts.
-        """
+        """Continue a stopped run, now this process's: RUNNING again, the tags of an earlier
+        failure dropped, and steps it already holds not sent again."""
         outage = Outage(str(client.tracking_uri), retry_for_s)
         info = outage.call(lambda: client.get_run(run_id))
         recorded = {
@@ -136,15 +130,9 @@ class MlflowRun:
 
     def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
         """(step, value) of every value of each key MLflow holds, by step."""
-        return {
-            key: sorted(
-                (m.step, m.value)
-                for m in self._call(
-                    functools.partial(self.client.get_metric_history, self.run_id, key)
-                )
-            )
-            for key in keys
-        }
+        history = functools.partial(self.client.get_metric_history, self.run_id)
+        values = {key: self._call(functools.partial(history, key)) for key in keys}
+        return {key: sorted((m.step, m.value) for m in found) for key, found in values.items()}
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
