@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mnist_exp import UserError
 from mnist_exp.errors import TrackerLost
 from mnist_exp.runner.lifecycle import recording
-from mnist_exp.tracking import tracker
+from mnist_exp.tracking import remote, tracker
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.tracking.store import open_store
 
@@ -84,7 +84,7 @@ def test_a_tracker_that_cannot_be_replaced_fails_the_run_from_the_training_proce
     run.start(run_name="t", config={"a": 1}, tags={}, project_root=tmp_path)
     run.log_metric("train_loss", 1.0, 1)
     run.sync()
-    # A tracker that ends at once (named as the run's own tracker, which starts no command).
+    # A tracker that ends at once (named as the run's own, which conftest lets a test start).
     dies = (sys.executable, "-c", "raise SystemExit(3)", "mnist_exp.tracking.tracker")
     monkeypatch.setattr(tracker, "COMMAND", dies)
     os.kill(run.pid, signal.SIGKILL)
@@ -108,7 +108,7 @@ def test_a_tracker_started_early_makes_the_new_store_and_records_the_next_run(
     """A sweep's first job: its tracker creates the store before any run is asked of it."""
     db = tmp_path / "new" / "mlflow.db"
     tracking_uri = f"sqlite:///{db}"
-    tracker.start_tracker_early(tracking_uri, "early")
+    remote.start_tracker_early(tracking_uri, "early")
     ((process, _),) = tracker.idle
     deadline = time.monotonic() + 60
     while not _experiments(db):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from mnist_exp.config.checks import check_config, check_search_space
 from mnist_exp.errors import UserError
-from mnist_exp.tracking import tracker
+from mnist_exp.tracking import remote
 
 
 class EarlyStart(Callback):
@@ -29,5 +29,5 @@ class EarlyStart(Callback):
             check_search_space(config)
         except UserError:
             return  # refused next, by the MLflow callback: nothing to start for it
-        tracker.start_tracker_early(config.mlflow.tracking_uri, config.mlflow.experiment_name)
+        remote.start_tracker_early(config.mlflow.tracking_uri, config.mlflow.experiment_name)
         import mnist_exp.runner.build  # noqa: F401  (torch, for the first job)

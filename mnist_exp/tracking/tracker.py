@@ -45,22 +45,14 @@ def take(store: Store, reuse: bool = True) -> tuple[subprocess.Popen[bytes], Con
                 conn.send(store)
                 return process, conn
         conn.close()
-    process, conn = _start()
+    process, conn = start()
     with contextlib.suppress(OSError):  # one that ended at once is found so when it is used
         conn.send(store)
     return process, conn
 
 
-def start_tracker_early(tracking_uri: str, experiment_name: str) -> None:
-    """Start a tracker process now, for this process's next run to take (a sweep's first
-    job): meanwhile it imports MLflow and creates a new SQLite store, not as that run starts."""
-    if not idle:
-        process, conn = _start()
-        conn.send(Store(tracking_uri, experiment_name, early=True))
-        idle.append((process, conn))
-
-
-def _start() -> tuple[subprocess.Popen[bytes], Connection]:
+def start() -> tuple[subprocess.Popen[bytes], Connection]:
+    """A new tracker process and the training process's end of its socket."""
     # A process of its own, not a multiprocessing child: inside a sweep's job the start
     # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
     mine, theirs = socket.socketpair()
