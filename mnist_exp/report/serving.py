@@ -4,8 +4,7 @@ This file is also the model's code ("models from code"): MLflow copies it into t
 model and runs it on loading, so it imports only torch, numpy, pandas and MLflow; the
 network's class comes from the code logged beside it (the mnist_exp package, and the
 module or package of a model of one's own). Torch is imported only when the model is
-loaded: `save` costs no torch import; `log` loads the model once, as MLflow checks the input
-example by predicting on it (in the tracker process, off the training process).
+loaded: saving or logging it (in the tracker process) imports no torch.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import importlib.metadata
 import json
 import logging
 import tempfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,17 +132,23 @@ def log(run_id: str, name: str, weights: Path, spec: ModelSpec) -> str:
         info = Model.log(
             artifact_path=None,  # deprecated for `name`, yet a required argument
             name=name,
-            flavor=mlflow.pyfunc,
+            flavor=_UNCHECKED_PYFUNC,
             run_id=run_id,
             step=spec.step,
+            # Else MLflow loads the model to predict on the input example, importing torch
+            # into the tracker process, which more than doubles its memory.
+            validate_serving_input=False,
             **flavor,
         )
     return str(info.model_id)
 
 
-def prepare() -> None:
-    """Import ahead what `log` loads the model with, in a process with time to spare first."""
-    import torch  # noqa: F401
+# mlflow.pyfunc as `Model.log` uses it (its name and `save_model`), but for the keyword
+# `validate_serving_input`, which `Model.log` reads and `pyfunc.save_model` refuses.
+_UNCHECKED_PYFUNC = types.SimpleNamespace(
+    __name__=mlflow.pyfunc.__name__,
+    save_model=lambda validate_serving_input, **kwargs: mlflow.pyfunc.save_model(**kwargs),
+)
 
 
 @contextlib.contextmanager

@@ -45,9 +45,9 @@ class MetricsLogger(engine.Callback):
 class Checkpointer(engine.Callback):
     """After each epoch, an atomic resume checkpoint, kept in the run folder and in MLflow.
 
-    The upload waits until every loss logged so far is recorded, so MLflow's copy never
-    claims steps whose losses MLflow does not hold. While the tracking server is away the
-    local copy is written all the same and the upload waits (`defer`).
+    The upload follows every loss logged so far (the recorder keeps its requests in order),
+    so MLflow's copy never claims steps whose losses MLflow does not hold. While the tracking
+    server is away the local copy is written all the same and the upload waits (`defer`).
     """
 
     def __init__(self, setup: Setup, run: Recorder, path: Path) -> None:
@@ -57,5 +57,4 @@ class Checkpointer(engine.Callback):
         s = self.setup
         state = checkpoint.training_state(s.model, s.optimizer, s.scheduler, epoch, step)
         checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
-        self.run.sync()
         self.run.log_artifact(self.path, names.CHECKPOINTS, defer=True)

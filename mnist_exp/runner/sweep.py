@@ -47,9 +47,7 @@ class SweepCallback(Callback):
             from mnist_exp.tracking import remote
 
             mlflow = config.mlflow
-            remote.start_tracker_early(
-                mlflow.tracking_uri, mlflow.experiment_name, bool(mlflow.log_model)
-            )
+            remote.start_tracker_early(mlflow.tracking_uri, mlflow.experiment_name)
             import mnist_exp.runner.build  # noqa: F401  (torch, for the first job)
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import open_parent

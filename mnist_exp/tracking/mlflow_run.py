@@ -1,4 +1,4 @@
-"""One MLflow run: params, tags, buffered metrics and artifacts, through a server outage.
+"""One MLflow run: params, tags, metrics and artifacts, each call waiting out a server outage.
 
 It knows MLflow and nothing of the training loop: it is handed flat values to record.
 """
@@ -8,26 +8,27 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, SupportsFloat, TypeVar
+from typing import TYPE_CHECKING, Any, SupportsFloat
 
 from mlflow.entities import Metric, Param, RunInfo, RunTag
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import names
 from mnist_exp.tracking import processes
-from mnist_exp.tracking.limits import MAX_METRICS_PER_BATCH, MAX_PARAM_LENGTH, MAX_PARAMS_PER_BATCH
-from mnist_exp.tracking.outage import RETRY_PAUSE_S, Outage, unreachable
+from mnist_exp.tracking.outage import Outage
 from mnist_exp.tracking.redaction import redact
 
 if TYPE_CHECKING:
     from mnist_exp.report.model_spec import ModelSpec
 
-_T = TypeVar("_T")
-
 # Set by the sweep callback for the jobs it launches: their runs become children of this run.
 PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"
+# MLflow's limits on one call.
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000  # characters of one param value
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -43,13 +44,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowRun:
-    """One MLflow run. Metrics are buffered and sent `MAX_METRICS_PER_BATCH` at a time.
-
-    Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the sweep's parent run.
-    When the server cannot be reached, metrics stay queued (training goes on) and are sent
-    once it answers again; other calls wait for it. An outage longer than `retry_for_s`
-    raises `TrackingUnavailable`.
-    """
+    """One MLflow run. Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the
+    sweep's parent run. While the server cannot be reached a call is retried, up to
+    `retry_for_s` in all; a longer outage raises `TrackingUnavailable`."""
 
     def __init__(
         self,
@@ -61,19 +58,10 @@ class MlflowRun:
         self.client = client
         self.run_id: str = info.run_id
         self.experiment_id: str = info.experiment_id
-        self.artifact_uri: str = info.artifact_uri
         self.name: str = info.run_name
         self._recorded = recorded  # the last step already in MLflow, by metric key
-        self._pending: list[tuple[str, SupportsFloat, int, int]] = []
-        self._held_artifacts: dict[tuple[Path, str | None], None] = {}  # uploads for later
-        self._outage = Outage(
-            str(client.tracking_uri),
-            retry_for_s,
-            lambda: (
-                f": {len(self._pending)} metric values and {len(self._held_artifacts)} artifact "
-                f"files of run {self.run_id} were not sent"
-            ),
-        )
+        self._outage = Outage(str(client.tracking_uri), retry_for_s)
+        self._call = self._outage.call
 
     @property
     def gave_up(self) -> bool:
@@ -106,11 +94,8 @@ class MlflowRun:
 
     @classmethod
     def reopen(cls, client: MlflowClient, run_id: str, retry_for_s: float = 0.0) -> MlflowRun:
-        """Continue a stopped run: RUNNING again, and steps it already holds are not re-sent.
-
-        The run now belongs to this process, and the tags of an earlier failure are dropped.
-        A server outage of up to `retry_for_s` is waited out, as when a run starts.
-        """
+        """Continue a stopped run, now this process's: RUNNING again, the tags of an earlier
+        failure dropped, and steps it already holds not sent again."""
         outage = Outage(str(client.tracking_uri), retry_for_s)
         info = outage.call(lambda: client.get_run(run_id))
         recorded = {
@@ -128,81 +113,29 @@ class MlflowRun:
         outage.call(lambda: client.update_run(run_id, status="RUNNING"))
         return cls(client, info.info, recorded, retry_for_s)
 
-    def opened(self) -> bool:
-        """Always: a `MlflowRun` exists once made."""
-        return True
-
     def set_tags(self, tags: Mapping[str, str]) -> None:
         items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
         self._call(lambda: self.client.log_batch(self.run_id, tags=items))
 
-    def log_metric(self, key: str, value: SupportsFloat, step: int) -> None:
-        """Queue one value; `value` may be a device tensor, converted only when sent."""
-        if step <= self._recorded.get(key, -1):
-            return
-        self._pending.append((key, value, int(time.time() * 1000), step))
-        if (
-            len(self._pending) >= MAX_METRICS_PER_BATCH
-            and time.monotonic() >= self._outage.next_try
-        ):
-            self.flush()
-
     def log_metrics(self, metrics: Mapping[str, SupportsFloat], step: int) -> None:
-        for key, value in metrics.items():
-            self.log_metric(key, value, step)
+        now = int(time.time() * 1000)
+        self.log_values([(key, float(value), now, step) for key, value in metrics.items()])
 
-    def log_values(self, values: list[tuple[str, float, int, int]]) -> None:
-        """Record `(key, value, timestamp_ms, step)` items, as a tracker process sends them."""
-        self._pending += [v for v in values if v[3] > self._recorded.get(v[0], -1)]
-        self.flush()
-
-    def flush(self, wait: bool = False) -> None:
-        """Send the queued metrics, then the artifacts held back by an outage.
-
-        While the server is unreachable they stay queued for a later call; with `wait` this
-        call retries until all is sent. Either way an outage longer than `retry_for_s`
-        raises `TrackingUnavailable`.
-        """
-        while True:
-            try:
-                self._send_held()
-            except Exception as exc:
-                if not unreachable(exc):
-                    raise
-                self._outage.failed(exc)
-                if not wait:
-                    return
-                time.sleep(RETRY_PAUSE_S)
-            else:
-                self._outage.over()
-                return
-
-    def sync(self) -> None:
-        """Send everything queued, waiting out an outage of up to `retry_for_s`."""
-        self.flush(wait=True)
+    def log_values(self, values: Sequence[tuple[str, float, int, int]]) -> None:
+        """Record `(key, value, timestamp_ms, step)` items, but for steps MLflow holds already."""
+        new = [Metric(*v) for v in values if v[3] > self._recorded.get(v[0], -1)]
+        for i in range(0, len(new), MAX_METRICS_PER_BATCH):
+            chunk = new[i : i + MAX_METRICS_PER_BATCH]
+            self._call(functools.partial(self.client.log_batch, self.run_id, metrics=chunk))
 
     def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
-        """(step, value) of every value of each key MLflow holds, by step, after a flush."""
-        self.sync()
-        return {
-            key: sorted(
-                (m.step, m.value)
-                for m in self._call(
-                    functools.partial(self.client.get_metric_history, self.run_id, key)
-                )
-            )
-            for key in keys
-        }
+        """(step, value) of every value of each key MLflow holds, by step."""
+        history = functools.partial(self.client.get_metric_history, self.run_id)
+        values = {key: self._call(functools.partial(history, key)) for key in keys}
+        return {key: sorted((m.step, m.value) for m in found) for key, found in values.items()}
 
-    def log_artifact(
-        self, path: Path, artifact_path: str | None = None, *, defer: bool = False
-    ) -> None:
-        """Upload a file; with `defer`, during an outage it is uploaded (as it is then) later."""
-        if defer:
-            self._held_artifacts[(path, artifact_path)] = None
-            self.flush()
-        else:
-            self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         self._call(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
@@ -222,38 +155,14 @@ class MlflowRun:
 
         from mnist_exp.report import serving
 
-        self.flush(wait=True)  # the metrics to link must be in the store first
         # serving.log works on MLflow's global store and experiment, as mlflow.pyfunc does.
         mlflow.set_tracking_uri(str(self.client.tracking_uri))
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self._call(lambda: serving.log(self.run_id, names.MODEL, weights, spec))
 
     def end(self, status: str) -> None:
-        """Send what is buffered, then mark the run FINISHED, FAILED or KILLED."""
-        try:
-            self.flush(wait=True)
-            if self.gave_up and (self._pending or self._held_artifacts):
-                raise self._outage.error()
-        finally:
-            self._call(lambda: self.client.set_terminated(self.run_id, status))
-
-    def _send_held(self) -> None:
-        while self._pending:
-            chunk = self._pending[:MAX_METRICS_PER_BATCH]
-            metrics = [Metric(k, float(v), t, s) for k, v, t, s in chunk]
-            self.client.log_batch(self.run_id, metrics=metrics)
-            del self._pending[: len(chunk)]
-        for path, artifact_path in list(self._held_artifacts):
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-            del self._held_artifacts[(path, artifact_path)]
-
-    def _call(self, op: Callable[[], _T]) -> _T:
-        """`op()`, retried while the server is unreachable; an outage stays open while
-        metrics or artifacts wait to be sent."""
-        result = self._outage.call(op)
-        if not self._pending and not self._held_artifacts:
-            self._outage.over()
-        return result
+        """Mark the run FINISHED, FAILED or KILLED."""
+        self._call(lambda: self.client.set_terminated(self.run_id, status))
 
 
 def param_value(value: Any) -> str:

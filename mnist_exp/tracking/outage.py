@@ -55,73 +55,56 @@ def unreachable(exc: BaseException) -> bool:
 
 
 class Outage:
-    """Calls to a tracking server that may be away for a while: retried up to `retry_for_s`.
-
-    `unsent` describes what would be lost, for the error that ends the wait.
-    """
+    """Calls to a tracking server that may be away for a while: retried up to `retry_for_s`."""
 
     def __init__(
         self,
         tracking_uri: str,
         retry_for_s: float,
-        unsent: Callable[[], str] = lambda: "",
         meanwhile: str = "training goes on, metrics are kept and retried",
     ) -> None:
         self.tracking_uri = redact(tracking_uri)
         self.retry_for_s = retry_for_s
-        self.unsent = unsent
         self.meanwhile = meanwhile  # what the warning says happens while the server is away
         self.gave_up = False  # an outage outlasted retry_for_s: no more waiting for the server
         self.since: float | None = None  # monotonic time of the first failed call
-        self.next_try = 0.0  # while away, no new attempt before this time
-        self.why = ""  # the last failed attempt's reason
 
     def call(self, op: Callable[[], _T]) -> _T:
         """`op()`, retried every `RETRY_PAUSE_S` while the server is unreachable."""
         while True:
             try:
-                return op()
+                result = op()
             except Exception as exc:
                 if not unreachable(exc) or self.gave_up:
                     raise
-                self.failed(exc)
+                self._failed(exc)
                 time.sleep(RETRY_PAUSE_S)
+                continue
+            if self.since is not None:
+                log.warning(
+                    f"MLflow tracking server back after {time.monotonic() - self.since:.0f} s"
+                )
+                self.since = None
+            return result
 
-    def failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException) -> None:
         """Note a failed attempt; raise `TrackingUnavailable` once the outage is too long."""
-        now = time.monotonic()
-        self.next_try = now + RETRY_PAUSE_S
-        self.why = reason(exc)
+        now, why = time.monotonic(), reason(exc)
         if self.retry_for_s <= 0:  # nothing to wait for: no warning of a wait, just the error
             self.gave_up = True
-            raise self.error()
+            raise TrackingUnavailable(
+                f"cannot reach the MLflow tracking server {self.tracking_uri} ({why}): start "
+                f"it, or fix mlflow.tracking_uri or MLFLOW_TRACKING_URI"
+            )
         if self.since is None:
             self.since = now
             log.warning(
-                f"MLflow tracking server unreachable ({self.why}); {self.meanwhile} "
+                f"MLflow tracking server unreachable ({why}); {self.meanwhile} "
                 f"for up to {self.retry_for_s:g} s"
             )
         if now - self.since > self.retry_for_s:
             self.gave_up = True
-            raise self.error()
-
-    def error(self) -> TrackingUnavailable:
-        if self.retry_for_s <= 0:
-            return TrackingUnavailable(
-                f"cannot reach the MLflow tracking server {self.tracking_uri} ({self.why})"
-                f"{self.unsent()}: start it, or fix mlflow.tracking_uri or MLFLOW_TRACKING_URI"
+            raise TrackingUnavailable(
+                f"the MLflow tracking server {self.tracking_uri} was unreachable for more than "
+                f"{self.retry_for_s:g} s (mlflow.retry_for_s)"
             )
-        return TrackingUnavailable(
-            f"the MLflow tracking server {self.tracking_uri} was unreachable for more than "
-            f"{self.retry_for_s:g} s (mlflow.retry_for_s){self.unsent()}"
-        )
-
-    def over(self) -> None:
-        """Everything queued has been sent: the outage, if any, is over."""
-        if self.since is not None:
-            log.warning(
-                f"MLflow tracking server back after {time.monotonic() - self.since:.0f} s; "
-                f"every queued metric was sent"
-            )
-        self.since = None
-        self.next_try = 0.0

@@ -1,8 +1,8 @@
-"""The tracker process (`python -m mnist_exp.tracking.tracker FD`): records one run for `RemoteRun`.
+"""The tracker process (`python -m mnist_exp.tracking.tracker FD`): records runs for `RemoteRun`.
 
-It imports MLflow and opens the store while the training process imports torch, then
-records what it is sent over the socket. If the training process dies without a word, the
-tracker sees its end of the socket close and marks the run FAILED.
+Started by the training process (`take`, kept idle between runs), it imports MLflow and
+opens the store while the training process imports torch, then does what it is sent over
+the socket. If the training process dies without a word, it marks the run FAILED.
 """
 
 from __future__ import annotations
@@ -12,23 +12,54 @@ import gc
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import traceback
-from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from mnist_exp import names
 from mnist_exp.errors import UserError, one_line
+from mnist_exp.tracking.messages import End, Open, Request, Store
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("mnist_exp")
 
+# How a tracker process is started, with the socket's file descriptor appended.
+COMMAND = (sys.executable, "-m", "mnist_exp.tracking.tracker")
 ORPHANED = "the training process ended without closing the run (killed or crashed)"
-# The training process's environment variables that the tracker takes on for each run.
-ENVIRONMENT_PREFIXES = ("MLFLOW_", "MNIST_EXP_")
+# Tracker processes whose run has ended, each with its socket: the next run takes one.
+idle: list[tuple[subprocess.Popen[bytes], Connection]] = []
+
+
+def take(store: Store, reuse: bool = True) -> tuple[subprocess.Popen[bytes], Connection]:
+    """An idle tracker process (or a new one) and the training process's end of its socket,
+    the tracker sent the store of its next run."""
+    while reuse and idle:
+        process, conn = idle.pop()
+        with contextlib.suppress(OSError):
+            if process.poll() is None:
+                conn.send(store)
+                return process, conn
+        conn.close()
+    process, conn = start()
+    with contextlib.suppress(OSError):  # one that ended at once is found so when it is used
+        conn.send(store)
+    return process, conn
+
+
+def start() -> tuple[subprocess.Popen[bytes], Connection]:
+    """A new tracker process and the training process's end of its socket."""
+    # A process of its own, not a multiprocessing child: inside a sweep's job the start
+    # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
+    mine, theirs = socket.socketpair()
+    fd = theirs.fileno()
+    process = subprocess.Popen([*COMMAND, str(fd)], pass_fds=[fd], stdin=subprocess.DEVNULL)
+    theirs.close()
+    return process, Connection(mine.detach())
 
 
 def _serve(conn: Connection) -> None:
@@ -37,9 +68,8 @@ def _serve(conn: Connection) -> None:
     # Ctrl-C and a job scheduler's SIGTERM reach the whole process group; the training
     # process handles them and then tells this one how the run ended. So does SLURM's
     # warning of a job's time limit (SIGUSR2, as submitit asks), which would end this one.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(number, signal.SIG_IGN)
     # What MLflow's import and the opening make lives till the end: the collector's full
     # passes over it would take CPU from training as it starts (as in mnist_exp.train.main).
     gc.disable()
@@ -52,30 +82,31 @@ def _serve(conn: Connection) -> None:
 
 def _record_one(conn: Connection) -> bool:
     """Record one run; True when it ended as told and this process may record another."""
+    from mnist_exp.tracking.store import open_store, sqlite_path
+
     try:
-        message = conn.recv()
-        if isinstance(message, dict):  # sent to a tracker started ahead of its run
-            _prepare(**message)
-            message = conn.recv()
-        tracking_uri, experiment_name, environment = message
+        store: Store = conn.recv()
+        store.take_environment()
+        if store.early:  # a new SQLite store is made now; a server's exists already
+            if sqlite_path(store.tracking_uri) is not None:
+                with contextlib.suppress(Exception):  # the run's own opening says what failed
+                    open_store(store.tracking_uri, store.experiment_name)
+            return True
     except (EOFError, OSError):
         return False
-    _take_environment(environment)
-    from mnist_exp.tracking.store import open_store
-
-    store: tuple[MlflowClient, str] | Exception
+    opened: tuple[MlflowClient, str] | Exception
     try:
-        store = open_store(tracking_uri, experiment_name)
+        opened = open_store(store.tracking_uri, store.experiment_name)
     except Exception as exc:
-        store = exc
+        opened = exc
     try:
-        _, (opening,) = conn.recv()
+        opening: Open = conn.recv()
     except (EOFError, OSError):
         return False  # the training process stopped before it began: no run
     try:
-        if isinstance(store, Exception):
-            raise store
-        run = _open(*store, opening)
+        if isinstance(opened, Exception):
+            raise opened
+        run = opening.do(*opened)
     except Exception as exc:
         conn.send((False, _error(exc)))
         return False
@@ -85,21 +116,17 @@ def _record_one(conn: Connection) -> bool:
         gc.enable()
     while True:
         try:
-            method, args = conn.recv()
+            request: Request = conn.recv()
+            answer: tuple[bool, Any]
+            try:
+                answer = (True, request.do(run))
+            except Exception as exc:
+                answer = (False, _error(exc))
+            conn.send(answer)
         except (EOFError, OSError):
             break
-        try:
-            answer = (True, handle(run, method, args))
-        except Exception as exc:
-            answer = (False, _error(exc))
-        if method == "end":
-            with contextlib.suppress(OSError):
-                conn.send(answer)
-            return answer[0]
-        try:
-            conn.send(answer)
-        except OSError:
-            break
+        if isinstance(request, End):
+            return True
     try:
         run.set_tags({names.ERROR_TAG: ORPHANED})
         run.end("FAILED")
@@ -109,101 +136,9 @@ def _record_one(conn: Connection) -> bool:
     return False
 
 
-def _prepare(
-    tracking_uri: str, experiment_name: str, environment: dict[str, str], model: bool
-) -> None:
-    """Before the run is named: create a new SQLite store (the training process, which opens
-    it too, then finds it made) and, for a run that will log a model, import what that loads.
-    A server's store exists already: nothing waits here on a server that is away."""
-    _take_environment(environment)
-    from mnist_exp.tracking.store import open_store, sqlite_path
-
-    if sqlite_path(tracking_uri) is not None:
-        with contextlib.suppress(Exception):  # the run's own opening says what was wrong
-            open_store(tracking_uri, experiment_name)
-    if model:
-        from mnist_exp.report import serving
-
-        serving.prepare()
-
-
-def _take_environment(environment: dict[str, str]) -> None:
-    """Make this process's MLflow and mnist_exp variables the training process's of now.
-
-    A tracker records one run after another; between them the training process may change
-    them (a sweep's parent run, MLflow's HTTP retries, credentials).
-    """
-    for key in [k for k in os.environ if k.startswith(ENVIRONMENT_PREFIXES)]:
-        if key not in environment:
-            del os.environ[key]
-    os.environ.update(environment)
-    # Logging the model downloads a file of it back, and MLflow's progress bar for that would
-    # land in the middle of the training process's output (this process's stderr is its).
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-# What `RemoteRun` may ask of the run, besides opening it: methods of `mlflow_run.MlflowRun`.
-REQUESTS = frozenset(
-    {
-        "log_values",
-        "set_tags",
-        "log_artifact",
-        "log_artifacts",
-        "metric_history",
-        "log_model",
-        "end",
-    }
-)
-
-
-def handle(run: Any, method: str, args: Sequence[Any]) -> Any:
-    """Do one of `RemoteRun`'s requests on `run`, a `mlflow_run.MlflowRun` (here or, once no tracker
-    could take the run over, in the training process)."""
-    if method not in REQUESTS:
-        raise ValueError(f"unknown tracker request {method!r}")
-    if method == "log_artifact":
-        path, into, defer = args
-        return run.log_artifact(path, into, defer=defer)
-    return getattr(run, method)(*args)
-
-
-def _open(client: Any, experiment_id: str, opening: dict[str, Any]) -> Any:
-    """Start or reopen the run and record what it was made from; FAILED if that fails."""
-    from mnist_exp.tracking.mlflow_run import MlflowRun, flatten
-    from mnist_exp.tracking.store import installed_requirements, source_tags
-
-    if "run_id" in opening:
-        run = MlflowRun.reopen(client, opening["run_id"], opening["retry"])
-        tags = opening["tags"]
-    else:
-        run = MlflowRun.start(
-            client,
-            experiment_id,
-            run_name=opening["run_name"],
-            params=flatten(opening["params"]),
-            tags=source_tags(opening["project_root"]) | opening["tags"],
-            retry_for_s=opening["retry"],
-        )
-        tags = {}
-    try:
-        if tags:
-            run.set_tags(tags)
-        if opening["files"]:
-            run.log_config_files(*opening["files"])
-        run.log_text(installed_requirements(), names.REQUIREMENTS)
-    except Exception as exc:
-        run.set_tags({names.ERROR_TAG: str(_error(exc))})
-        run.end("FAILED")
-        raise
-    return run
-
-
 def _error(exc: Exception) -> UserError:
-    """The error to raise in the training process: a `UserError` as it is, others in one line.
-
-    An unexpected one carries its traceback as `detail`, which the training process logs
-    into the run's log.
-    """
+    """The error to raise in the training process: a `UserError` as it is, others in one line
+    with their traceback as `detail`, which the training process logs into the run's log."""
     if isinstance(exc, UserError):
         return exc
     error = UserError(f"MLflow tracking failed ({one_line(exc)})")

@@ -1,0 +1,164 @@
+"""What the training process sends its tracker process, and what the tracker does for each.
+
+Plain objects, made and pickled without MLflow: `Store` and `Open` begin a run; each request
+after them is done (`do`) on the `mlflow_run.MlflowRun` opened, and answered in turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mnist_exp import names
+from mnist_exp.errors import one_line
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from mnist_exp.report.model_spec import ModelSpec
+    from mnist_exp.tracking.mlflow_run import MlflowRun
+
+# The training process's environment variables that the tracker takes on for each run.
+ENVIRONMENT_PREFIXES = ("MLFLOW_", "MNIST_EXP_")
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(ENVIRONMENT_PREFIXES)}
+
+
+@dataclass
+class Store:
+    """The store to open, with the training process's MLflow settings and credentials (not on
+    the tracker's command line, where other users would see them). `early`: to a tracker
+    started ahead of its run, which makes a new SQLite store and waits for the run's own."""
+
+    tracking_uri: str
+    experiment_name: str
+    early: bool = False
+    environment: dict[str, str] = field(default_factory=_environment)
+
+    def take_environment(self) -> None:
+        """Make the tracker's MLflow and mnist_exp variables the training process's of now
+        (between two runs it may change them: a sweep's parent run, HTTP retries)."""
+        for key in [k for k in os.environ if k.startswith(ENVIRONMENT_PREFIXES)]:
+            if key not in self.environment:
+                del os.environ[key]
+        os.environ.update(self.environment)
+        # store.py's default, which the loop may have dropped: MLflow's bar for an artifact
+        # download would land in the training process's output (the tracker's stderr is its).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@dataclass
+class Open:
+    """Start a run with `params` (as dotted keys), source tags and `tags`, or add `tags` to the
+    stopped run `run_id`; then log the installed packages and the folder `files[0]` under
+    `files[1]`. A run that opened but could not be recorded so is FAILED."""
+
+    tags: dict[str, str]
+    files: tuple[Path, str] | None
+    retry_for_s: float
+    run_id: str | None = None
+    run_name: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    project_root: Path = Path()  # the source tags' git repository
+
+    def do(self, client: MlflowClient, experiment_id: str) -> MlflowRun:
+        from mnist_exp.tracking.mlflow_run import MlflowRun, flatten
+        from mnist_exp.tracking.store import installed_requirements, source_tags
+
+        if self.run_id is not None:
+            run = MlflowRun.reopen(client, self.run_id, self.retry_for_s)
+        else:
+            tags = source_tags(self.project_root) | self.tags
+            params = flatten(self.params)
+            run = MlflowRun.start(
+                client, experiment_id, run_name=self.run_name, params=params, tags=tags,
+                retry_for_s=self.retry_for_s,
+            )  # fmt: skip
+        try:
+            if self.run_id is not None:
+                run.set_tags(self.tags)
+            if self.files:
+                run.log_config_files(*self.files)
+            run.log_text(installed_requirements(), names.REQUIREMENTS)
+        except Exception as exc:
+            run.set_tags({names.ERROR_TAG: one_line(exc)})
+            run.end("FAILED")
+            raise
+        return run
+
+
+@dataclass
+class LogValues:
+    values: list[tuple[str, float, int, int]]  # key, value, timestamp (ms), step
+
+    def do(self, run: MlflowRun) -> None:
+        run.log_values(self.values)
+
+
+@dataclass
+class SetTags:
+    tags: dict[str, str]
+
+    def do(self, run: MlflowRun) -> None:
+        run.set_tags(self.tags)
+
+
+@dataclass
+class Upload:
+    path: Path  # a file, or a folder whose files are uploaded
+    artifact_path: str | None
+
+    def do(self, run: MlflowRun) -> None:
+        upload = run.log_artifacts if self.path.is_dir() else run.log_artifact
+        upload(self.path, self.artifact_path)
+
+
+@dataclass
+class MetricHistory:
+    keys: list[str]
+
+    def do(self, run: MlflowRun) -> dict[str, list[tuple[int, float]]]:
+        return run.metric_history(self.keys)
+
+
+@dataclass
+class LogModel:
+    weights: Path
+    spec: ModelSpec
+
+    def do(self, run: MlflowRun) -> None:
+        run.log_model(self.weights, self.spec)
+
+
+@dataclass
+class End:
+    status: str
+
+    def do(self, run: MlflowRun) -> None:
+        run.end(self.status)
+
+
+Request = LogValues | SetTags | Upload | MetricHistory | LogModel | End
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Defer Ctrl-C, SIGTERM and SLURM's warning of a time limit (SIGUSR2, whose submitit
+    handler raises) while a message goes through: half of one garbles the pipe."""
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+    previous = [signal.signal(s, lambda number, _: caught.append(number)) for s in held]
+    try:
+        yield
+    finally:
+        for number, handler in zip(held, previous, strict=True):
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+        for signum in caught:
+            signal.raise_signal(signum)
