@@ -20,8 +20,7 @@ from mnist_exp.tracking.redaction import redact
 if TYPE_CHECKING:
     from mnist_exp.report.model_spec import ModelSpec
 
-# Set by the sweep callback for the jobs it launches: their runs become children of this run.
-PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"
+PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"  # set by the sweep callback for the jobs it launches
 # MLflow's limits on one call.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -41,9 +40,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowRun:
-    """One MLflow run. Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the
-    sweep's parent run. While the server cannot be reached a call is retried, up to
-    `retry_for_s` in all; a longer outage raises `TrackingUnavailable`."""
+    """One MLflow run (in a sweep, `PARENT_RUN_ENV` set, a child of its parent run); a call is
+    retried while the server is away, up to `retry_for_s` (then `TrackingUnavailable`)."""
 
     def __init__(
         self,

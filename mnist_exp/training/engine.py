@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -140,7 +139,7 @@ def fit(
     loss_of = functools.partial(
         _loss, model, train, precision, channels_last, steps.label_smoothing
     )
-    augment = dataclasses.asdict(augmentation)  # max_shift, max_rotation, max_scale
+    augment = asdict(augmentation)  # max_shift, max_rotation, max_scale
     captured = None
     model.train()
     if device.type == "cuda" and schedule.start_epoch < epochs:
