@@ -22,7 +22,7 @@ from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.outage import Outage
 from mnist_exp.tracking.queries import run_model
 from mnist_exp.tracking.store import sqlite_path
-from mnist_exp.training.images import mnist_pixels, read_image
+from mnist_exp.training.images import SIZE, mnist_pixels, read_image
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -91,7 +91,7 @@ def input_shape(model: PyFuncModel) -> tuple[int, ...]:
     schema = model.metadata.get_input_schema()
     spec = schema.inputs[0] if schema is not None and schema.inputs else None
     if not isinstance(spec, TensorSpec):
-        return (28, 28)  # not one of ours: MNIST's
+        return (SIZE, SIZE)  # not one of ours: MNIST's
     return tuple(spec.shape[1:])
 
 

@@ -1,8 +1,6 @@
-"""`TrackerLink`: the training process's socket to its tracker process, as `RemoteRun` uses it.
-
-Requests are answered in turn; metric values are kept until stored. A tracker that dies is
-replaced (`_take_over`); when none can go on, the run is opened here for the runner to end it.
-"""
+"""`TrackerLink`: the training process's socket to its tracker process, for `RemoteRun`.
+Metric values are kept until stored. A tracker that dies is replaced (`_take_over`); when
+none can go on, the run is opened here for the runner to end it."""
 
 from __future__ import annotations
 
