@@ -11,12 +11,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import mlflow
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from mnist_exp import names
 from mnist_exp.config.paths import compose_config
-from mnist_exp.errors import exit_on_user_error
-from mnist_exp.names import METRIC_TAG, SWEEP_TAG
-from mnist_exp.report.table import render, table
+from mnist_exp.errors import UserError, exit_on_user_error
+from mnist_exp.report.table import rank, render, table
 from mnist_exp.tracking.http import configure_requests
-from mnist_exp.tracking.queries import latest_sweep, sweep_runs
+from mnist_exp.tracking.queries import latest_sweep, run_model, sweep_runs
 from mnist_exp.tracking.redaction import redact
 from mnist_exp.tracking.store import open_store
 
@@ -42,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parent = None
     if args.experiment:
         found = client.search_runs([experiment_id], max_results=10000)
-        runs = [r for r in found if r.data.tags.get(SWEEP_TAG) != "true"]
+        runs = [r for r in found if r.data.tags.get(names.SWEEP_TAG) != "true"]
     else:
         try:
             parent = (
@@ -58,12 +63,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"or use --experiment"
             )
         runs = sweep_runs(client, parent)
-    metric = args.metric or (parent and parent.data.tags.get(METRIC_TAG)) or cfg.optimized_metric
+    swept = parent and parent.data.tags.get(names.METRIC_TAG)  # the sweep's optimized metric
+    metric = args.metric or swept or cfg.optimized_metric
     if not runs:
         sys.exit("error: no runs to compare")
     if name := args.register:
-        from mnist_exp.tracking.registry import register_best
-
         with exit_on_user_error():
             best, version = register_best(client, runs, metric, name)
         print(
@@ -85,6 +89,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif note:
         print(f"sorted by {metric}{note}")
     print(text, end="")
+
+
+def register_best(
+    client: MlflowClient, runs: list[Run], metric: str, name: str
+) -> tuple[Run, ModelVersion]:
+    """A new version of the registered model `name` (made if new): the model of the best
+    finished run of `runs` by `metric`, tagged with the run, `metric` and its value."""
+    finished = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
+    if not finished:
+        raise UserError(f"no finished run has {metric}: nothing to register")
+    best = rank(finished, metric)[0]
+    source = run_model(client, best)
+    if source is None:
+        raise UserError(
+            f"run {best.info.run_id} ({best.info.run_name}) has no model to register (trained "
+            f"with mlflow.log_model=false): rerun it with mnist-rerun {best.info.run_id}"
+        )
+    tags = {
+        names.REGISTERED_RUN_TAG: best.info.run_id,
+        names.REGISTERED_METRIC_TAG: metric,
+        names.REGISTERED_VALUE_TAG: str(best.data.metrics.get(metric)),
+    }
+    mlflow.set_tracking_uri(client.tracking_uri)  # register_model works on the global store
+    return best, mlflow.register_model(source, name, await_registration_for=0, tags=tags)
 
 
 if __name__ == "__main__":

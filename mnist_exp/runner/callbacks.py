@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mnist_exp import names
 from mnist_exp.runner.build import Setup
-from mnist_exp.tracking.recorder import Recorder
+from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.training import checkpoint, engine
 
 
@@ -22,7 +22,7 @@ class MetricsLogger(engine.Callback):
     `latest` holds the last value of each metric it logged, for the run's optimized metric.
     """
 
-    def __init__(self, run: Recorder, every: int, startup_s: Callable[[], float]) -> None:
+    def __init__(self, run: RemoteRun, every: int, startup_s: Callable[[], float]) -> None:
         self.run = run
         self.every = every
         self.startup_s = startup_s
@@ -50,7 +50,7 @@ class Checkpointer(engine.Callback):
     server is away the local copy is written all the same and the upload waits (`defer`).
     """
 
-    def __init__(self, setup: Setup, run: Recorder, path: Path) -> None:
+    def __init__(self, setup: Setup, run: RemoteRun, path: Path) -> None:
         self.setup, self.run, self.path = setup, run, path
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:

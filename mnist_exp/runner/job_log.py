@@ -11,12 +11,12 @@ from hydra.core.hydra_config import HydraConfig
 
 from mnist_exp import names
 from mnist_exp.errors import UserError, first_line, one_line
-from mnist_exp.tracking.recorder import Recorder
+from mnist_exp.tracking.remote import RemoteRun
 
 log = logging.getLogger("mnist_exp")
 
 
-def upload(run: Recorder, start_epoch: int, error: BaseException | None = None) -> None:
+def upload(run: RemoteRun, start_epoch: int, error: BaseException | None = None) -> None:
     """Upload the job's log as `names.RUN_LOG` (a resumed run's in `resumed-<epoch>/`), `error`
     written to it first; never raises, skipped with the tracking server gone or no log file."""
     handler = _job_log_handler()

@@ -16,7 +16,7 @@ from pathlib import Path
 from mnist_exp import names
 from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError, one_line
 from mnist_exp.runner import job_log
-from mnist_exp.tracking.recorder import Recorder
+from mnist_exp.tracking.remote import RemoteRun
 
 log = logging.getLogger("mnist_exp")
 # What an OSError says when the disk is full or a folder cannot be written.
@@ -24,7 +24,7 @@ _CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ER
 
 
 @contextlib.contextmanager
-def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[None]:
+def recording(run: RemoteRun, checkpoint: Path, start_epoch: int) -> Iterator[None]:
     """Record the end of `run` if the block does not finish; signal handlers restored after.
 
     SIGTERM (a job scheduler's stop) is treated as Ctrl-C. `checkpoint` is the resume
@@ -56,7 +56,7 @@ def recording(run: Recorder, checkpoint: Path, start_epoch: int) -> Iterator[Non
             signal.signal(number, handler)
 
 
-def _stopped(run: Recorder, checkpoint: Path, start_epoch: int) -> str:
+def _stopped(run: RemoteRun, checkpoint: Path, start_epoch: int) -> str:
     """Mark the run KILLED, stopped from outside; what became of it and how to resume it."""
     # A second Ctrl-C must not cut the recording of the first short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -77,7 +77,7 @@ def _out_of_time(exc: BaseException) -> bool:
     return utils is not None and isinstance(exc, utils.UncompletedJobError)
 
 
-def _failed(run: Recorder, exc: BaseException, last: Path, start_epoch: int) -> BaseException:
+def _failed(run: RemoteRun, exc: BaseException, last: Path, start_epoch: int) -> BaseException:
     """Mark the run FAILED with why; the error to raise in place of `exc`."""
     from mnist_exp.training.engine import NonFiniteLossError  # torch is loaded by now
 
@@ -121,7 +121,7 @@ def _failed(run: Recorder, exc: BaseException, last: Path, start_epoch: int) -> 
     return exc
 
 
-def _log_again(run: Recorder, path: Path) -> None:
+def _log_again(run: RemoteRun, path: Path) -> None:
     """Log the (atomically written) checkpoint again: a stop may have cut its upload short."""
     if path.is_file():
         try:
@@ -130,7 +130,7 @@ def _log_again(run: Recorder, path: Path) -> None:
             log.error(f"could not log {path} to MLflow run {run.run_id}: {exc}")
 
 
-def _end_quietly(run: Recorder, status: str, tags: dict[str, str] | None = None) -> str:
+def _end_quietly(run: RemoteRun, status: str, tags: dict[str, str] | None = None) -> str:
     """Record the end of a failed run without hiding the original error behind a new one.
 
     Returns what became of the run, for the error message: marked, or could not be.

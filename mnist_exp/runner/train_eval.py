@@ -19,7 +19,7 @@ from mnist_exp.report.console import Console, wants_progress_bar
 from mnist_exp.runner import servable
 from mnist_exp.runner.build import Setup, channels_last
 from mnist_exp.runner.callbacks import Checkpointer, MetricsLogger
-from mnist_exp.tracking.recorder import Recorder
+from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.training import checkpoint, engine
 
 log = logging.getLogger("mnist_exp")
@@ -28,7 +28,7 @@ log = logging.getLogger("mnist_exp")
 def train_and_evaluate(
     cfg: DictConfig,
     setup: Setup,
-    run: Recorder,
+    run: RemoteRun,
     out_dir: Path,
     start: tuple[int, int],
     in_sweep: bool,
@@ -122,7 +122,7 @@ def class_names(named: Sequence[str], num_classes: int) -> list[str]:
 
 
 def _record_plots(
-    run: Recorder,
+    run: RemoteRun,
     test: engine.EvalResult,
     confusion: Tensor,
     images: Tensor,
@@ -138,4 +138,4 @@ def _record_plots(
     plots.misclassified_grid(
         images, test.targets, test.predictions, folder / "misclassified.png", classes
     )
-    run.log_artifacts(folder, names.PLOTS)
+    run.log_artifact(folder, names.PLOTS)

@@ -8,12 +8,8 @@ from typing import Any
 
 
 def configure_requests(mlflow: Mapping[str, Any]) -> None:
-    """Set the config's `mlflow.request_max_retries` and `request_timeout_s` for this process.
-
-    MLflow reads them from the environment, so the processes it starts (trackers, a sweep's
-    jobs) take them too. MLflow's defaults (7 retries with exponential backoff, 120 s timeout)
-    would hold up a command for minutes on a server that is down; runs retry across outages
-    themselves instead.
-    """
+    """Set the config's `mlflow.request_max_retries` and `request_timeout_s` in the environment,
+    for this process and those it starts: MLflow's defaults (7 retries, 120 s) would hold up a
+    command for minutes on a server that is down, where runs retry across outages themselves."""
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(mlflow["request_max_retries"])
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(mlflow["request_timeout_s"])

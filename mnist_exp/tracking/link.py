@@ -1,10 +1,6 @@
-"""`TrackerLink`: the training process's socket to its tracker process, as `RemoteRun` uses it.
-
-Requests go out in order and are answered in turn. Metric values are kept here until the
-tracker has stored them. A tracker that dies is replaced by a new one, which reopens the run
-and is sent again all that was not answered; the store keeps a value once (a step it holds
-is skipped). When no tracker can go on, the run is opened here for the runner to end it.
-"""
+"""`TrackerLink`: the training process's socket to its tracker process, for `RemoteRun`.
+Metric values are kept until stored. A tracker that dies is replaced (`_take_over`); when
+none can go on, the run is opened here for the runner to end it."""
 
 from __future__ import annotations
 
@@ -23,13 +19,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mnist_exp")
 
-# A tracker that dies is replaced this many times in a run at most (each is a new process).
-MAX_TRACKER_RESTARTS = 3
+MAX_TRACKER_RESTARTS = 3  # trackers replaced in one run, at most
 
 
 class TrackerLink:
-    """A tracker process (which imports MLflow and opens the store as this is made) and the
-    requests and metric values it has not answered yet."""
+    """A tracker process (opening the store from now) and the requests it has not answered."""
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
         self._store = m.Store(tracking_uri, experiment_name)
@@ -60,10 +54,6 @@ class TrackerLink:
         """Wait until the tracker has recorded every value and done every request."""
         self._push()
         self._receive(wait=True)
-
-    def _open(self, opening: m.Open) -> None:
-        self._opening = opening
-        self._write(opening)
 
     def _opened(self) -> tuple[str, str, str]:
         while self._info is None:
@@ -101,7 +91,7 @@ class TrackerLink:
         self._take_over()
 
     def _receive(self, wait: bool) -> Any:
-        """Read the answers that came (with `wait`, all): the last one; an error is raised."""
+        """The last of the answers that came (with `wait`, of all); an error is raised."""
         value = None
         while self._unanswered and (wait or self._conn.poll()):
             ok, value = self._answer()
@@ -133,8 +123,8 @@ class TrackerLink:
         return ok, value
 
     def _take_over(self) -> None:
-        """The tracker died: a new one reopens the run and is sent again the values kept and
-        the requests unanswered (the store keeps a value once: a recorded step is skipped)."""
+        """A new tracker reopens the run and is sent again what was unanswered (the store
+        skips a step it holds)."""
         code = self._process.wait(timeout=30)
         if isinstance(self._info, UserError):
             raise self._info  # it exits after a failed opening; that error is the news

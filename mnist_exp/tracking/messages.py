@@ -1,8 +1,5 @@
-"""What the training process sends its tracker process, and what the tracker does for each.
-
-Plain objects, made and pickled without MLflow: `Store` and `Open` begin a run; each request
-after them is done (`do`) on the `mlflow_run.MlflowRun` opened, and answered in turn.
-"""
+"""What the training process sends its tracker process, pickled without MLflow: `Store` and
+`Open` begin a run; each request after them is done (`do`) on the `MlflowRun` opened."""
 
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnist_exp import names
 from mnist_exp.errors import one_line
+from mnist_exp.tracking.redaction import redact
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -23,8 +21,7 @@ if TYPE_CHECKING:
     from mnist_exp.report.model_spec import ModelSpec
     from mnist_exp.tracking.mlflow_run import MlflowRun
 
-# The training process's environment variables that the tracker takes on for each run.
-ENVIRONMENT_PREFIXES = ("MLFLOW_", "MNIST_EXP_")
+ENVIRONMENT_PREFIXES = ("MLFLOW_", "MNIST_EXP_")  # the variables a tracker takes on each run
 
 
 def _environment() -> dict[str, str]:
@@ -43,14 +40,12 @@ class Store:
     environment: dict[str, str] = field(default_factory=_environment)
 
     def take_environment(self) -> None:
-        """Make the tracker's MLflow and mnist_exp variables the training process's of now
-        (between two runs it may change them: a sweep's parent run, HTTP retries)."""
-        for key in [k for k in os.environ if k.startswith(ENVIRONMENT_PREFIXES)]:
-            if key not in self.environment:
-                del os.environ[key]
+        """Take on the training process's variables of now (they may change between runs)."""
+        for key in _environment().keys() - self.environment.keys():
+            del os.environ[key]
         os.environ.update(self.environment)
-        # store.py's default, which the loop may have dropped: MLflow's bar for an artifact
-        # download would land in the training process's output (the tracker's stderr is its).
+        # store.py's default, which the training process may have dropped: MLflow's download
+        # bar would land in its output (the tracker's stderr is its).
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -76,16 +71,17 @@ class Open:
             run = MlflowRun.reopen(client, self.run_id, self.retry_for_s)
         else:
             tags = source_tags(self.project_root) | self.tags
-            params = flatten(self.params)
             run = MlflowRun.start(
-                client, experiment_id, run_name=self.run_name, params=params, tags=tags,
-                retry_for_s=self.retry_for_s,
+                client, experiment_id, run_name=self.run_name, params=flatten(self.params),
+                tags=tags, retry_for_s=self.retry_for_s,
             )  # fmt: skip
         try:
             if self.run_id is not None:
                 run.set_tags(self.tags)
-            if self.files:
-                run.log_config_files(*self.files)
+            if self.files:  # Hydra's config files, with credentials in URIs redacted
+                folder, artifact_path = self.files
+                for path in sorted(p for p in folder.iterdir() if p.is_file()):
+                    run.log_text(redact(path.read_text()), f"{artifact_path}/{path.name}")
             run.log_text(installed_requirements(), names.REQUIREMENTS)
         except Exception as exc:
             run.set_tags({names.ERROR_TAG: one_line(exc)})
@@ -116,8 +112,7 @@ class Upload:
     artifact_path: str | None
 
     def do(self, run: MlflowRun) -> None:
-        upload = run.log_artifacts if self.path.is_dir() else run.log_artifact
-        upload(self.path, self.artifact_path)
+        run.log_artifact(self.path, self.artifact_path)
 
 
 @dataclass

@@ -1,7 +1,4 @@
-"""One MLflow run: params, tags, metrics and artifacts, each call waiting out a server outage.
-
-It knows MLflow and nothing of the training loop: it is handed flat values to record.
-"""
+"""One MLflow run: params, tags, metrics and artifacts, each call waiting out a server outage."""
 
 from __future__ import annotations
 
@@ -23,8 +20,7 @@ from mnist_exp.tracking.redaction import redact
 if TYPE_CHECKING:
     from mnist_exp.report.model_spec import ModelSpec
 
-# Set by the sweep callback for the jobs it launches: their runs become children of this run.
-PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"
+PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"  # set by the sweep callback for the jobs it launches
 # MLflow's limits on one call.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -44,9 +40,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowRun:
-    """One MLflow run. Inside a sweep (`PARENT_RUN_ENV` set) a new run is a child of the
-    sweep's parent run. While the server cannot be reached a call is retried, up to
-    `retry_for_s` in all; a longer outage raises `TrackingUnavailable`."""
+    """One MLflow run (in a sweep, `PARENT_RUN_ENV` set, a child of its parent run); a call is
+    retried while the server is away, up to `retry_for_s` (then `TrackingUnavailable`)."""
 
     def __init__(
         self,
@@ -98,13 +93,10 @@ class MlflowRun:
         failure dropped, and steps it already holds not sent again."""
         outage = Outage(str(client.tracking_uri), retry_for_s)
         info = outage.call(lambda: client.get_run(run_id))
-        recorded = {
-            key: max(
-                m.step
-                for m in outage.call(functools.partial(client.get_metric_history, run_id, key))
-            )
-            for key in info.data.metrics
-        }
+        recorded: dict[str, int] = {}
+        for key in info.data.metrics:
+            history = outage.call(functools.partial(client.get_metric_history, run_id, key))
+            recorded[key] = max(m.step for m in history)
         for key in names.FAILURE_TAGS:
             if key in info.data.tags:
                 outage.call(functools.partial(client.delete_tag, run_id, key))
@@ -135,18 +127,12 @@ class MlflowRun:
         return {key: sorted((m.step, m.value) for m in found) for key, found in values.items()}
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
-
-    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        self._call(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
+        """Upload a file, or a folder's files."""
+        upload = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        self._call(lambda: upload(self.run_id, str(path), artifact_path))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call(lambda: self.client.log_text(self.run_id, text, artifact_file))
-
-    def log_config_files(self, folder: Path, artifact_path: str) -> None:
-        """Upload the text files of `folder` (Hydra's), with credentials in URIs redacted."""
-        for path in sorted(p for p in folder.iterdir() if p.is_file()):
-            self.log_text(redact(path.read_text()), f"{artifact_path}/{path.name}")
 
     def log_model(self, weights: Path, spec: ModelSpec) -> None:
         """Log the servable model of `weights` as the run's MLflow 3 model `model`, with the

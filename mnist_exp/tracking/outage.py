@@ -17,12 +17,8 @@ from mnist_exp.tracking.redaction import redact
 log = logging.getLogger("mnist_exp")
 
 RETRY_PAUSE_S = 2.0  # while the server is unreachable, the least time between two attempts
-
-
 # HTTP statuses that say "try again": overloaded, restarting, or behind a proxy that is.
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-
-
 _T = TypeVar("_T")
 
 
@@ -30,9 +26,7 @@ def reason(exc: BaseException) -> str:
     """A short, redacted why: `[Errno 111] Connection refused` rather than urllib3's paragraph."""
     text = redact(str(exc).strip())
     errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text) if unreachable(exc) else None
-    if errno:
-        return errno.group(0).strip()
-    return redact(first_line(exc))[:200]
+    return errno.group(0).strip() if errno else redact(first_line(exc))[:200]
 
 
 def unreachable(exc: BaseException) -> bool:

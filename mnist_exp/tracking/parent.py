@@ -1,5 +1,5 @@
-"""A sweep's MLflow parent run: opened before its jobs (a search's study keeps one, reopened each
-time it goes on), and at the end what the jobs came to: counts, the best child, a picture."""
+"""A sweep's MLflow parent run (a search's study keeps one, reopened each time it goes on), and
+at the end what the jobs came to: counts, the best child, a picture."""
 
 from __future__ import annotations
 
@@ -27,8 +27,12 @@ def open_parent(config: DictConfig) -> MlflowRun:
         config.mlflow.tracking_uri, config.mlflow.experiment_name
     )
     sweep_dir = Path(config.hydra.sweep.dir)
-    study = _study_tags(config)
-    params = config.hydra.sweeper.get("params") or {}
+    sweeper = config.hydra.sweeper
+    study_name, storage = sweeper.get("study_name"), sweeper.get("storage")
+    study: dict[str, str] = {}  # the study a sweeper keeps, if any
+    if study_name and storage:
+        study = {names.STUDY_TAG: str(study_name), names.STORAGE_TAG: redact(str(storage))}
+    params = sweeper.get("params") or {}
     tags = store.source_tags(Path.cwd()) | study
     tags |= {
         names.SWEEP_TAG: "true",
@@ -43,14 +47,9 @@ def open_parent(config: DictConfig) -> MlflowRun:
     retry_for_s = float(config.mlflow.retry_for_s)
     earlier = _study_parent(client, experiment_id, study) if study else None
     if earlier is None:
-        name = f"study {study[names.STUDY_TAG]}" if study else None
+        name = f"study {study_name}" if study else f"sweep {sweep_dir.parent.name}/{sweep_dir.name}"
         parent = MlflowRun.start(
-            client,
-            experiment_id,
-            run_name=name or f"sweep {sweep_dir.parent.name}/{sweep_dir.name}",
-            params={},
-            tags=tags,
-            retry_for_s=retry_for_s,
+            client, experiment_id, run_name=name, params={}, tags=tags, retry_for_s=retry_for_s
         )
         if not study:
             return parent
@@ -102,15 +101,6 @@ def record_outcome(parent: MlflowRun, config: DictConfig) -> str:
         if plot_sweep(children, metric, picture):
             parent.log_artifact(picture)
     return summary
-
-
-def _study_tags(config: DictConfig) -> dict[str, str]:
-    """The study a sweeper keeps (name, storage with credentials redacted); {} for none."""
-    sweeper = config.hydra.sweeper
-    name, storage = sweeper.get("study_name"), sweeper.get("storage")
-    if not name or not storage:
-        return {}
-    return {names.STUDY_TAG: str(name), names.STORAGE_TAG: redact(str(storage))}
 
 
 def _study_parent(client: MlflowClient, experiment_id: str, study: dict[str, str]) -> str | None:

@@ -29,8 +29,8 @@ def age() -> float | None:
 
 
 def process_tags() -> dict[str, str]:
-    """This process, as `store.fail_orphans` recognises it: host, pid and start time; and
-    inside a SLURM job, the job, which `scontrol`, `sacct` and `scancel` take."""
+    """This process, as `store.fail_orphans` recognises it (host, pid, start time), and its
+    SLURM job if any."""
     ticks = start_ticks(os.getpid())
     job = slurm_job()
     return {

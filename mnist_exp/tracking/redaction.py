@@ -1,7 +1,5 @@
-"""Credentials out of what is shown: `http://user:secret@host` becomes `http://***@host`.
-
-Kept apart from the MLflow code so Hydra's logging config can load the filter cheaply.
-"""
+"""Credentials out of what is shown, apart from the MLflow code so that Hydra's logging config
+loads the filter cheaply."""
 
 from __future__ import annotations
 

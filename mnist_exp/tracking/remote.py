@@ -1,9 +1,5 @@
-"""`RemoteRun`: the training process's side of a run recorded by a tracker process.
-
-Importing MLflow, opening the store and creating the run take seconds of Python work: in a
-tracker process they run on another core while the training process imports torch and
-starts training. The training process sends what to record over a socket, without MLflow.
-"""
+"""`RemoteRun`: the training process's side of a run recorded by a tracker process, which
+imports MLflow, opens the store and creates the run on another core while this one starts."""
 
 from __future__ import annotations
 
@@ -17,17 +13,15 @@ from mnist_exp.tracking import messages as m
 from mnist_exp.tracking import tracker
 from mnist_exp.tracking.link import TrackerLink
 
-# Metric values are sent at least this often: the MLflow UI follows a run within seconds.
-FLUSH_EVERY_S = 2.0
+FLUSH_EVERY_S = 2.0  # metric values sent at least this often: the MLflow UI follows a run
 
 
 class RemoteRun(TrackerLink):
     """One MLflow run, recorded by a tracker process, which does each request in turn.
 
-    Metric values are sent every `FLUSH_EVERY_S`, unless values sent before are unanswered
-    (the tracker waits out a server outage while training goes on), and before any other
-    request. All but a `defer`red upload and the model wait for their answer; an error in the
-    tracker is raised by the next call.
+    Metric values are sent every `FLUSH_EVERY_S` unless some sent are unanswered (the tracker
+    waits out an outage meanwhile), and before any other request. All but a `defer`red upload
+    and the model wait for their answer; an error in the tracker is raised by the next call.
     """
 
     _flush_at = 0.0  # time.time() after which the next metric sends what is kept
@@ -44,7 +38,8 @@ class RemoteRun(TrackerLink):
     ) -> None:
         """Open a new run with `config` as params, returning at once (see `messages.Open`)."""
         params = dict(config)
-        self._open(m.Open(dict(tags), files, retry_for_s, None, run_name, params, project_root))
+        self._opening = m.Open(dict(tags), files, retry_for_s, None, run_name, params, project_root)
+        self._write(self._opening)
 
     def reopen(
         self,
@@ -55,7 +50,8 @@ class RemoteRun(TrackerLink):
         retry_for_s: float = 0.0,
     ) -> None:
         """Continue a stopped run (see `MlflowRun.reopen`), adding tags and files as `start`."""
-        self._open(m.Open(dict(tags), files, retry_for_s, run_id))
+        self._opening = m.Open(dict(tags), files, retry_for_s, run_id)
+        self._write(self._opening)
 
     @property
     def pid(self) -> int:
@@ -96,11 +92,8 @@ class RemoteRun(TrackerLink):
     def log_artifact(
         self, path: Path, artifact_path: str | None = None, *, defer: bool = False
     ) -> None:
-        """Upload a file; with `defer`, return at once (an outage is waited out meanwhile)."""
+        """Upload a file or a folder's files; with `defer`, return at once."""
         self._send(m.Upload(Path(path), artifact_path), wait=not defer)
-
-    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        self._send(m.Upload(Path(folder), artifact_path))
 
     def metric_history(self, keys: Sequence[str]) -> dict[str, list[tuple[int, float]]]:
         """(step, value) of every recorded value of each key, by step."""

@@ -24,18 +24,15 @@ from mnist_exp.tracking import processes
 from mnist_exp.tracking.outage import Outage, reason
 from mnist_exp.tracking.redaction import redact
 
-# MLflow draws a progress bar for every artifact download, prints a link to each run it
-# ends (its URI unredacted; the run prints its own), and announces each new SQLite store's
-# schema migration; a run's output has no room for these.
+# A run's output has no room for MLflow's download bars, its link to each run it ends (the
+# URI unredacted), each new SQLite store's migration, or urllib3's warning at each retry.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 for _name in ("mlflow.store.db.utils", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
-# urllib3 warns at each of MLflow's request retries; an outage is reported once, by the `Run`.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
-# The MLflow UI opens an experiment of this kind on its table of training runs (else on
-# its GenAI overview).
+# The MLflow UI opens an experiment of this kind on its table of runs, not its GenAI overview.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
@@ -44,11 +41,8 @@ def open_store(
 ) -> tuple[MlflowClient, str]:
     """Open (creating if new) the store and the experiment; returns the client and its id.
 
-    A tracking server away (restarting, say) is waited for up to `retry_for_s`: where a
-    recorded run is continued, waiting is what the user wants.
-
-    A new experiment on a SQLite store keeps its artifacts in `artifacts/` beside the
-    database file, not in MLflow's default of `./mlruns` under whatever the current folder is.
+    A server away is waited for up to `retry_for_s`. A new experiment on a SQLite store keeps
+    its artifacts in `artifacts/` beside the database, not in `./mlruns` of the current folder.
     """
     db = sqlite_path(tracking_uri)
     artifact_location = (db.parent / "artifacts").resolve().as_uri() if db else None
@@ -104,13 +98,8 @@ def _open(
 
 
 def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
-    """Mark FAILED the RUNNING runs of this host whose process has ended; returns their ids.
-
-    A process killed without a word (`kill -9`, a power cut) leaves its run RUNNING; the
-    next process to open the store closes it. Runs started on other hosts are left alone:
-    whether their process lives cannot be told from here. One query, filtered by status, and
-    one more read for each run whose process has ended.
-    """
+    """Mark FAILED the RUNNING runs of this host whose process has ended (`kill -9`, a power
+    cut); returns their ids. Another host's processes cannot be seen from here."""
     host = platform.node()
     runs = client.search_runs(
         [experiment_id],
@@ -122,8 +111,7 @@ def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
         pid = run.data.tags.get(names.PID_TAG, "")
         if not pid.isdigit() or processes.alive(int(pid), run.data.tags.get(names.PID_START_TAG)):
             continue
-        # Its process may have ended the run between the query and now; once it is gone,
-        # what the store says is final.
+        # Its process may have ended the run since the query; now it is gone, that is final.
         if client.get_run(run.info.run_id).info.status != "RUNNING":
             continue
         why = f"process {pid} on host {host} ended without closing the run"

@@ -1,9 +1,5 @@
-"""The tracker process (`python -m mnist_exp.tracking.tracker FD`): records runs for `RemoteRun`.
-
-Started by the training process (`take`, kept idle between runs), it imports MLflow and
-opens the store while the training process imports torch, then does what it is sent over
-the socket. If the training process dies without a word, it marks the run FAILED.
-"""
+"""The tracker process (`python -m mnist_exp.tracking.tracker FD`): records runs for `RemoteRun`,
+kept idle between runs; if the training process dies without a word, it marks the run FAILED."""
 
 from __future__ import annotations
 
@@ -28,16 +24,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mnist_exp")
 
-# How a tracker process is started, with the socket's file descriptor appended.
-COMMAND = (sys.executable, "-m", "mnist_exp.tracking.tracker")
+COMMAND = (sys.executable, "-m", "mnist_exp.tracking.tracker")  # and the socket's descriptor
 ORPHANED = "the training process ended without closing the run (killed or crashed)"
 # Tracker processes whose run has ended, each with its socket: the next run takes one.
 idle: list[tuple[subprocess.Popen[bytes], Connection]] = []
 
 
 def take(store: Store, reuse: bool = True) -> tuple[subprocess.Popen[bytes], Connection]:
-    """An idle tracker process (or a new one) and the training process's end of its socket,
-    the tracker sent the store of its next run."""
+    """An idle tracker process (or a new one), sent `store`, and this end of its socket."""
     while reuse and idle:
         process, conn = idle.pop()
         with contextlib.suppress(OSError):
@@ -63,18 +57,15 @@ def start() -> tuple[subprocess.Popen[bytes], Connection]:
 
 
 def _serve(conn: Connection) -> None:
-    """The tracker process: for each run in turn, open the store, the run, record what it
-    is sent until the run ends; then wait for the next run (a sweep's next job)."""
-    # Ctrl-C and a job scheduler's SIGTERM reach the whole process group; the training
-    # process handles them and then tells this one how the run ended. So does SLURM's
-    # warning of a job's time limit (SIGUSR2, as submitit asks), which would end this one.
+    """The tracker process: record runs one after another (a sweep's jobs) while it may."""
+    # Ctrl-C, SIGTERM and SLURM's time-limit warning (SIGUSR2) reach the whole process group;
+    # the training process handles them and then tells this one how the run ended.
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(number, signal.SIG_IGN)
     # What MLflow's import and the opening make lives till the end: the collector's full
     # passes over it would take CPU from training as it starts (as in mnist_exp.train.main).
     gc.disable()
-    # MLflow first, whether or not a run is waiting: a tracker started early is ready sooner.
-    import mnist_exp.tracking.store  # noqa: F401
+    import mnist_exp.tracking.store  # noqa: F401  # now: a tracker started early is ready sooner
 
     while _record_one(conn):
         pass

@@ -1,10 +1,6 @@
-"""The C allocator's settings for training: memory freed by one step is reused by the next.
-
-Each step allocates and frees the same activations and gradients, several MB each. glibc's
-malloc hands the freed top of its heap back to the system (and serves the largest blocks with
-mmap), so the next step faults every page in again and the kernel zeroes it. Figures:
-docs/performance.md.
-"""
+"""The C allocator's settings for training: memory freed by one step is reused by the next,
+where glibc would hand it back and the next step fault every page in again (figures:
+docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -20,11 +16,8 @@ TRIM_THRESHOLD = 2**30  # free memory kept at the heap's top before any is hande
 
 
 def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse; False where the C library is not glibc.
-
-    What was freed stays with the process, for its next step, instead of going back to the
-    system. Its peak memory barely changes, as a step's memory is in use at the peak anyway.
-    """
+    """Make glibc's malloc keep freed memory for reuse (the peak barely changes: a step's
+    memory is in use at the peak anyway); False where the C library is not glibc."""
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c"))

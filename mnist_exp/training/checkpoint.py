@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
 import warnings
-import zipfile
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
+from zipfile import BadZipFile
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from mnist_exp.errors import UserError, first_line
 
 FORMAT = "mnist-exp/resume-v1"
 KEYS = ("epoch", "step", "model", "optimizer", "rng", "run_id")
+# What torch.load raises on a damaged file (OSError: its zip reader on some truncations).
+_UNREADABLE = (UnpicklingError, RuntimeError, EOFError, BadZipFile, ValueError, OSError)
 
 
 def training_state(
@@ -30,10 +32,8 @@ def training_state(
     epoch: int,
     step: int,
 ) -> dict[str, Any]:
-    """Everything to continue after `epoch` exactly: weights, optimizer, schedule, RNGs, counters.
-
-    Only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
-    """
+    """Everything to continue after `epoch` exactly, in tensors and plain Python values only
+    (it loads with `torch.load(weights_only=True)`)."""
     rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -77,22 +77,13 @@ def restore_training_state(
 
 
 def _lay_out_like_params(optimizer: torch.optim.Optimizer) -> None:
-    """Give each parameter's optimizer state (Adam's moments, say) the parameter's strides.
-
-    A checkpoint saved in another memory layout (channels_last, say, where batch size 1 now
-    trains in NCHW) loads with its own strides, and torch's fused CPU Adam then silently pairs
-    the wrong elements (tests/test_engine.py shows it).
-    """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                if (
-                    isinstance(value, Tensor)
-                    and value.shape == param.shape
-                    and value.stride() != param.stride()
-                ):
-                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+    """Give each parameter's optimizer state (Adam's moments) the parameter's strides: saved
+    in another memory layout, torch's fused CPU Adam silently pairs the wrong elements."""
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            same_shape = isinstance(value, Tensor) and value.shape == param.shape
+            if same_shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _tuples(value: Any) -> Any:
@@ -108,10 +99,9 @@ def save(state: dict[str, Any], path: Path) -> None:
 def write_atomic(obj: Any, path: Path) -> None:
     """`torch.save` to `path` through a temporary file and a rename: never half a file.
 
-    A full disk or an unwritable folder raises a `UserError` naming the folder. Ctrl-C (or
-    SIGTERM) while writing raises `KeyboardInterrupt`, even where torch's zip writer, cut off,
-    raises an error of its own instead. Either way the temporary file is removed and an older
-    file at `path` stays as it was.
+    A full disk or an unwritable folder raises a `UserError`; Ctrl-C (or SIGTERM) raises
+    `KeyboardInterrupt`, even where torch's zip writer, cut off, raises its own error. Either
+    way the temporary file is removed and an older file at `path` stays as it was.
     """
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -155,14 +145,7 @@ def load(path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        zipfile.BadZipFile,
-        ValueError,
-        OSError,  # torch's zip reader on some truncations: "[Errno 22] Invalid argument"
-    ) as exc:
+    except _UNREADABLE as exc:
         reason = first_line(exc).split(". ")[0][:160]
         raise UserError(
             f"trainer.resume: {path} is truncated, corrupt or not a safe tensor file ({reason}): "

@@ -38,31 +38,23 @@ def cpu_threads(batch_size: int, cores: int) -> int:
 
 
 def plain_cpu_convolutions(device: torch.device, batch_size: int, precision: str) -> bool:
-    """Whether training here runs faster on PyTorch's own convolutions, in NCHW.
-
-    On a CPU at batch size 1 in fp32 they beat oneDNN's, which repack the weights at every
-    call. From batch size 2 on, and in bf16, oneDNN's win (docs/performance.md).
-    """
+    """Whether training here runs faster on PyTorch's own convolutions, in NCHW: on a CPU at
+    batch size 1 in fp32, where oneDNN's repack the weights at every call."""
     return device.type == "cpu" and batch_size == 1 and _DTYPES[precision] is None
 
 
 def trains_channels_last(
     requested: bool, device: torch.device, batch_size: int, precision: str
 ) -> bool:
-    """Whether a run that asks for channels_last (`requested`) trains in it.
-
-    Not where `plain_cpu_convolutions` trains in NCHW. Model and images both follow this.
-    """
+    """Whether a run that asks for channels_last trains (model and images) in it: not where
+    `plain_cpu_convolutions` trains in NCHW."""
     return requested and not plain_cpu_convolutions(device, batch_size, precision)
 
 
 @contextlib.contextmanager
 def step_kernels(device: torch.device, batch_size: int, precision: str) -> Iterator[None]:
-    """Inside, training steps at this size run on the fastest kernels: oneDNN's or PyTorch's.
-
-    Only oneDNN's switch changes (torch's `mkldnn.flags` would also reset its other settings,
-    with a warning); it is put back on the way out.
-    """
+    """Inside, training steps at this size run on the fastest kernels: oneDNN's or PyTorch's
+    (only oneDNN's switch changes: `mkldnn.flags` would reset its other settings, warning)."""
     before = torch.backends.mkldnn.enabled
     if plain_cpu_convolutions(device, batch_size, precision):
         # torch annotates the switch as its descriptor (ContextProp); it takes a bool.
@@ -84,11 +76,8 @@ def autocast(
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python's, NumPy's and torch's RNGs; optionally force determinism.
-
-    On the CPU the loop is deterministic as it is; `deterministic` also makes CUDA pick
-    deterministic kernels (and cuBLAS a fixed workspace), at some cost in speed.
-    """
+    """Seed Python's, NumPy's and torch's RNGs; `deterministic` also makes CUDA pick
+    deterministic kernels (and cuBLAS a fixed workspace; the CPU loop is so already)."""
     random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

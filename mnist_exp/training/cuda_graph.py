@@ -1,10 +1,6 @@
 """The training step on CUDA, made ready before the clock starts: captured as a graph, or
-warmed up.
-
-A small network's step is a hundred small kernels, each launched from Python: on a GPU the
-launches, not the arithmetic, take the time. Replaying the captured passes launches them all
-at once. The optimizer still steps as it would without a graph, with whatever learning rate
-and momentum the scheduler gives it.
+warmed up. A small network's step is a hundred kernel launches from Python, which take more
+time than the arithmetic; a graph's replay launches them at once (the optimizer steps as ever).
 """
 
 from __future__ import annotations
@@ -30,11 +26,9 @@ def prepare(
     graph: bool,
     augmenting: bool,
 ) -> CapturedStep | None:
-    """Before the first epoch: the step captured as a graph if `graph` asks and it can be
-    (else the reason is logged), or else `warm_up`'s passes, with None.
-
-    `loss_of(index, cache=...)` computes a batch's loss; `samples` is the training split's size.
-    """
+    """The step captured as a graph if `graph` asks and it can be (else the reason is logged),
+    or None after `warm_up`. `loss_of(index, cache=...)` is a batch's loss, `samples` the
+    training split's size."""
     why_not = unsupported(model, augmenting) if graph else None
     if graph and why_not is None:
         try:
@@ -54,13 +48,9 @@ def warm_up(
     batch_size: int,
     device: torch.device,
 ) -> None:
-    """Forward and backward passes at the epoch's batch shapes, then undone: before the clock.
-
-    A new CUDA process loads its kernel libraries and picks kernels at the first step (most of
-    a second), and a `torch.compile`d model compiles there: none of that is training time.
-    The model's weights and statistics are put back, its gradients dropped, the RNGs forked:
-    the run then trains exactly as without it.
-    """
+    """Forward and backward passes at the epoch's batch shapes (CUDA's kernel loading and
+    choice, `torch.compile`'s compiling), then undone: weights and statistics put back,
+    gradients dropped, the RNGs forked, so the run trains exactly as without it."""
     shapes = [min(batch_size, samples)]
     if samples > batch_size and samples % batch_size:
         shapes.append(samples % batch_size)  # the epoch's last, short batch
@@ -87,11 +77,9 @@ def unsupported(model: nn.Module, augmenting: bool) -> str | None:
 class CapturedStep:
     """`step(index)`: the forward and backward passes of one full batch, replayed from a graph.
 
-    `loss_of(index)` computes the batch's loss from the model. It runs three times on a side
-    stream to warm up, as CUDA requires, then once more to be captured. The warm-up is undone:
-    the model's weights and batch-norm statistics are put back, and the RNGs forked. Each
-    replay writes the gradients into the graph's own tensors, which the model's parameters
-    are pointed at again before every replay, whatever the steps between did with them.
+    `loss_of(index)` is captured after three warm-up passes (undone: weights and statistics
+    put back, the RNGs forked). A replay writes the gradients into the graph's own tensors,
+    which the parameters are pointed at again before each replay.
     """
 
     def __init__(

@@ -24,11 +24,7 @@ IMAGE_FOLDER = "torchvision.datasets.ImageFolder"
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 `N x 1 x H x W` (a quarter of float32's memory; MNIST's are 28x28),
-    labels int64.
-
-    `inputs` turns a batch of them into what the seed's ToTensor gives: float32 in [0, 1].
-    """
+    """Images as uint8 `N x 1 x H x W` (a quarter of float32's memory), labels int64."""
 
     images: Tensor
     labels: Tensor
@@ -42,12 +38,9 @@ class Split:
         max_rotation: float = 0.0,
         max_scale: float = 0.0,
     ) -> Tensor:
-        """Float32 images in [0, 1], augmented with draws from `generator`.
-
-        With `max_shift`, each is moved by up to that many whole pixels; with `max_rotation`
-        (degrees) or `max_scale` (a fraction of its size), it is then turned and resized
-        about its centre by up to that much, resampled bilinearly.
-        """
+        """Float32 images in [0, 1], as the seed's ToTensor gives, each moved by up to
+        `max_shift` whole pixels, then turned by up to `max_rotation` degrees and resized by up
+        to `max_scale` of its size about its centre (bilinear), with draws from `generator`."""
         images = self.images[index]
         if max_shift:
             images = _shift(images, max_shift, generator)
@@ -82,13 +75,9 @@ def load(
     seed: int = 0,
     folder: FolderOptions | None = None,
 ) -> Data:
-    """Load the train and test sets of `dataset` (a torchvision class path) once.
-
-    `IMAGE_FOLDER` reads the images in the folder `root` as `folder` says (see
-    `image_folder.read`; default `FolderOptions()`). The validation images are drawn with a
-    generator seeded from `seed`, so one seed always holds out the same images;
-    `max_*_samples` then keep the first images of each set.
-    """
+    """Load the train and test sets of `dataset` (a torchvision class path, or `IMAGE_FOLDER`:
+    the folder `root` read as `folder` says). `seed` draws the validation images (one seed
+    always holds out the same); `max_*_samples` then keep the first images of each set."""
     classes: tuple[str, ...] = ()
     if dataset == IMAGE_FOLDER:
         own_train, own_test, classes = image_folder.read(Path(root), folder or FolderOptions())
@@ -153,11 +142,8 @@ def _take(split: Split, index: Tensor | slice) -> Split:
 
 
 def _read(dataset: str, root: str, *, train: bool, download: bool) -> Split:
-    """The IDX files torchvision keeps in `root/<Name>/raw/`, read directly when present.
-
-    Importing torchvision is slow (it pulls in torch._dynamo), so it is only imported to
-    download missing files; tests check both paths give the same tensors.
-    """
+    """The IDX files torchvision keeps in `root/<Name>/raw/`, read directly when present:
+    importing torchvision is slow (torch._dynamo), so it is only imported to download."""
     raw = Path(root) / dataset.rsplit(".", 1)[-1] / "raw"
     prefix = "train" if train else "t10k"
     files = (raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte")

@@ -1,7 +1,4 @@
-"""The training loop: epochs of shuffled mini-batches, evaluation, metrics to listeners.
-
-Nothing here knows about Hydra or MLflow. Whoever wants the numbers passes a `Callback`.
-"""
+"""The training loop: epochs of shuffled mini-batches, evaluation, metrics to `Callback`s."""
 
 from __future__ import annotations
 
@@ -10,7 +7,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -33,10 +30,8 @@ class Callback:
         """`epoch` counts from 1; `steps` is the number of batches in this epoch."""
 
     def on_train_step(self, step: int, epoch: int, batch: int, loss: Tensor) -> None:
-        """After each optimizer step. `step` is global (from 1), `batch` within the epoch (from 1).
-
-        `loss` is a detached 0-d tensor still on the device: call `.item()` only when needed.
-        """
+        """After each optimizer step. `step` is global, `batch` within the epoch (both from 1);
+        `loss` is a detached 0-d tensor still on the device: call `.item()` only when needed."""
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         """After each epoch: `train_images_per_s`, `epoch_seconds`, and `val_*` with a split."""
@@ -44,15 +39,11 @@ class Callback:
 
 class StopTraining(Exception):
     """Raised by a callback's `on_epoch_end` to end training after this epoch (a search's
-    pruning). Every other callback still sees the epoch's end, whatever the order, so the
-    epoch's checkpoint is written; then `fit` returns as after its last epoch."""
+    pruning); every other callback still sees the epoch's end (its checkpoint is written)."""
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Training diverged: the loss (or, at an epoch's end, a weight) became NaN or infinite.
-
-    `step` is the first global step found bad; the weights are unusable from there on.
-    """
+    """The loss (or at an epoch's end a weight) became NaN or infinite at global `step`."""
 
     def __init__(self, step: int, epoch: int, value: float, what: str = "loss") -> None:
         self.step, self.epoch, self.value, self.what = step, epoch, value, what
@@ -72,10 +63,8 @@ class EvalResult:
 
 
 def epoch_generator(seed: int, epoch: int, purpose: str = "order") -> torch.Generator:
-    """An RNG of one epoch (its order, its augmentation) from (seed, epoch, purpose) only.
-
-    No state carries over from earlier epochs, so a resumed run draws exactly the same.
-    """
+    """An RNG of one epoch (its order, its augmentation) from (seed, epoch, purpose) only, so
+    a resumed run draws exactly the same."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{purpose}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
@@ -94,8 +83,7 @@ class Schedule:
 
 @dataclass(frozen=True)
 class StepOptions:
-    """How each step computes: none of these change what is learnt beyond rounding, but
-    `label_smoothing`."""
+    """How each step computes: only `label_smoothing` changes what is learnt beyond rounding."""
 
     precision: str = "32"
     channels_last: bool = False
@@ -128,37 +116,35 @@ def fit(
     scheduler: LRScheduler | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> int:
-    """Train until epoch `schedule.epochs`, after `start_epoch` epochs (and steps) done.
+    """Train until epoch `schedule.epochs`, after `start_epoch` epochs (and steps) done;
+    returns the global step.
 
-    `scheduler`, if any, steps after every optimizer step. `augmentation` moves the training
-    images at random (drawn from the epoch's own generator, so resuming stays exact).
-    `steps.label_smoothing` softens the training targets (the losses callbacks see are smoothed;
-    evaluation's stay plain cross-entropy). Evaluates on the validation split after each
-    epoch. Returns the global step. A callback raising `StopTraining` at an epoch's end
-    makes that epoch the last.
+    `scheduler` steps after every optimizer step; `augmentation` draws from the epoch's own
+    generator. Evaluates on the validation split after each epoch (plain cross-entropy, not
+    smoothed). A callback raising `StopTraining` at an epoch's end makes that epoch the last.
 
-    Every `steps.check_every` steps, and before each epoch's end is reported, the losses since the
-    last check are read in one device sync: a NaN or infinite one raises `NonFiniteLossError`
-    naming the first bad step, before the callbacks see that step. At the epoch's end the
-    weights are checked too, so no listener is ever handed diverged weights to save.
+    Every `steps.check_every` steps, and before an epoch's end is reported, the losses since
+    the last check are read in one device sync: a bad one raises `NonFiniteLossError` before
+    the callbacks see its step. At the epoch's end the weights are checked too, so no
+    listener is handed diverged weights to save.
 
-    On a CUDA device the step is made ready before the first epoch (`cuda_graph.prepare`):
-    replayed from a captured CUDA graph with `steps.cuda_graph` where it can be, else warmed up.
-    Either way `epoch_seconds` leaves out CUDA's one-time start-up and compiling, which a run
-    still pays before its first step (`startup_s`). On a CPU, `compute.step_kernels` picks the
-    steps' convolutions (evaluation keeps oneDNN's).
+    On CUDA the step is made ready first (`cuda_graph.prepare`: a captured graph or a
+    warm-up), so `epoch_seconds` leaves out CUDA's start-up and compiling. On a CPU,
+    `compute.step_kernels` picks the steps' convolutions (evaluation keeps oneDNN's).
     """
     epochs, batch_size, seed = schedule.epochs, schedule.batch_size, schedule.seed
     precision, channels_last = steps.precision, steps.channels_last
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None else None
+    loss_of = functools.partial(
+        _loss, model, train, precision, channels_last, steps.label_smoothing
+    )
+    augment = asdict(augmentation)  # max_shift, max_rotation, max_scale
     captured = None
     model.train()
     if device.type == "cuda" and schedule.start_epoch < epochs:
-        smoothing, augmenting = steps.label_smoothing, bool(augmentation)
-        loss_of = functools.partial(_loss, model, train, precision, channels_last, smoothing)
         captured = cuda_graph.prepare(
-            model, loss_of, len(train), batch_size, device, steps.cuda_graph, augmenting
+            model, loss_of, len(train), batch_size, device, steps.cuda_graph, bool(augmentation)
         )
     step = schedule.start_step
     unchecked: list[Tensor] = []  # losses not yet read back from the device
@@ -176,18 +162,7 @@ def fit(
                     loss = captured(index)  # the forward and backward passes
                 else:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = _loss(
-                        model,
-                        train,
-                        precision,
-                        channels_last,
-                        steps.label_smoothing,
-                        index,
-                        max_shift=augmentation.max_shift,
-                        generator=draws,
-                        max_rotation=augmentation.max_rotation,
-                        max_scale=augmentation.max_scale,
-                    )
+                    loss = loss_of(index, generator=draws, **augment)
                     loss.backward()
                     loss = loss.detach()
                 optimizer.step()
@@ -227,10 +202,8 @@ def fit(
 
 
 def _check_losses(losses: list[Tensor], step: int, epoch: int) -> None:
-    """Raise `NonFiniteLossError` for the first non-finite loss; `step` is the last one's step.
-
-    One sync for all of them; empties `losses`.
-    """
+    """Raise `NonFiniteLossError` for the first non-finite loss (`step`: the last one's), in
+    one sync; empties `losses`."""
     if not losses:
         return
     finite = torch.isfinite(losses[0] if len(losses) == 1 else torch.stack(losses))
@@ -260,11 +233,8 @@ def evaluate(
     channels_last: bool = False,
     keep_predictions: bool = False,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy in eval mode (BatchNorm's running statistics), no grad.
-
-    `keep_predictions` also returns every predicted class (one small tensor per batch, kept
-    on the device until the end), for a confusion matrix or a picture of the mistakes.
-    """
+    """Mean cross-entropy and accuracy in eval mode, no grad; with `keep_predictions`, every
+    predicted class too (for a confusion matrix or a picture of the mistakes)."""
     model.eval()
     device = split.images.device
     loss_sum = torch.zeros((), device=device)
@@ -311,10 +281,7 @@ def _loss(
     **augmentation: Any,
 ) -> Tensor:
     """The training loss of the batch `index`: the loop's, the warm-up's and the graph's.
-
-    `augmentation` goes to `Split.inputs`. `cache=False` keeps autocast from caching its casts,
-    which a captured CUDA graph may not do.
-    """
+    `augmentation` goes to `Split.inputs`; `cache=False` for a graph (no autocast cache)."""
     with autocast(split.images.device, precision, cache):
         outputs = model(split.inputs(index, channels_last, **augmentation))
         return F.cross_entropy(outputs, split.labels[index], label_smoothing=label_smoothing)

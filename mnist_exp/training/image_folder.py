@@ -1,10 +1,6 @@
-"""A folder of one's own images, in torchvision's ImageFolder layout, as uint8 tensors.
-
-`DIR/train/<class>/*` and `DIR/test/<class>/*`, or only `DIR/<class>/*` with a share held out
-for testing. Each image is converted once as MNIST's were made (`images.mnist_pixels`); the
-tensors of a folder are cached, keyed by its files' names, sizes and modification times and
-by the conversion, so a later run reads one file instead of every image.
-"""
+"""A folder of one's own images (`DIR/train/<class>/*` and `DIR/test/<class>/*`, or
+`DIR/<class>/*` with a share held out), converted as MNIST's were made (`images.mnist_pixels`)
+into uint8 tensors, cached by the files' names, sizes and times and by the conversion."""
 
 from __future__ import annotations
 
@@ -26,9 +22,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the conversion changes: cached tensors of the old one are then not used.
 CONVERSION = "mnist_pixels-v1"
-# The class folders' order fixes each class's index; this seed fixes the held-out test images
-# and the images' order, the same for every run whatever its trainer.seed.
-HOLD_OUT_SEED = 0
+HOLD_OUT_SEED = 0  # fixes the held-out images and their order, whatever the trainer.seed
 SHOWN = 5  # unreadable images named in the message, at most
 
 
@@ -94,8 +88,8 @@ def _classes(folder: Path, at_least: int = 2) -> list[str]:
 
 
 def _files(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(path, class index) of every image file under `folder`'s class folders, as ImageFolder
-    lists them; a class folder without images is refused."""
+    """(path, class index) of every image under `folder`'s class folders, as ImageFolder lists
+    them; a class folder without images is refused."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     present = [c for c in classes if (folder / c).is_dir()]
@@ -161,8 +155,7 @@ def _cache_file(
 
 
 def _store(cache: Path, images: Images) -> None:
-    """Write the cache file and drop the folder's older ones; a cache that cannot be written
-    only costs the next run the conversion."""
+    """Write the cache file and drop the folder's older ones (one not written costs only time)."""
     try:
         checkpoint.write_atomic({"images": images.images, "labels": images.labels}, cache)
     except UserError as exc:

@@ -1,10 +1,6 @@
-"""Image files made to look like MNIST: what `mnist-predict` and `data=image_folder` both use.
-
-Any size and mode is turned into what MNIST holds: grayscale, light ink on a dark background
-(inverted when the background is light), and, unless it is the wanted size already, the
-ink's bounding box scaled to 20/28 of the frame and centred by its centre of mass, as MNIST's
-images were made. Only NumPy and Pillow: `mnist-predict` converts without torch.
-"""
+"""Image files made to look like MNIST's (for `mnist-predict` and `data=image_folder`), with
+NumPy and Pillow only: grayscale, light ink on dark, and unless the size is right already, the
+ink's bounding box scaled to 20/28 of the frame and centred by its centre of mass."""
 
 from __future__ import annotations
 

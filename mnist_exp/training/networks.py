@@ -24,11 +24,8 @@ class ConvNet(nn.Module):
 
 
 class WideConvNet(nn.Module):
-    """The seed's design with more filters per block and dropout before the classifier.
-
-    `channels` are the two blocks' widths (the seed's are 16 and 32); `dropout` is the share
-    of features zeroed in training.
-    """
+    """The seed's design with the two blocks' widths `channels` (the seed's: 16 and 32) and
+    dropout (the share of features zeroed in training) before the classifier."""
 
     def __init__(
         self, num_classes: int = 10, channels: Sequence[int] = (32, 64), dropout: float = 0.25
@@ -56,10 +53,7 @@ def _block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 
 def _run_block(block: nn.Sequential, x: Tensor) -> Tensor:
-    """The block's layers with the ReLU moved after the pool: the same numbers, bit for bit.
-
-    ReLU and max-pool commute (both keep order, ties included, and pass no gradient to a
-    negative input), so the ReLU runs on a quarter of the values.
-    """
+    """The block's layers with the ReLU after the pool, on a quarter of the values: the same
+    numbers bit for bit, as both keep order (ties too) and pass no gradient to a negative."""
     conv, norm, relu, pool = block
     return relu(pool(norm(conv(x))))
