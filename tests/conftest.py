@@ -196,6 +196,14 @@ def in_process(main: Callable[[list[str]], object], argv: list[str], capfd) -> E
     return Ended(code, out, err + message)
 
 
+class Uncaptured:
+    """The `capfd` of `in_process` where there is none (a module's fixture): the command's
+    output is left to pytest, which shows it if the fixture fails."""
+
+    def readouterr(self) -> tuple[str, str]:
+        return "", ""
+
+
 @pytest.fixture
 def mnist_train(data_root: Path, tracking_uri: str, tmp_path: Path, capfd, monkeypatch):
     """`mnist-train ARGS` in the test's process, with the defaults of `train_command` (the test's

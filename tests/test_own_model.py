@@ -21,7 +21,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pytest
-from conftest import copy_store, in_process, mlflow_uri, runs_in, served_predictions
+from conftest import Uncaptured, copy_store, in_process, mlflow_uri, runs_in, served_predictions
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -64,14 +64,6 @@ class Swept:
     test_names: list[str]
 
 
-class _Shown:
-    """Where `in_process` reads a command's output in a module's fixture (no `capfd` there):
-    left to pytest, which shows it if the fixture fails."""
-
-    def readouterr(self) -> tuple[str, str]:
-        return "", ""
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory: pytest.TempPathFactory, data_root: Path, empty_store: Path) -> Swept:
     tmp = tmp_path_factory.mktemp("own")
@@ -103,7 +95,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory, data_root: Path, empty_store
              f"model._target_={PACKAGE}.TinyNet", "trainer.epochs=3",
              "trainer.print_every_n_steps=0", f"mlflow.tracking_uri={uri}",
              f"hydra.sweep.dir={tmp}/sweep", "mlflow.log_plots=false"],
-            _Shown(),
+            Uncaptured(),
         )  # fmt: skip
         assert sweep.code == 0, sweep.err
         runs = runs_in(uri)
@@ -113,7 +105,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory, data_root: Path, empty_store
         # The rerun trains the same network again, exactly; it needs the package, as training
         # does.
         argv = [best, f"hydra.run.dir={tmp}/rerun", f"mlflow.tracking_uri={uri}"]
-        again = in_process(rerun.main, argv, _Shown())
+        again = in_process(rerun.main, argv, Uncaptured())
         assert again.code == 0, again.err
     sys.modules.pop(PACKAGE)  # as in a process that never imported it
     (rerun_run,) = [r for r in runs_in(uri) if r.data.tags.get("mnist_exp.rerun_of") == best]
