@@ -50,9 +50,13 @@ TINY = (
 SEARCH = ("-m", "hparams_search=optuna", "hydra.sweeper.heartbeat_s=1", *TINY)
 
 
+def _storage(tracking_uri: str) -> str:
+    """The default study storage: optuna.db beside the MLflow store."""
+    return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+
+
 def _study(tracking_uri: str, name: str = "mnist-exp") -> optuna.Study:
-    db = Path(tracking_uri.removeprefix("sqlite:///")).parent / "optuna.db"
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    return optuna.load_study(study_name=name, storage=_storage(tracking_uri))
 
 
 def _parents(tracking_uri: str) -> list:
@@ -178,8 +182,7 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, mnist_train
     finally:
         proc.kill()
         proc.wait()
-    storage = f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
-    with _dashboard(storage) as dashboard:  # it starts while the search goes on
+    with _dashboard(_storage(tracking_uri)) as dashboard:  # it starts while the search goes on
         again = mnist_train(*args)  # it waits for the cut trial's heartbeat (1 s) to go stale
         assert again.code == 0, again.err
         studies = dashboard()
