@@ -35,12 +35,21 @@ _TRACKER = "mnist_exp.tracking.tracker"
 _SEED = ROOT.parent / "shared" / "data" / "seed.sh"  # the data root, seeded once a session
 
 
-_running: list[pytest.Item] = []  # the test being set up, run or torn down
+_running: list[pytest.Item | None] = []  # the test being set up, run or torn down
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     _running.append(item)
+    yield
+    _running.pop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """After the last test, the session's fixtures end in its teardown: the commands they run
+    to stop their daemons (`pg_ctl stop`, `scancel`) are no test's."""
+    _running.append(None if nextitem is None else item)
     yield
     _running.pop()
 
