@@ -39,13 +39,21 @@ def _sweep(tracking_uri: str, experiment: str = "mnist-exp") -> tuple[Run, list[
 
 
 def _assert_slurm_jobs(cluster: SlurmCluster, children: list[Run], sweep_dir: Path) -> None:
-    """Each child ran in its own job of `cluster`, which ended COMPLETED."""
+    """Each child ran in its own job of `cluster`, which ended COMPLETED.
+
+    The sweep has its results once a job's function returned; the job itself ends a little
+    later (its Python process exits), so each is waited for, for up to a minute.
+    """
     jobs = [c.data.tags.get(names.SLURM_JOB_TAG) for c in children]
     assert len(set(jobs)) == len(children), jobs
     submitit = {p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}
     for job in jobs:
         assert job in submitit, (job, submitit)
         info = cluster.job(job)
+        deadline = time.monotonic() + 60
+        while info["JobState"] in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            info = cluster.job(job)
         assert info["JobState"] == "COMPLETED", info
         assert info["NodeList"] == cluster.node
 
