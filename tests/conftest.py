@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,12 +35,21 @@ _TRACKER = "mnist_exp.tracking.tracker"
 _SEED = ROOT.parent / "shared" / "data" / "seed.sh"  # the data root, seeded once a session
 
 
-_running: list[pytest.Item] = []  # the test being set up, run or torn down
+_running: list[pytest.Item | None] = []  # the test being set up, run or torn down
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     _running.append(item)
+    yield
+    _running.pop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """After the last test, the session's fixtures end in its teardown: the commands they run
+    to stop their daemons (`pg_ctl stop`, `scancel`) are no test's."""
+    _running.append(None if nextitem is None else item)
     yield
     _running.pop()
 
@@ -84,6 +94,30 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tracking_uri(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite database with its tables and no runs, made once a session: making
+    MLflow's tables takes seconds, which `existing_store` spares a test."""
+    database = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{database}").search_experiments()
+    return database
+
+
+def copy_store(empty_store: Path, tracking_uri: str) -> str:
+    """`tracking_uri`'s database made a copy of `empty_store`, as a store used before is."""
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_store, database)
+    return tracking_uri
+
+
+@pytest.fixture
+def existing_store(empty_store: Path, tracking_uri: str) -> str:
+    """`tracking_uri`, its database already there (with no runs): for a test of anything but
+    a brand-new store, which `mnist_train` and `train` then use."""
+    return copy_store(empty_store, tracking_uri)
 
 
 @pytest.fixture
@@ -172,6 +206,14 @@ def in_process(main: Callable[[list[str]], object], argv: list[str], capfd) -> E
     return Ended(code, out, err + message)
 
 
+class Uncaptured:
+    """The `capfd` of `in_process` where there is none (a module's fixture): the command's
+    output is left to pytest, which shows it if the fixture fails."""
+
+    def readouterr(self) -> tuple[str, str]:
+        return "", ""
+
+
 @pytest.fixture
 def mnist_train(data_root: Path, tracking_uri: str, tmp_path: Path, capfd, monkeypatch):
     """`mnist-train ARGS` in the test's process, with the defaults of `train_command` (the test's
@@ -253,6 +295,25 @@ def cli(module: str, *args: str, uri: str, check: bool = True) -> subprocess.Com
     if check and proc.returncode:
         raise AssertionError(proc.stdout + proc.stderr)
     return proc
+
+
+@contextlib.contextmanager
+def mlflow_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to `uri` meanwhile, then put back: what MLflow reads
+    only there (`runs:/` model URIs, a logged model's files listed through its run) would
+    otherwise keep the store of one test for the rest of the session."""
+    import mlflow
+
+    previous, variable = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # it sets the variable too
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
 def free_port() -> int:

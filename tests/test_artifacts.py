@@ -1,15 +1,16 @@
 """What one finished run leaves for its user: pictures, per-class metrics, a servable model.
 
-One short training (2,000 images, one epoch: about 90% test accuracy) is shared by every
-test here; each then looks at it the way a user would: MLflow's client, `mlflow.pyfunc`,
-`mnist-predict` and `mlflow models serve`.
+One short training (2,000 images, one epoch: about 90% test accuracy), run in the test's
+process, is shared by most tests here; each then looks at it the way a user would: MLflow's
+client, `mlflow.pyfunc` and `mnist-predict` (`mlflow models serve`: tests/test_own_model.py).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import importlib
+import importlib.abc
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,61 +19,51 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, runs_in, served_predictions
+from conftest import SMALL, copy_store, in_process, mlflow_uri, runs_in
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from mnist_exp import predict
+from mnist_exp.api import train
 from mnist_exp.training.data import load
 from mnist_exp.training.networks import ConvNet
 
 TEST_IMAGES = 500
-BIN = Path(sys.executable).parent
 
 
 @dataclass(frozen=True)
 class Trained:
     run_id: str
     uri: str
-    stdout: str
-    stderr: str
-    run_dir: Path
     images: np.ndarray  # the run's test images, uint8 N x 28 x 28
     labels: np.ndarray
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Trained:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, data_root: Path, empty_store: Path
+) -> Trained:
     """`mnist-train` on 2,000 images for one epoch, with a small validation split."""
     tmp = tmp_path_factory.mktemp("trained")
-    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
-    cmd = [
-        sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
-        f"mlflow.tracking_uri={uri}", f"hydra.run.dir={tmp}/run", "trainer.epochs=1",
-        "data.max_train_samples=2000", "data.val_size=300", f"data.max_test_samples={TEST_IMAGES}",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    (run,) = runs_in(uri)
+    uri = copy_store(empty_store, f"sqlite:///{tmp}/mlruns/mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        run = train(
+            [f"data.root={data_root}", f"mlflow.tracking_uri={uri}", f"hydra.run.dir={tmp}/run",
+             "trainer.epochs=1", "data.max_train_samples=2000", "data.val_size=300",
+             f"data.max_test_samples={TEST_IMAGES}"]
+        )  # fmt: skip
+    assert run.status == "FINISHED"
     test = load("torchvision.datasets.MNIST", str(data_root), max_test_samples=TEST_IMAGES).test
-    return Trained(
-        run.info.run_id,
-        uri,
-        proc.stdout,
-        proc.stderr,
-        tmp / "run",
-        test.images[:, 0].numpy(),
-        test.labels.numpy(),
-    )
+    return Trained(run.run_id, uri, test.images[:, 0].numpy(), test.labels.numpy())
 
 
 @pytest.fixture(scope="module")
 def pyfunc(trained: Trained) -> mlflow.pyfunc.PyFuncModel:
-    mlflow.set_tracking_uri(trained.uri)
-    return mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
+    with mlflow_uri(trained.uri):
+        return mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
 
 
-@pytest.mark.process
 @pytest.mark.slow
 def test_the_run_holds_three_valid_pictures(trained: Trained, tmp_path: Path):
     client = MlflowClient(trained.uri)
@@ -88,7 +79,6 @@ def test_the_run_holds_three_valid_pictures(trained: Trained, tmp_path: Path):
         assert pixels.std() > 10, f"{name} is blank"
 
 
-@pytest.mark.process
 @pytest.mark.slow
 def test_per_class_accuracy_adds_up_to_the_test_accuracy(trained: Trained):
     metrics = MlflowClient(trained.uri).get_run(trained.run_id).data.metrics
@@ -100,7 +90,6 @@ def test_per_class_accuracy_adds_up_to_the_test_accuracy(trained: Trained):
     assert metrics["test_accuracy"] > 0.8  # the pictures and the CLI tests need a fair model
 
 
-@pytest.mark.process
 @pytest.mark.slow
 def test_the_logged_model_predicts_raw_pixels_like_the_checkpoint(
     trained: Trained, pyfunc, tmp_path: Path
@@ -129,41 +118,61 @@ def test_the_logged_model_predicts_raw_pixels_like_the_checkpoint(
     assert pyfunc.metadata.saved_input_example_info is not None
 
 
-@pytest.mark.process
-def test_saving_the_model_imports_no_torch(tmp_path: Path):
-    """The tracker saves the model: without torch it stays small and quick (issue 5)."""
+class _NoTorch(importlib.abc.MetaPathFinder):
+    """Refuses, and notes, every import of torch while torch is out of `sys.modules`."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "torch":
+            self.asked.append(name)
+            raise ImportError(f"{name} imported while saving the model")
+        return None
+
+
+def test_saving_the_model_imports_no_torch(tmp_path: Path, monkeypatch):
+    """The tracker saves the model: without torch it stays small and quick (issue 5).
+
+    torch is taken out of `sys.modules` while the saving code is imported and run afresh, so
+    that any import of torch reaches a finder that notes it, as in a process without torch.
+    """
     weights = tmp_path / "model.ckpt"
     torch.save(ConvNet().state_dict(), weights)
-    script = (
-        "import sys, numpy as np; from pathlib import Path; from mnist_exp.report import serving; "
-        "from mnist_exp.report.model_spec import ModelSpec; "
-        f"serving.save(Path({str(tmp_path / 'model')!r}), Path({str(weights)!r}), ModelSpec("
-        "'mnist_exp.models.ConvNet', {'num_classes': 10}, (1, 28, 28), np.zeros((2, 28, 28)))); "
-        "print('torch' in sys.modules)"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert done.stdout.strip() == "False"
+    guard = _NoTorch()
+    fresh = ("mnist_exp.report.serving", "mnist_exp.report.model_spec")
+    with monkeypatch.context() as patch:
+        for name in [m for m in sys.modules if m.split(".")[0] == "torch" or m in fresh]:
+            patch.delitem(sys.modules, name)
+        patch.setattr(sys, "meta_path", [guard, *sys.meta_path])
+        serving = importlib.import_module("mnist_exp.report.serving")
+        spec = importlib.import_module("mnist_exp.report.model_spec").ModelSpec(
+            "mnist_exp.models.ConvNet", {"num_classes": 10}, (1, 28, 28), np.zeros((2, 28, 28))
+        )
+        with contextlib.suppress(ImportError):  # named below
+            serving.save(tmp_path / "model", weights, spec)
+    assert guard.asked == [], "saving the model imported torch"
     loaded = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     assert len(loaded.predict(np.zeros((3, 28, 28), np.float32))) == 3
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_without_a_terminal_plain_lines_and_a_summary(trained: Trained):
-    out = trained.stdout
-    assert "Test Accuracy of the model on the 500 test images: " in out
-    assert "Epoch [1/1] done: " in out
-    assert "images/s" not in out + trained.stderr  # no progress bar
-    summary = out[out.index(f"Run {trained.run_id}") :]
-    assert f"checkpoint     {trained.run_dir / 'model.ckpt'}" in summary
-    assert (trained.run_dir / "model.ckpt").is_file()
-    accuracy = MlflowClient(trained.uri).get_run(trained.run_id).data.metrics["test_accuracy"]
-    assert f"test accuracy  {accuracy:.2%}" in summary
-    assert f"model          runs:/{trained.run_id}/model" in summary
-    assert f"mlflow ui --backend-store-uri {trained.uri}" in summary
-    assert re.search(rf"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{trained.run_id}", summary)
+@pytest.mark.usefixtures("existing_store")
+def test_without_a_terminal_plain_lines_and_a_summary(mnist_train, tracking_uri, tmp_path):
+    ended = mnist_train(*SMALL, "mlflow.log_model=true")
+    assert ended.code == 0, ended.err
+    (run,) = runs_in(tracking_uri)
+    run_id, run_dir, out = run.info.run_id, tmp_path / "run", ended.out
+    assert "Test Accuracy of the model on the 200 test images: " in out
+    assert "Epoch [2/2] done: " in out
+    assert "images/s" not in out + ended.err  # no progress bar
+    summary = out[out.index(f"Run {run_id}") :]
+    assert f"checkpoint     {run_dir / 'model.ckpt'}" in summary
+    assert (run_dir / "model.ckpt").is_file()
+    assert f"test accuracy  {run.data.metrics['test_accuracy']:.2%}" in summary
+    assert f"model          runs:/{run_id}/model" in summary
+    assert f"mlflow ui --backend-store-uri {tracking_uri}" in summary
+    assert re.search(rf"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}", summary)
 
 
 # mnist-predict
@@ -180,16 +189,9 @@ def _well_classified(trained: Trained, pyfunc, n: int) -> list[int]:
     return list(chosen.values())[:n]
 
 
-def _predict(*args: str, uri: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    cmd = [str(BIN / "mnist-predict"), *args, "--tracking-uri", uri]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-
-
-@pytest.mark.process
 @pytest.mark.slow
 def test_mnist_predict_reads_digits_of_any_size_and_background(
-    trained: Trained, pyfunc, tmp_path: Path
+    trained: Trained, pyfunc, tmp_path: Path, capfd
 ):
     files, digits = [], []
     for i in _well_classified(trained, pyfunc, 4):
@@ -201,9 +203,10 @@ def test_mnist_predict_reads_digits_of_any_size_and_background(
         paper.convert("RGB").save(drawn)
         files += [raw, drawn]
         digits += [int(trained.labels[i])] * 2
-    proc = _predict(trained.run_id, *map(str, files), uri=trained.uri)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    argv = [trained.run_id, *map(str, files), "--tracking-uri", trained.uri]
+    ended = in_process(predict.main, argv, capfd)
+    assert ended.code == 0, ended.err
+    lines = ended.out.strip().splitlines()
     assert len(lines) == len(files)
     for line, path, digit in zip(lines, files, digits, strict=True):
         match = re.fullmatch(rf"{re.escape(str(path))}: (\d) \((\d+\.\d)%\)", line)
@@ -212,7 +215,6 @@ def test_mnist_predict_reads_digits_of_any_size_and_background(
         assert 10 <= float(match[2]) <= 100
 
 
-@pytest.mark.process
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("case", "expected"),
@@ -223,7 +225,7 @@ def test_mnist_predict_reads_digits_of_any_size_and_background(
     ],
 )
 def test_mnist_predict_refuses_bad_input_in_one_line(
-    trained: Trained, tmp_path: Path, case: str, expected: str
+    trained: Trained, tmp_path: Path, case: str, expected: str, capfd
 ):
     image = tmp_path / "seven.png"
     Image.fromarray(trained.images[0]).save(image)
@@ -233,24 +235,9 @@ def test_mnist_predict_refuses_bad_input_in_one_line(
         "missing-file": (trained.run_id, tmp_path / "nothing.png"),
         "not-an-image": (trained.run_id, tmp_path / "notes.png"),
     }[case]
-    proc = _predict(run_id, str(path), uri=trained.uri)
-    assert proc.returncode != 0
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+    ended = in_process(predict.main, [run_id, str(path), "--tracking-uri", trained.uri], capfd)
+    assert ended.code == 1
+    assert ended.out == ""
+    lines = ended.err.strip().splitlines()
+    assert len(lines) == 1, ended.err
     assert lines[0].startswith(expected.format(tmp=tmp_path)), lines[0]
-
-
-# mlflow models serve
-
-
-@pytest.mark.process
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_predictions(trained: Trained, pyfunc):
-    images = trained.images[:5]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.uri}
-    answer = served_predictions(f"runs:/{trained.run_id}/model", env, images)
-    expected = pyfunc.predict(images.astype(np.float32))
-    assert [row["label"] for row in answer] == expected["label"].tolist()
-    for row in answer:
-        assert sum(row["probabilities"]) == pytest.approx(1, abs=1e-6)

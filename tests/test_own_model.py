@@ -1,10 +1,11 @@
 """A model of one's own, trained on a folder of one's own images, as a user does it.
 
-One sweep trains a network defined in a temporary package outside mnist_exp (on PYTHONPATH
-only for training) on MNIST digits written as PNGs into class folders named after the digits,
-at 24x24 pixels rather than MNIST's 28. Then the package is deleted, and the tests use what
-the runs left: MLflow 3's logged models, the Model Registry (`mnist-compare --register`),
-`mnist-predict models:/NAME/latest` and `mlflow models serve` answering an HTTP request.
+One sweep trains a network defined in a temporary package outside mnist_exp (importable only
+for training) on MNIST digits written as PNGs into class folders named after the digits, at
+24x24 pixels rather than MNIST's 28; the best run is rerun. Then the package is deleted, and
+the tests use what the runs left: MLflow 3's logged models, the Model Registry
+(`mnist-compare --register`), `mnist-predict models:/NAME/latest` and `mlflow models serve`
+answering an HTTP request. The commands run in the test's process but the model server.
 """
 
 from __future__ import annotations
@@ -12,25 +13,26 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
+import mlflow.pyfunc
 import numpy as np
 import pytest
-from conftest import ROOT, runs_in, served_predictions
+from conftest import Uncaptured, copy_store, in_process, mlflow_uri, runs_in, served_predictions
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from mnist_exp import compare, predict, rerun
+from mnist_exp import train as mnist_train
 from mnist_exp.training.data import load
 
 pytestmark = pytest.mark.slow  # a sweep of two runs, a rerun, a model server
-BIN = Path(sys.executable).parent
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SIZE = 24  # data.image_size: not MNIST's 28, so nothing may assume it
+PACKAGE = "my_nets"
 # The user's own network: any input size and channels, told only the number of classes.
 NETWORK = '''
 from torch import nn
@@ -62,17 +64,12 @@ class Swept:
     test_names: list[str]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PYTHONPATH")}
-    return env | extra
-
-
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Swept:
+def swept(tmp_path_factory: pytest.TempPathFactory, data_root: Path, empty_store: Path) -> Swept:
     tmp = tmp_path_factory.mktemp("own")
-    package = tmp / "code" / "my_nets"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(textwrap.dedent(NETWORK))
+    code = tmp / "code"
+    (code / PACKAGE).mkdir(parents=True)
+    (code / PACKAGE / "__init__.py").write_text(textwrap.dedent(NETWORK))
     mnist = load(
         "torchvision.datasets.MNIST", str(data_root), max_train_samples=1000, max_test_samples=100
     )
@@ -85,35 +82,40 @@ def swept(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Swept:
             if split == "test":
                 files.append(path)
                 names.append(NAMES[int(label)])
-    uri = f"sqlite:///{tmp}/mlruns/mlflow.db"
-    cmd = [
-        sys.executable, "-m", "mnist_exp.train", "-m", "optimizer.lr=0.003,0.01",
-        "data=image_folder", f"data.root={tmp / 'images'}", f"data.image_size={SIZE}",
-        f"data.cache_dir={tmp / 'cache'}", "model._target_=my_nets.TinyNet",
-        "trainer.epochs=3", "trainer.print_every_n_steps=0", f"mlflow.tracking_uri={uri}",
-        f"hydra.sweep.dir={tmp}/sweep", "mlflow.log_plots=false",
-    ]  # fmt: skip
-    env = _env(PYTHONPATH=str(package.parent))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = runs_in(uri)
-    (parent,) = [r for r in runs if r.data.tags.get("mnist_exp.sweep") == "true"]
-    best = parent.data.tags["mnist_exp.best_run_id"]
+    uri = copy_store(empty_store, f"sqlite:///{tmp}/mlruns/mlflow.db")
+    with pytest.MonkeyPatch.context() as patch:
+        # As `PYTHONPATH=code mnist-train ...`: for this process and its tracker.
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")]))
+        patch.syspath_prepend(str(code))
+        sweep = in_process(
+            mnist_train.run_command,
+            ["-m", "optimizer.lr=0.003,0.01", "data=image_folder", f"data.root={tmp / 'images'}",
+             f"data.image_size={SIZE}", f"data.cache_dir={tmp / 'cache'}",
+             f"model._target_={PACKAGE}.TinyNet", "trainer.epochs=3",
+             "trainer.print_every_n_steps=0", f"mlflow.tracking_uri={uri}",
+             f"hydra.sweep.dir={tmp}/sweep", "mlflow.log_plots=false"],
+            Uncaptured(),
+        )  # fmt: skip
+        assert sweep.code == 0, sweep.err
+        runs = runs_in(uri)
+        (parent,) = [r for r in runs if r.data.tags.get("mnist_exp.sweep") == "true"]
+        best = parent.data.tags["mnist_exp.best_run_id"]
 
-    # The rerun trains the same network again, exactly; it needs the package, as training does.
-    rerun = [sys.executable, "-m", "mnist_exp.rerun", best, f"hydra.run.dir={tmp}/rerun"]
-    rerun.append(f"mlflow.tracking_uri={uri}")
-    proc = subprocess.run(rerun, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    (again,) = [r for r in runs_in(uri) if r.data.tags.get("mnist_exp.rerun_of") == best]
+        # The rerun trains the same network again, exactly; it needs the package, as training
+        # does.
+        argv = [best, f"hydra.run.dir={tmp}/rerun", f"mlflow.tracking_uri={uri}"]
+        again = in_process(rerun.main, argv, Uncaptured())
+        assert again.code == 0, again.err
+    sys.modules.pop(PACKAGE)  # as in a process that never imported it
+    (rerun_run,) = [r for r in runs_in(uri) if r.data.tags.get("mnist_exp.rerun_of") == best]
     original = MlflowClient(uri).get_run(best).data.metrics
-    assert again.data.metrics["test_accuracy"] == original["test_accuracy"]
+    assert rerun_run.data.metrics["test_accuracy"] == original["test_accuracy"]
 
-    shutil.rmtree(package.parent)  # from here on, the models must carry the network's code
+    shutil.rmtree(code)  # from here on, the models must carry the network's code
     return Swept(uri, parent.info.run_id, best, tmp / "images", files, names)
 
 
-@pytest.mark.process
 def test_each_run_is_an_mlflow_3_logged_model_with_its_metrics_and_per_class_names(
     swept: Swept,
 ):
@@ -121,35 +123,25 @@ def test_each_run_is_an_mlflow_3_logged_model_with_its_metrics_and_per_class_nam
     run = client.get_run(swept.best_id)
     assert run.data.params["model._target_"] == "my_nets.TinyNet"
     assert {f"test_accuracy_class_{name}" for name in NAMES} <= set(run.data.metrics)
-    mlflow.set_tracking_uri(swept.uri)
-    models = mlflow.search_logged_models(
+    (model,) = client.search_logged_models(
         experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id = '{swept.best_id}'",
-        output_format="list",
     )
-    (model,) = models
     assert model.name == "model" and model.status.to_proto() == 2  # READY
     linked = {m.key: m.value for m in model.metrics}
     assert linked["test_accuracy"] == run.data.metrics["test_accuracy"]
     assert linked["test_accuracy_class_seven"] == run.data.metrics["test_accuracy_class_seven"]
     assert run.outputs.model_outputs[0].model_id == model.model_id
-    files = {a.path for a in client.list_artifacts(swept.best_id, "model/code")}
+    with mlflow_uri(swept.uri):  # MLflow lists a logged model's files on its global store
+        files = {a.path for a in client.list_artifacts(swept.best_id, "model/code")}
     assert files == {"model/code/mnist_exp", "model/code/my_nets"}
 
 
-def _predict(*args: str, uri: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(BIN / "mnist-predict"), *args, "--tracking-uri", uri]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-
-
-@pytest.mark.process
-def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept: Swept):
-    cmd = [str(BIN / "mnist-compare"), swept.parent_id, "--register", "digits"]
-    done = subprocess.run(
-        [*cmd, "--tracking-uri", swept.uri], env=_env(), capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert f"registered digits version 1: the model of run {swept.best_id}" in done.stdout
+def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept: Swept, capfd):
+    argv = [swept.parent_id, "--register", "digits", "--tracking-uri", swept.uri]
+    done = in_process(compare.main, argv, capfd)
+    assert done.code == 0, done.err
+    assert f"registered digits version 1: the model of run {swept.best_id}" in done.out
     client = MlflowClient(swept.uri)
     (version,) = client.search_model_versions("name = 'digits'")
     accuracy = client.get_run(swept.best_id).data.metrics["test_accuracy"]
@@ -161,9 +153,11 @@ def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept
     }
 
     files, names = swept.test_files[:40], swept.test_names[:40]
-    proc = _predict("models:/digits/latest", *map(str, files), uri=swept.uri)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    assert PACKAGE not in sys.modules
+    argv = ["models:/digits/latest", *map(str, files), "--tracking-uri", swept.uri]
+    shown = in_process(predict.main, argv, capfd)
+    assert shown.code == 0, shown.err
+    lines = shown.out.strip().splitlines()
     predicted = [
         re.fullmatch(rf"{re.escape(str(f))}: (\w+) \(\d+\.\d%\)", line)
         for f, line in zip(files, lines, strict=True)
@@ -175,18 +169,21 @@ def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept
 
 @pytest.mark.process
 def test_mlflow_models_serve_answers_with_the_class_names(swept: Swept):
+    """The one test of a served model (the ConvNet's is served alike): labels and
+    probabilities in JSON, from a process that cannot import the package."""
     # The images as the model takes them: converted as mnist-predict does, at 24x24.
     from mnist_exp.training.images import mnist_pixels, read_image
 
     pixels = np.stack([mnist_pixels(read_image(f), SIZE) for f in swept.test_files[:20]])
-    env = _env(MLFLOW_TRACKING_URI=swept.uri)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no package on the path
+    env["MLFLOW_TRACKING_URI"] = swept.uri
     answer = served_predictions(f"runs:/{swept.best_id}/model", env, pixels)
     labels = [row["label"] for row in answer]
     assert set(labels) <= set(NAMES)
     right = sum(label == name for label, name in zip(labels, swept.test_names, strict=False))
     assert right >= 0.7 * len(labels), labels
-    mlflow.set_tracking_uri(swept.uri)
-    expected = mlflow.pyfunc.load_model(f"runs:/{swept.best_id}/model").predict(pixels)
-    assert labels == expected["label"].tolist()
+    with mlflow_uri(swept.uri):
+        model = mlflow.pyfunc.load_model(f"runs:/{swept.best_id}/model")
+    assert labels == model.predict(pixels)["label"].tolist()
     for row in answer:
         assert sum(row["probabilities"]) == pytest.approx(1, abs=1e-6)

@@ -2,11 +2,14 @@
 
 A search killed with SIGKILL and run again ends with `n_trials` trials and one parent run; a
 bad region of learning rates is pruned; two commands on one study split its trials; bad
-input is refused in one line before any run exists; optuna-dashboard reads the study.
+input is refused in one line before any run exists; optuna-dashboard reads the study. The
+searches run `mnist-train -m` in the test's process unless a process must be killed or two
+must run at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import signal
@@ -14,18 +17,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from subprocess import PIPE
 
 import optuna
 import pytest
 import torch
-from conftest import ROOT, free_port, runs_in
+from conftest import ROOT, free_port, in_process, runs_in
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from mnist_exp import names
+from mnist_exp import compare, names
 from mnist_exp.config.paths import composed
 from mnist_exp.errors import UserError
 from mnist_exp.runner.sweep import SweepCallback
@@ -47,9 +51,13 @@ TINY = (
 SEARCH = ("-m", "hparams_search=optuna", "hydra.sweeper.heartbeat_s=1", *TINY)
 
 
+def _storage(tracking_uri: str) -> str:
+    """The default study storage: optuna.db beside the MLflow store."""
+    return f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / 'optuna.db'}"
+
+
 def _study(tracking_uri: str, name: str = "mnist-exp") -> optuna.Study:
-    db = Path(tracking_uri.removeprefix("sqlite:///")).parent / "optuna.db"
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    return optuna.load_study(study_name=name, storage=_storage(tracking_uri))
 
 
 def _parents(tracking_uri: str) -> list:
@@ -142,20 +150,20 @@ def _check(tracking_uri: str, *overrides: str) -> None:
         SweepCallback().check(cfg)
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_a_refused_search_leaves_no_run(train, tracking_uri: str) -> None:
-    proc = train(*SEARCH, "hydra.sweeper.pruner=mean", check=False)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: hydra.sweeper.pruner='mean'")
+def test_a_refused_search_leaves_no_run(mnist_train, tracking_uri: str) -> None:
+    ended = mnist_train(*SEARCH, "hydra.sweeper.pruner=mean")
+    assert ended.code == 1
+    assert ended.err.strip().splitlines()[-1].startswith("error: hydra.sweeper.pruner='mean'")
     assert runs_in(tracking_uri) == []
 
 
 @pytest.mark.process
 @pytest.mark.slow
-def test_a_killed_search_resumes_its_study_and_parent(train_command, train, tracking_uri):
+@pytest.mark.usefixtures("existing_store")
+def test_a_killed_search_resumes_its_study_and_parent(train_command, mnist_train, tracking_uri):
     """SIGKILL once two trials have ended and a third is training; the same command then
-    finishes the study, trying the third's parameters again."""
+    finishes the study, trying the third's parameters again; optuna-dashboard shows it."""
     args = (*SEARCH, "hydra.sweeper.n_trials=3", "hydra.sweeper.pruner=none")
     cmd, env = train_command(*args)
     proc = subprocess.Popen(
@@ -176,8 +184,12 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, train, trac
     finally:
         proc.kill()
         proc.wait()
-    train(*args)  # it waits for the cut trial's heartbeat (1 s) to go stale, after 3 s
+    with _dashboard(_storage(tracking_uri)) as dashboard:  # it starts while the search goes on
+        again = mnist_train(*args)  # it waits for the cut trial's heartbeat (1 s) to go stale
+        assert again.code == 0, again.err
+        studies = dashboard()
     study = _study(tracking_uri)
+    assert [(s["study_name"], s["directions"]) for s in studies] == [("mnist-exp", ["maximize"])]
     trials = study.get_trials()
     cut = [t for t in trials if t.state == TrialState.FAIL]
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
@@ -206,16 +218,47 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, train, trac
     assert {Path(p.path).name for p in pictures} >= {"optimization_history.png", "slice.png"}
 
 
-@pytest.mark.process
+@contextlib.contextmanager
+def _dashboard(storage: str) -> Iterator[Callable[[], list]]:
+    """`optuna-dashboard STORAGE` on a free port, started now; yields what reads its studies,
+    once it answers."""
+    port = free_port()
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    proc = subprocess.Popen(
+        [str(dashboard), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def studies() -> list:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                url = f"http://127.0.0.1:{port}/api/studies"
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return json.load(response)["study_summaries"]
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                time.sleep(0.3)
+
+    try:
+        yield studies
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 @pytest.mark.slow
-def test_a_bad_region_of_learning_rates_is_pruned(train, tracking_uri):
-    train(
+@pytest.mark.usefixtures("existing_store")
+def test_a_bad_region_of_learning_rates_is_pruned(mnist_train, tracking_uri, capfd):
+    ended = mnist_train(
         *SEARCH,
         "hydra.sweeper.n_trials=5",
         "hydra.sweeper.pruner_startup_trials=1",
         "trainer.epochs=3",
         "optimizer.lr=tag(log, interval(0.001, 10))",
     )
+    assert ended.code == 0, ended.err
     study = _study(tracking_uri)
     pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
     assert pruned
@@ -233,16 +276,14 @@ def test_a_bad_region_of_learning_rates_is_pruned(train, tracking_uri):
     best = study.best_trial
     assert parent.data.tags[names.BEST_TRIAL_TAG] == str(best.number)
     assert parent.data.tags[names.BEST_RUN_ID_TAG] == best.user_attrs[names.TRIAL_RUN_ID_ATTR]
-    compare = subprocess.run(
-        [sys.executable, "-m", "mnist_exp.compare", parent.info.run_id, "--format", "csv",
-         "--tracking-uri", tracking_uri],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    table = list(csv.DictReader(compare.stdout.strip().splitlines()[1:]))
-    shown = {row["trial"]: (row["trial_state"], row["stopped_at_epoch"]) for row in table}
+    argv = [parent.info.run_id, "--format", "csv", "--tracking-uri", tracking_uri]
+    shown = in_process(compare.main, argv, capfd)
+    assert shown.code == 0, shown.err
+    table = list(csv.DictReader(shown.out.strip().splitlines()[1:]))
+    rows = {row["trial"]: (row["trial_state"], row["stopped_at_epoch"]) for row in table}
     for trial in study.get_trials():
         stopped = str(max(trial.intermediate_values, default=0) or "")
-        assert shown[str(trial.number)] == (trial.state.name, stopped)
+        assert rows[str(trial.number)] == (trial.state.name, stopped)
 
 
 @pytest.mark.process
@@ -254,7 +295,7 @@ def test_two_commands_on_one_study_split_its_trials(train_command, tracking_uri,
             *SEARCH, "hydra.sweeper.n_trials=4", f"hydra.sweep.dir={tmp_path}/{name}"
         )
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=PIPE, stderr=PIPE, text=True))
-    for proc in procs:
+    for proc in procs:  # on a brand-new store, which both open at once
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     trials = _study(tracking_uri).get_trials()
@@ -264,32 +305,3 @@ def test_two_commands_on_one_study_split_its_trials(train_command, tracking_uri,
     assert sorted(int(c.data.tags[names.TRIAL_TAG]) for c in children) == [0, 1, 2, 3]
     folders = {Path(c.data.tags[names.OUTPUT_DIR_TAG]).parent.name for c in children}
     assert folders == {"a", "b"}  # each command ran some of them
-
-
-@pytest.mark.process
-@pytest.mark.slow
-def test_the_dashboard_shows_the_study(tmp_path):
-    storage = f"sqlite:///{tmp_path}/optuna.db"
-    study = optuna.create_study(storage=storage, study_name="mnist-exp", direction="maximize")
-    study.optimize(lambda t: t.suggest_float("optimizer.lr", 1e-4, 0.1, log=True), n_trials=2)
-    port = free_port()
-    dashboard = Path(sys.executable).parent / "optuna-dashboard"
-    proc = subprocess.Popen(
-        [str(dashboard), storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
-                    studies = json.load(r)["study_summaries"]
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
-                time.sleep(0.3)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    assert [(s["study_name"], s["directions"]) for s in studies] == [("mnist-exp", ["maximize"])]

@@ -29,9 +29,9 @@ SMALL = (
 ON_THIS_NODE = ("hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1")
 
 
-def _sweep(tracking_uri: str) -> tuple[Run, list[Run]]:
-    """The one parent run and its children."""
-    runs = runs_in(tracking_uri)
+def _sweep(tracking_uri: str, experiment: str = "mnist-exp") -> tuple[Run, list[Run]]:
+    """The one parent run of the experiment and its children."""
+    runs = runs_in(tracking_uri, experiment)
     (parent,) = [r for r in runs if r.data.tags.get(names.SWEEP_TAG) == "true"]
     children = [r for r in runs if r.data.tags.get(names.PARENT_RUN_TAG) == parent.info.run_id]
     assert len(children) == len(runs) - 1
@@ -39,19 +39,30 @@ def _sweep(tracking_uri: str) -> tuple[Run, list[Run]]:
 
 
 def _assert_slurm_jobs(cluster: SlurmCluster, children: list[Run], sweep_dir: Path) -> None:
-    """Each child ran in its own job of `cluster`, which ended COMPLETED."""
+    """Each child ran in its own job of `cluster`, which ended COMPLETED.
+
+    The sweep has its results once a job's function returned; the job itself ends a little
+    later (its Python process exits), so each is waited for, for up to a minute.
+    """
     jobs = [c.data.tags.get(names.SLURM_JOB_TAG) for c in children]
     assert len(set(jobs)) == len(children), jobs
     submitit = {p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}
     for job in jobs:
         assert job in submitit, (job, submitit)
         info = cluster.job(job)
+        deadline = time.monotonic() + 60
+        while info["JobState"] in ("RUNNING", "COMPLETING") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            info = cluster.job(job)
         assert info["JobState"] == "COMPLETED", info
         assert info["NodeList"] == cluster.node
 
 
 @pytest.mark.process
-def test_a_grid_runs_as_jobs_of_the_cluster(slurm_cluster, train, tracking_uri, tmp_path):
+@pytest.mark.usefixtures("existing_store")
+def test_a_grid_and_a_search_run_as_jobs_of_the_cluster(
+    slurm_cluster, train, tracking_uri, tmp_path
+):
     train("-m", *ON_THIS_NODE, "optimizer.lr=0.001,0.003", "data.val_size=0", *SMALL)
     parent, children = _sweep(tracking_uri)
     assert parent.info.status == "FINISHED"
@@ -59,6 +70,19 @@ def test_a_grid_runs_as_jobs_of_the_cluster(slurm_cluster, train, tracking_uri, 
     assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.001", "0.003"]
     assert {c.info.status for c in children} == {"FINISHED"}
     _assert_slurm_jobs(slurm_cluster, children, tmp_path / "sweep")
+
+    # Both trials at once, as one job array; each optimises val_accuracy on 100 images.
+    search = ("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
+    train(
+        "-m", *search, *ON_THIS_NODE, "data.val_size=100", *SMALL,
+        "mlflow.experiment_name=search", f"hydra.sweep.dir={tmp_path}/search",
+    )  # fmt: skip
+    parent, children = _sweep(tracking_uri, "search")
+    assert parent.data.tags[names.LAUNCHER_TAG] == "slurm"
+    assert sorted(c.data.tags[names.TRIAL_TAG] for c in children) == ["0", "1"]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert parent.data.metrics[names.TRIALS_COMPLETE] == 2
+    _assert_slurm_jobs(slurm_cluster, children, tmp_path / "search")
 
 
 @pytest.mark.process
@@ -75,21 +99,7 @@ def test_jobs_no_node_can_run_are_refused_in_one_line(slurm_cluster, train, trac
 
 
 @pytest.mark.process
-def test_a_search_runs_its_trials_as_jobs_of_the_cluster(
-    slurm_cluster, train, tracking_uri, tmp_path
-):
-    # Both trials at once, as one job array; each optimises val_accuracy on 100 images.
-    search = ("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
-    train("-m", *search, *ON_THIS_NODE, "data.val_size=100", *SMALL)
-    parent, children = _sweep(tracking_uri)
-    assert parent.data.tags[names.LAUNCHER_TAG] == "slurm"
-    assert sorted(c.data.tags[names.TRIAL_TAG] for c in children) == ["0", "1"]
-    assert {c.info.status for c in children} == {"FINISHED"}
-    assert parent.data.metrics[names.TRIALS_COMPLETE] == 2
-    _assert_slurm_jobs(slurm_cluster, children, tmp_path / "sweep")
-
-
-@pytest.mark.process
+@pytest.mark.usefixtures("existing_store")
 def test_a_job_warned_of_its_time_limit_ends_killed_and_resumable(
     slurm_cluster, train_command, tracking_uri, tmp_path
 ):

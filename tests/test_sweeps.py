@@ -1,15 +1,20 @@
-"""Sweeps: one MLflow parent per sweep, children per job, failures counted, best run recorded."""
+"""Sweeps: one MLflow parent per sweep, children per job, failures counted, best run recorded.
+
+The sweeps on the basic launcher run `mnist-train -m` in the test's process; the one on
+joblib starts the command, whose two workers open a brand-new store at once.
+"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, runs_in
+from conftest import in_process, runs_in
 from mlflow.tracking import MlflowClient
+
+from mnist_exp import compare
+from mnist_exp.api import train as api_train
 
 pytestmark = pytest.mark.slow  # each test runs a sweep or a run
 
@@ -31,7 +36,7 @@ def _sweep(tracking_uri: str):
 
 
 @pytest.mark.process
-def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri, tmp_path):
+def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri, capfd):
     # A brand-new store, opened by two joblib workers at once.
     train(
         "-m", "optimizer.lr=0.001,0.003", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL
@@ -51,22 +56,20 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     artifacts = [a.path for a in MlflowClient(tracking_uri).list_artifacts(parent.info.run_id)]
     assert "sweep.png" in artifacts
 
-    compare = subprocess.run(
-        [sys.executable, "-m", "mnist_exp.compare", "--tracking-uri", tracking_uri,
-         "--format", "csv"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    header, *rows = compare.stdout.strip().splitlines()[1:]
+    shown = in_process(compare.main, ["--tracking-uri", tracking_uri, "--format", "csv"], capfd)
+    assert shown.code == 0, shown.err
+    header, *rows = shown.out.strip().splitlines()[1:]
     assert header.split(",")[:4] == ["run_id", "run_name", "status", "optimizer.lr"]
     assert rows[0].split(",")[0] == best.info.run_id
     assert len(rows) == 2
 
 
-@pytest.mark.process
-def test_a_failed_job_is_counted_and_the_sweep_goes_on(train, tracking_uri):
+@pytest.mark.usefixtures("existing_store")
+def test_a_failed_job_is_counted_and_the_sweep_goes_on(mnist_train, tracking_uri):
     # SGD's first step at lr 1e38 sends the weights to infinity: that job diverges in training.
-    proc = train("-m", "optimizer=sgd", "optimizer.lr=1e38,0.01", *SMALL)
-    assert "training diverged" in proc.stdout + proc.stderr
+    ended = mnist_train("-m", "optimizer=sgd", "optimizer.lr=1e38,0.01", *SMALL)
+    assert ended.code == 0, ended.err
+    assert "training diverged" in ended.out + ended.err
     parent, children = _sweep(tracking_uri)
     statuses = {float(c.data.params["optimizer.lr"]): c.info.status for c in children}
     assert statuses == {1e38: "FAILED", 0.01: "FINISHED"}
@@ -75,9 +78,12 @@ def test_a_failed_job_is_counted_and_the_sweep_goes_on(train, tracking_uri):
     assert parent.info.status == "FINISHED"
 
 
-@pytest.mark.process
-def test_optuna_optimises_the_validation_accuracy(train, tracking_uri, tmp_path):
-    train("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.val_size=200", *SMALL)
+@pytest.mark.usefixtures("existing_store")
+def test_optuna_optimises_the_validation_accuracy(mnist_train, tracking_uri, tmp_path):
+    ended = mnist_train(
+        "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.val_size=200", *SMALL
+    )
+    assert ended.code == 0, ended.err
     parent, children = _sweep(tracking_uri)
     assert len(children) == 3
     assert parent.data.tags["mnist_exp.optimized_metric"] == "val_accuracy"
@@ -93,8 +99,7 @@ def test_optuna_optimises_the_validation_accuracy(train, tracking_uri, tmp_path)
     assert parent.data.tags["mnist_exp.best_run_id"] == best.info.run_id
 
 
-@pytest.mark.process
-def test_a_search_space_with_an_unknown_key_fails_at_the_start(train, tracking_uri, tmp_path):
+def test_a_search_space_with_an_unknown_key_fails_at_the_start(mnist_train, tracking_uri, tmp_path):
     (tmp_path / "conf" / "hparams_search").mkdir(parents=True)
     space = {
         "defaults": ["optuna"],
@@ -102,46 +107,54 @@ def test_a_search_space_with_an_unknown_key_fails_at_the_start(train, tracking_u
     }
     text = "# @package _global_\n" + yaml.safe_dump(space)
     (tmp_path / "conf" / "hparams_search" / "typo.yaml").write_text(text)
-    proc = train("-m", "--config-dir", str(tmp_path / "conf"), "hparams_search=typo", check=False)
-    assert proc.returncode != 0
-    assert (
-        "error: hydra.sweeper.params names 'optimizer.lrr'" in proc.stderr.strip().splitlines()[-1]
-    )
+    ended = mnist_train("-m", "--config-dir", str(tmp_path / "conf"), "hparams_search=typo")
+    assert ended.code == 1
+    last = ended.err.strip().splitlines()[-1]
+    assert last.startswith("error: hydra.sweeper.params names 'optimizer.lrr'"), ended.err
     assert runs_in(tracking_uri) == []
 
 
-@pytest.mark.process
-def test_an_optimized_metric_never_logged_fails_at_the_start(train, tracking_uri):
+def test_an_optimized_metric_never_logged_fails_at_the_start(mnist_train, tracking_uri):
     for metric, reason in [("val_accuracy", "set data.val_size"), ("accuracy", "must be one of")]:
-        proc = train("-m", f"optimized_metric={metric}", "optimizer.lr=0.001,0.002", check=False)
-        assert proc.returncode != 0
-        last = proc.stderr.strip().splitlines()[-1]
+        ended = mnist_train("-m", f"optimized_metric={metric}", "optimizer.lr=0.001,0.002")
+        assert ended.code == 1
+        last = ended.err.strip().splitlines()[-1]
         assert last.startswith(f"error: optimized_metric='{metric}'") and reason in last
     assert runs_in(tracking_uri) == []
 
 
-@pytest.mark.process
-def test_compare_writes_markdown_for_an_experiment(train, tracking_uri, tmp_path: Path):
-    train("optimizer.lr=0.002", *SMALL)
-    out = tmp_path / "runs.md"
-    subprocess.run(
-        [sys.executable, "-m", "mnist_exp.compare", "--experiment", "--tracking-uri", tracking_uri,
-         "--format", "markdown", "--output", str(out)],
-        cwd=ROOT, check=True, capture_output=True,
+@pytest.mark.usefixtures("existing_store")
+def test_compare_writes_markdown_for_an_experiment(
+    data_root, tracking_uri, tmp_path: Path, capfd, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    api_train(
+        [f"data.root={data_root}", f"mlflow.tracking_uri={tracking_uri}",
+         f"hydra.run.dir={tmp_path}/run", "mlflow.log_plots=false", "mlflow.log_model=false",
+         "optimizer.lr=0.002", *SMALL]
     )  # fmt: skip
+    out = tmp_path / "runs.md"
+    argv = ["--experiment", "--tracking-uri", tracking_uri, "--format", "markdown"]
+    shown = in_process(compare.main, [*argv, "--output", str(out)], capfd)
+    assert shown.code == 0, shown.err
+    assert str(out) in shown.out
     lines = out.read_text().splitlines()
     assert lines[0].startswith("| run_id | run_name | status | test_accuracy")
     assert lines[1].startswith("| --- |")
     assert len(lines) == 3
 
 
-@pytest.mark.process
-def test_each_job_of_a_sequential_sweep_counts_only_its_own_start_up(train, tracking_uri):
-    """`startup_s` of a sweep's later jobs leaves out the jobs before them."""
-    train("-m", "trainer.seed=0,1,2,3", *SMALL)
+@pytest.mark.usefixtures("existing_store")
+def test_each_job_of_a_sequential_sweep_counts_only_its_own_start_up(mnist_train, tracking_uri):
+    """`startup_s` of a sweep's later jobs leaves out the jobs before them: each is shorter
+    than the time between its run's start and the previous job's. (The first job's counts
+    from the process's start, here the test's.)"""
+    ended = mnist_train("-m", "trainer.seed=0,1,2,3", *SMALL)
+    assert ended.code == 0, ended.err
     _, children = _sweep(tracking_uri)
     by_seed = sorted(children, key=lambda c: int(c.data.params["trainer.seed"]))
     startups = [c.data.metrics["startup_s"] for c in by_seed]
-    assert all(s < 10 for s in startups), startups
-    # The first job also imported torch and the rest; the others only built their run.
-    assert max(startups[1:]) < startups[0], startups
+    assert all(s < 10 for s in startups[1:]), startups
+    for earlier, later in zip(by_seed, by_seed[1:], strict=False):
+        since = (later.info.start_time - earlier.info.start_time) / 1000
+        assert later.data.metrics["startup_s"] < since, (startups, since)
