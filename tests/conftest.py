@@ -147,7 +147,8 @@ def in_process(main: Callable[[list[str]], object], argv: list[str], capfd) -> E
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     old_argv = sys.argv
-    sys.argv = [argv[0] if argv else "mnist-train", *argv]
+    # The program's name, as the command's process has it (`mnist_exp.rerun.main`: mnist-rerun).
+    sys.argv = [f"mnist-{main.__module__.rpartition('.')[2]}", *argv]
     capfd.readouterr()
     code: int = 0
     message = ""
@@ -214,6 +215,16 @@ def stop(proc: subprocess.Popen, signum: int, timeout: float = 60) -> str:
     if not ended:
         pytest.fail(f"still running {timeout:.0f} s after signal {signum}; stderr:\n{text[-3000:]}")
     return text
+
+
+def frozen(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGSTOP `proc` and wait until it is stopped: from then on, what it wrote stays as read."""
+    proc.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + timeout
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {proc.pid} did not stop"
+        time.sleep(0.01)
 
 
 def runs_in(tracking_uri: str, experiment: str = "mnist-exp") -> list:
