@@ -234,6 +234,7 @@ def test_a_bad_value_from_the_environment_is_one_line_from_the_tools(
 
 
 @pytest.mark.process
+@pytest.mark.slow  # the refusals themselves are tested in this process, above
 def test_each_command_exits_1_with_one_line_on_stderr(tmp_path: Path, tracking_uri: str):
     """What only a process shows: the exit status and stderr of the commands a user types,
     refusing bad input (started together: each spends its time importing)."""
