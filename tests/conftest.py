@@ -259,6 +259,16 @@ def stop(proc: subprocess.Popen, signum: int, timeout: float = 60) -> str:
     return text
 
 
+def frozen(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGSTOP `proc` and wait until it is stopped: from then on, what it wrote stays as read."""
+    proc.send_signal(signal.SIGSTOP)
+    stat = Path(f"/proc/{proc.pid}/stat")
+    deadline = time.monotonic() + timeout
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, f"process {proc.pid} did not stop"
+        time.sleep(0.01)
+
+
 def runs_in(tracking_uri: str, experiment: str = "mnist-exp") -> list:
     """All runs of an experiment, newest first; none when the store or experiment is absent."""
     db = Path(tracking_uri.removeprefix("sqlite:///"))

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,17 +94,28 @@ def test_bad_values_raise_user_error_in_one_line_and_record_nothing(
         runs(tracking_uri=f"http://127.0.0.1:{free_port()}")  # a server that is down
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, as in a terminal or a notebook: pytest started as a
+    shell's background job (`pytest &`) inherits it ignored, and Python leaves it so."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_marks_the_run_killed_and_is_raised_again(where, tracking_uri: str) -> None:
     """Ctrl-C during training: the run is KILLED, KeyboardInterrupt reaches the caller."""
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
     log = Path(where("killed")[-1].partition("=")[2]) / "train.log"
 
+    returned = threading.Event()  # train() is over: nothing left to interrupt
+
     def interrupt_once_training() -> None:
         # The run's log, not its store: a second opener of a new SQLite store races its creation.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while not returned.is_set():
             if log.is_file() and "Epoch [1/200] done" in log.read_text():
                 os.kill(os.getpid(), signal.SIGINT)
                 return
@@ -112,9 +124,12 @@ def test_ctrl_c_marks_the_run_killed_and_is_raised_again(where, tracking_uri: st
     watcher = threading.Thread(target=interrupt_once_training, daemon=True)
     watcher.start()
     long_run = ["trainer.epochs=200", "data.max_train_samples=512", "trainer.progress_bar=false"]
-    with pytest.raises(KeyboardInterrupt, match="marked KILLED"):
-        train([*TINY, *where("killed"), *long_run])
-    watcher.join()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="marked KILLED"):
+            train([*TINY, *where("killed"), *long_run])
+    finally:
+        returned.set()
+        watcher.join()
     (run,) = MlflowClient(tracking_uri).search_runs(["1"])
     assert run.info.status == "KILLED"
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
@@ -156,16 +171,10 @@ def test_python_and_the_command_line_record_the_same_run(
     assert runs(tracking_uri=tracking_uri)["run_id"].tolist()[0] == cli_run.info.run_id
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_runs_lists_one_sweeps_children(train_command, tracking_uri: str) -> None:
+def test_runs_lists_one_sweeps_children(mnist_train, tracking_uri: str) -> None:
     """`runs(parent_run_id=...)`: the jobs of that sweep only, not the sweep's parent."""
-    import subprocess
-
-    from conftest import ROOT
-
-    cmd, env = train_command("-m", *TINY, "trainer.seed=0,1")
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    assert mnist_train("-m", *TINY, "trainer.seed=0,1").code == 0
     everything = runs(tracking_uri=tracking_uri)
     (parent,) = everything.loc[everything["tags.mnist_exp.sweep"] == "true", "run_id"]
 

@@ -6,15 +6,14 @@ import csv
 import io
 import math
 import statistics
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, runs_in
+from conftest import in_process, runs_in
 from mlflow.entities import Metric, Param, Run, RunData, RunInfo
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import names
+from mnist_exp.compare import main as compare_main
 from mnist_exp.report.table import render, table
 from mnist_exp.tracking.queries import latest_sweep
 
@@ -78,19 +77,16 @@ def test_one_seed_a_config_reads_as_a_row_a_run():
     assert table(runs, "test_accuracy", per_seed=True) == (headers[:-1], [r[:-1] for r in rows])
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_mnist_compare_shows_a_sweeps_seeds_together(train, tracking_uri: str):
-    proc = train("-m", "optimizer.lr=0.001,0.01", "trainer.seed=0,1", *SMALL)
+def test_mnist_compare_shows_a_sweeps_seeds_together(mnist_train, tracking_uri: str, capfd):
+    ended = mnist_train("-m", "optimizer.lr=0.001,0.01", "trainer.seed=0,1", *SMALL)
     children = [r for r in runs_in(tracking_uri) if "mlflow.parentRunId" in r.data.tags]
-    assert [c.info.status for c in children] == ["FINISHED"] * 4, proc.stderr[-3000:]
+    assert [c.info.status for c in children] == ["FINISHED"] * 4, ended.err[-3000:]
 
     def compare(*args: str) -> list[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "mnist_exp.compare", "--tracking-uri", tracking_uri, *args],
-            cwd=ROOT, capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        return proc.stdout.splitlines()
+        ended = in_process(compare_main, ["--tracking-uri", tracking_uri, *args], capfd)
+        assert ended.code == 0, ended.err
+        return ended.out.splitlines()
 
     first, header, *rows = compare()  # the latest sweep, as a table
     assert first.endswith(

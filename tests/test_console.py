@@ -12,11 +12,13 @@ import termios
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, runs_in
+from conftest import ROOT, in_process, runs_in
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-pytestmark = pytest.mark.slow  # each test runs mnist-train
+from mnist_exp import predict
+
+pytestmark = pytest.mark.slow  # each test trains
 
 QUICK = ("trainer.epochs=1", "data.max_train_samples=1500", "data.max_test_samples=200")
 
@@ -57,25 +59,26 @@ def test_a_terminal_gets_a_progress_bar_with_loss_and_images_per_second(
     assert f"Run {run.info.run_id} " in out
 
 
-@pytest.mark.process
-def test_log_plots_and_log_model_off_leave_them_out(train, tracking_uri: str, tmp_path: Path):
-    proc = train(*QUICK, "mlflow.log_plots=false", "mlflow.log_model=false")
-    assert "Epoch [1/1], Step [" not in proc.stdout  # 24 steps, printed every 100
+def test_log_plots_and_log_model_off_leave_them_out(
+    mnist_train, tracking_uri: str, tmp_path: Path, capfd
+):
+    ended = mnist_train(*QUICK, "mlflow.log_plots=false", "mlflow.log_model=false")
+    assert ended.code == 0, ended.err
+    assert "Epoch [1/1], Step [" not in ended.out  # 24 steps, printed every 100
     (run,) = runs_in(tracking_uri)
     client = MlflowClient(tracking_uri)
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "checkpoints" in top and "plots" not in top and "model" not in top
     assert "test_accuracy_class_3" in run.data.metrics  # metrics do not depend on either key
-    assert "mnist-predict" not in proc.stdout
+    assert "mnist-predict" not in ended.out
 
     image = tmp_path / "blank.png"
     Image.new("L", (28, 28)).save(image)
-    predict = [str(Path(sys.executable).parent / "mnist-predict"), run.info.run_id, str(image)]
-    answer = subprocess.run(
-        [*predict, "--tracking-uri", tracking_uri], capture_output=True, text=True, timeout=120
+    answer = in_process(
+        predict.main, [run.info.run_id, str(image), "--tracking-uri", tracking_uri], capfd
     )
-    assert answer.returncode != 0
-    assert answer.stderr.strip() == (
+    assert answer.code == 1
+    assert answer.err.strip() == (
         f"error: MLflow run {run.info.run_id} has no model (trained with mlflow.log_model=false, "
         f"or before runs logged one): rerun it with mnist-rerun {run.info.run_id}"
     )

@@ -2,24 +2,23 @@
 
 Both are pinned by files captured from the code at commit 02e1143, before the package was
 split into sub-packages: `data/default_run_keys.json` (the keys of a default run) and
-`data/recorded_run/` (a run stopped by Ctrl-C after its first epoch). Nothing here imports
-`mnist_exp`: the tests run the commands a user runs and read MLflow as a user would.
+`data/recorded_run/` (a run stopped by Ctrl-C after its first epoch). The tests run the
+commands a user runs (in the test's process: their `main`) and read MLflow as a user would.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import runs_in
+from conftest import in_process, runs_in
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from mnist_exp import rerun
 from mnist_exp.names import SLURM_JOB_TAG
 from mnist_exp.tracking.processes import slurm_job
 
@@ -48,15 +47,17 @@ def _in_a_git_checkout() -> bool:
     return True
 
 
-@pytest.mark.process
-def test_a_default_run_records_the_same_params_metrics_tags_and_artifacts(train, tracking_uri):
+def test_a_default_run_records_the_same_params_metrics_tags_and_artifacts(
+    mnist_train, tracking_uri
+):
     """A default run (plots and model on) records the keys and files today's users rely on.
 
     Guards the MLflow side of a run (param names, metric names, tags, artifact paths) against
     a restructuring of the package, whose layout only the model's own code copy may follow.
     """
-    proc = train("mlflow.log_plots=true", "mlflow.log_model=true", *SUBSET)
-    assert "Downloading artifacts" not in proc.stderr  # MLflow's bar, from the tracker
+    ended = mnist_train("mlflow.log_plots=true", "mlflow.log_model=true", *SUBSET)
+    assert ended.code == 0, ended.err
+    assert "Downloading artifacts" not in ended.err  # MLflow's bar, from the tracker
     (run,) = runs_in(tracking_uri)
     client = MlflowClient(tracking_uri)
 
@@ -91,13 +92,10 @@ def test_a_default_run_records_the_same_params_metrics_tags_and_artifacts(train,
     assert {f for f in files if f.startswith(copy)} == on_disk
 
 
-def _cli(module: str, *args: str, tracking_uri: str) -> subprocess.CompletedProcess[str]:
-    """`python -m MODULE ARGS` from the project folder, as a user types it; fails on an error."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    cmd = [sys.executable, "-m", module, *args, f"mlflow.tracking_uri={tracking_uri}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
+def _rerun(capfd, *args: str, tracking_uri: str) -> None:
+    """`mnist-rerun ARGS` as a user types it, in this process; fails on an error."""
+    ended = in_process(rerun.main, [*args, f"mlflow.tracking_uri={tracking_uri}"], capfd)
+    assert ended.code == 0, f"mnist-rerun {' '.join(args)} failed:\n{ended.out}\n{ended.err}"
 
 
 def _steps(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:
@@ -138,9 +136,8 @@ def recorded(tracking_uri: str, tmp_path: Path) -> tuple[str, dict]:
     return run_id, record
 
 
-@pytest.mark.process
 def test_a_run_recorded_by_older_code_reruns_as_a_new_run(
-    recorded, tracking_uri, data_root, tmp_path
+    recorded, tracking_uri, data_root, tmp_path, capfd
 ):
     """`mnist-rerun RUN_ID` replays a run recorded before the restructuring.
 
@@ -148,8 +145,8 @@ def test_a_run_recorded_by_older_code_reruns_as_a_new_run(
     `model._target_`) staying replayable: the rerun is a new FINISHED run with the same model.
     """
     run_id, record = recorded
-    _cli(
-        "mnist_exp.rerun",
+    _rerun(
+        capfd,
         run_id,
         f"data.root={data_root}",
         f"hydra.run.dir={tmp_path}/rerun",
@@ -166,9 +163,8 @@ def test_a_run_recorded_by_older_code_reruns_as_a_new_run(
     )
 
 
-@pytest.mark.process
 def test_a_run_stopped_under_older_code_resumes_to_the_end(
-    recorded, tracking_uri, data_root, tmp_path
+    recorded, tracking_uri, data_root, tmp_path, capfd
 ):
     """`mnist-rerun RUN_ID --resume` finishes a run that older code stopped after epoch 1.
 
@@ -176,8 +172,8 @@ def test_a_run_stopped_under_older_code_resumes_to_the_end(
     own, and the losses already in MLflow being kept and continued, not sent again.
     """
     run_id, record = recorded
-    _cli(
-        "mnist_exp.rerun",
+    _rerun(
+        capfd,
         run_id,
         "--resume",
         f"data.root={data_root}",

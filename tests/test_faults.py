@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, loss_history, runs_in, stop
+from conftest import ROOT, frozen, loss_history, runs_in, stop
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.tracking import processes, store
@@ -49,11 +49,10 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not (run_dir / "checkpoints" / "last.ckpt").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint came"
             time.sleep(0.05)
-        time.sleep(0.3)  # into the next epoch
         stopped = time.monotonic()
         stderr = stop(proc, signal.SIGINT)
         took = time.monotonic() - stopped
@@ -72,18 +71,17 @@ def test_ctrl_c_marks_the_run_killed_and_keeps_the_last_checkpoint(
     assert logged.read_bytes() == (run_dir / "checkpoints" / "last.ckpt").read_bytes()
 
 
-@pytest.mark.process
 @pytest.mark.slow
 def test_a_nan_loss_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint(
-    train, tracking_uri, tmp_path
+    mnist_train, tracking_uri, tmp_path
 ):
     # One step an epoch; one-cycle SGD takes its first step at lr 0.01, the next at ~1e38.
-    proc = train(
+    ended = mnist_train(
         *TINY, "trainer.epochs=5", "optimizer=sgd", "scheduler=onecycle",
-        "optimizer.lr=1e38", "scheduler.div_factor=1e40", check=False,
+        "optimizer.lr=1e38", "scheduler.div_factor=1e40",
     )  # fmt: skip
-    assert proc.returncode == 1
-    (line,) = proc.stderr.strip().splitlines()
+    assert ended.code == 1
+    (line,) = ended.err.strip().splitlines()
     found = re.match(
         r"error: training diverged: non-finite (loss|weights) (\S+) at step (\d+)", line
     )
@@ -109,16 +107,17 @@ def test_a_nan_loss_fails_the_run_at_its_step_and_keeps_the_last_good_checkpoint
     assert "test_accuracy" not in run.data.metrics
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_a_full_disk_fails_the_run_with_one_line_naming_the_folder(train, tracking_uri, tmp_path):
+def test_a_full_disk_fails_the_run_with_one_line_naming_the_folder(
+    mnist_train, tracking_uri, tmp_path
+):
     # The checkpoint's temporary file leads to /dev/full: its writes fail with ENOSPC.
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
     (folder / ".last.ckpt.tmp").symlink_to("/dev/full")
-    proc = train(*TINY, "trainer.epochs=2", check=False)
-    assert proc.returncode == 1
-    (line,) = proc.stderr.strip().splitlines()
+    ended = mnist_train(*TINY, "trainer.epochs=2")
+    assert ended.code == 1
+    (line,) = ended.err.strip().splitlines()
     assert line.startswith(f"error: cannot write last.ckpt in {folder} (No space left on device)")
     assert "free space" in line
     (run,) = runs_in(tracking_uri)
@@ -129,39 +128,43 @@ def test_a_full_disk_fails_the_run_with_one_line_naming_the_folder(train, tracki
     assert os.listdir(folder) == []  # the temporary file is gone
 
 
-@pytest.mark.process
-def test_an_unwritable_run_folder_is_one_line_and_no_run(train, tracking_uri, tmp_path):
+def test_an_unwritable_run_folder_is_one_line_and_no_run(mnist_train, tracking_uri, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    proc = train(*TINY, f"hydra.run.dir={blocker}/run", check=False)
-    assert proc.returncode == 1
-    (line,) = proc.stderr.strip().splitlines()
+    ended = mnist_train(*TINY, f"hydra.run.dir={blocker}/run")
+    assert ended.code == 1
+    (line,) = ended.err.strip().splitlines()
     assert line.startswith(f"error: cannot write the run folder {blocker}/run (Not a directory)")
     assert "set hydra.run.dir to a writable folder" in line
     assert runs_in(tracking_uri) == []
 
 
-@pytest.mark.process
+def _a_pid_no_process_has() -> int:
+    """A process id of this host that no process holds now: as a process that has ended."""
+    taken = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    highest = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+    return next(pid for pid in range(highest, 1, -1) if pid not in taken)
+
+
 def test_runs_left_running_by_a_dead_process_of_this_host_are_failed(tracking_uri):
     client, experiment_id = store.open_store(tracking_uri, "mnist-exp")
     here = platform.node()
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+    dead_pid = _a_pid_no_process_has()
     me = processes.process_tags()
 
     def running(name: str, **tags: str) -> str:
         return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
     ids = {
-        "dead": running("dead", **{"mnist_exp.host": here, "mnist_exp.pid": str(dead.pid)}),
+        "dead": running("dead", **{"mnist_exp.host": here, "mnist_exp.pid": str(dead_pid)}),
         "alive": running("alive", **me),
         "pid reused": running("pid reused", **(me | {"mnist_exp.pid_start": "1"})),
         "other host": running(
-            "other host", **{"mnist_exp.host": f"not-{here}", "mnist_exp.pid": str(dead.pid)}
+            "other host", **{"mnist_exp.host": f"not-{here}", "mnist_exp.pid": str(dead_pid)}
         ),
         "untagged": running("untagged"),
     }
-    finished = running("finished", **{"mnist_exp.host": here, "mnist_exp.pid": str(dead.pid)})
+    finished = running("finished", **{"mnist_exp.host": here, "mnist_exp.pid": str(dead_pid)})
     client.set_terminated(finished, "FINISHED")
 
     store.open_store(tracking_uri, "mnist-exp")
@@ -174,7 +177,7 @@ def test_runs_left_running_by_a_dead_process_of_this_host_are_failed(tracking_ur
         "untagged": "RUNNING",
     }
     error = client.get_run(ids["dead"]).data.tags["mnist_exp.error"]
-    assert error == f"process {dead.pid} on host {here} ended without closing the run"
+    assert error == f"process {dead_pid} on host {here} ended without closing the run"
     assert client.get_run(finished).info.status == "FINISHED"
 
 
@@ -214,37 +217,43 @@ def _tracker_of(pid: int) -> int:
 @pytest.mark.process
 @pytest.mark.slow
 def test_a_tracker_killed_mid_epoch_leaves_the_history_of_an_uninterrupted_run(
-    train_command, tracking_uri, tmp_path
+    train_command, mnist_train, tracking_uri, tmp_path
 ):
     """The OOM killer picks the tracker: training goes on, and a new tracker loses no step."""
     same = (
-        "data.max_train_samples=4096", "data.batch_size=16", "data.max_test_samples=100",
-        "data.val_size=0", "trainer.epochs=3", "trainer.print_every_n_steps=0", "trainer.seed=3",
+        "data.max_train_samples=2048", "data.batch_size=16", "data.max_test_samples=100",
+        "data.val_size=0", "trainer.epochs=2", "trainer.print_every_n_steps=64",
+        "trainer.seed=3",
     )  # fmt: skip
     cmd, env = train_command(*same)
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    log = tmp_path / "run" / "train.log"
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no epoch ended"
+        deadline = time.monotonic() + 300
+        # Halfway through epoch 2 of 128 steps, as the run's log says.
+        while "Epoch [2/2], Step [64/128]" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, "no epoch 2 came"
             time.sleep(0.02)
-        time.sleep(0.3)  # into epoch 2 (an epoch of 256 steps takes about 0.5 s)
+        # Frozen while the tracker is killed, in epoch 2 still, which its checkpoint says.
+        frozen(proc)
+        last = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+        assert last["epoch"] == 1, "epoch 2 ended before the test stopped it"
         os.kill(_tracker_of(proc.pid), signal.SIGKILL)
-        out, err = proc.communicate(timeout=300)
+        proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=600)
     finally:
         proc.kill()
     assert proc.returncode == 0, out + err
     assert "tracker process ended unexpectedly (exit code -9); a new one" in out + err
     (killed,) = runs_in(tracking_uri)
-    cmd, env = train_command(*same, f"hydra.run.dir={tmp_path}/again")
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    assert mnist_train(*same, f"hydra.run.dir={tmp_path}/again").code == 0
     (again,) = [r for r in runs_in(tracking_uri) if r.info.run_id != killed.info.run_id]
 
     assert killed.info.status == again.info.status == "FINISHED"
     assert killed.data.tags["mnist_exp.tracker_restarts"] == "1"
     history = loss_history(tracking_uri, killed.info.run_id)
-    assert [step for step, _ in history] == list(range(1, 3 * 256 + 1))
+    assert [step for step, _ in history] == list(range(1, 2 * 128 + 1))
     assert history == loss_history(tracking_uri, again.info.run_id)
     assert killed.data.metrics["test_accuracy"] == again.data.metrics["test_accuracy"]

@@ -2,21 +2,18 @@
 
 Most examples go through what `mnist-train` does before it trains (Hydra's composition
 against the schema, `check_config`, building the model, optimizer and schedule), in this
-process for speed; a few go through the real command on a tiny data set. A refusal is one
-line that names the key (or the override) and says what to do.
+process for speed; a few go through the whole command (in this process too) on a tiny data
+set. A refusal is one line that names the key (or the override) and says what to do.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, runs_in
+from conftest import runs_in
 from hydra.utils import instantiate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -113,29 +110,10 @@ def test_any_override_is_accepted_or_refused_in_one_line(overrides: list[str]) -
     assert device.type in ("cpu", "cuda")
 
 
-@pytest.fixture(scope="module")
-def cli(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """`mnist-train` on 64 images for one epoch, fuzzed overrides last; one store for all."""
-    tmp = tmp_path_factory.mktemp("fuzz")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    count = itertools.count()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-
-    def run(overrides: list[str]) -> subprocess.CompletedProcess[str]:
-        cmd = [
-            sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
-            f"mlflow.tracking_uri={uri}", f"hydra.run.dir={tmp}/run{next(count)}",
-            "data.max_train_samples=64", "data.max_test_samples=64", "trainer.epochs=1",
-            *overrides,
-        ]  # fmt: skip
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-    yield run
-    assert [r.info.run_id for r in runs_in(uri) if r.info.status == "RUNNING"] == []
+_RUNS = itertools.count()  # a run folder for each example
 
 
-@pytest.mark.process
-@pytest.mark.slow  # starts commands
+@pytest.mark.slow  # trains
 @settings(
     max_examples=10,
     deadline=None,
@@ -144,13 +122,27 @@ def cli(data_root: Path, tmp_path_factory: pytest.TempPathFactory):
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(_overrides(QUICK_KEYS))
-def test_the_command_runs_or_says_why_in_one_line(cli, overrides: list[str]) -> None:
-    proc = cli(overrides)
-    if proc.returncode == 0:
+def test_the_command_runs_or_says_why_in_one_line(
+    mnist_train, tracking_uri: str, tmp_path: Path, overrides: list[str]
+) -> None:
+    """`mnist-train` on 64 images for one epoch, the fuzzed overrides last; one store for all.
+    In this process: a crash is the exception itself, rather than a traceback on stderr."""
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    try:
+        ended = mnist_train(
+            f"hydra.run.dir={tmp_path}/run{next(_RUNS)}", "mlflow.log_plots=true",
+            "mlflow.log_model=true", "data.max_train_samples=64", "data.max_test_samples=64",
+            "trainer.epochs=1", *overrides,
+        )  # fmt: skip
+    finally:  # trainer.deterministic and num_threads hold for the process, not the next tests
+        torch.use_deterministic_algorithms(deterministic)
+        torch.set_num_threads(threads)
+    assert [r.info.run_id for r in runs_in(tracking_uri) if r.info.status == "RUNNING"] == []
+    if ended.code == 0:
         return
-    assert proc.returncode in (1, 2), proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert lines, proc.stdout
+    assert ended.code in (1, 2), ended.err
+    assert "Traceback" not in ended.err, ended.err
+    lines = ended.err.strip().splitlines()
+    assert lines, ended.out
     # One line, Hydra's composition errors included (no "set HYDRA_FULL_ERROR" epilogue).
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), ended.err

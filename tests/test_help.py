@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-from conftest import ROOT
+from conftest import in_process
 
-MNIST_TRAIN = Path(sys.executable).parent / "mnist-train"
+from mnist_exp import train
 
 
-@pytest.mark.process
-def test_help_shows_the_groups_the_keys_and_examples():
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+def test_help_shows_the_groups_the_keys_and_examples(capfd, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # With an override, as a user checks what it changes: the text follows it.
-    proc = subprocess.run(
-        [str(MNIST_TRAIN), "--help", "optimizer=sgd", "optimizer.lr=0.05"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    text = proc.stdout
+    ended = in_process(train.run_command, ["--help", "optimizer=sgd", "optimizer.lr=0.05"], capfd)
+    assert ended.code == 0, ended.err
+    text = ended.out
     assert text.startswith("mnist-train: train the MNIST ConvNet")
     assert "powered by Hydra" not in text
     groups = dict(

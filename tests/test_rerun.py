@@ -1,4 +1,7 @@
-"""Reruns repeat a recorded run bit for bit; a killed run resumes to the same end."""
+"""Reruns repeat a recorded run bit for bit; a killed run resumes to the same end.
+
+Runs and reruns go in the test's process; the runs stopped by a signal are processes.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, cli, loss_history, only_run, runs_in, stop
+from conftest import ROOT, SMALL, frozen, in_process, loss_history, only_run, runs_in, stop
 from mlflow.tracking import MlflowClient
 
-from mnist_exp import api
+from mnist_exp import api, rerun, train
 from mnist_exp.errors import UserError
 from mnist_exp.tracking.tracker import ORPHANED
 from mnist_exp.training import checkpoint
@@ -30,16 +33,24 @@ LONG = (
     "trainer.epochs=2",
     "data.max_test_samples=500",
     "trainer.print_every_n_steps=0",
+    "mlflow.log_plots=false",
+    "mlflow.log_model=false",
 )
 
 
-@pytest.mark.process
+def _rerun(capfd, *args: str, uri: str):
+    """`mnist-rerun ARGS mlflow.tracking_uri=URI`, in this process; how it `Ended`."""
+    return in_process(rerun.main, [*args, f"mlflow.tracking_uri={uri}"], capfd)
+
+
 @pytest.mark.slow
-def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
-    train("optimizer=sgd", "optimizer.lr=0.02", *SMALL)
+def test_a_rerun_is_bit_identical_and_tagged_and_takes_overrides_on_top(
+    mnist_train, tracking_uri, tmp_path, capfd
+):
+    assert mnist_train("optimizer=sgd", "optimizer.lr=0.02", *SMALL).code == 0
     (original,) = runs_in(tracking_uri)
     run_id = original.info.run_id
-    cli("mnist_exp.rerun", run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
+    assert _rerun(capfd, run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri).code == 0
     again = only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
     assert again.info.status == "FINISHED"
     assert again.info.run_name.startswith("rerun of ")
@@ -52,25 +63,15 @@ def test_a_rerun_is_bit_identical_and_tagged(train, tracking_uri, tmp_path):
     second = torch.load(tmp_path / "rerun" / "model.ckpt", weights_only=True)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
-
-@pytest.mark.process
-@pytest.mark.slow
-def test_a_rerun_from_a_run_folder_with_overrides_on_top(train, tracking_uri, tmp_path):
-    train(*SMALL)
-    (original,) = runs_in(tracking_uri)
-    cli(
-        "mnist_exp.rerun",
-        str(tmp_path / "run"),
-        "trainer.epochs=3",
-        f"hydra.run.dir={tmp_path}/longer",
-        uri=tracking_uri,
-    )
-    longer = only_run(tracking_uri, **{"mnist_exp.rerun_of": original.info.run_id})
+    # From its Hydra run folder, with an override on top.
+    folder = [str(tmp_path / "run"), "trainer.epochs=3", f"hydra.run.dir={tmp_path}/longer"]
+    assert _rerun(capfd, *folder, uri=tracking_uri).code == 0
+    (longer,) = [r for r in runs_in(tracking_uri) if r.data.params["trainer.epochs"] == "3"]
+    assert longer.data.tags["mnist_exp.rerun_of"] == run_id
     assert longer.data.tags["mnist_exp.rerun_overrides"].startswith("trainer.epochs=3")
-    assert longer.data.params["trainer.epochs"] == "3"
     history = loss_history(tracking_uri, longer.info.run_id)
     assert len(history) == 30
-    assert history[:20] == loss_history(tracking_uri, original.info.run_id)
+    assert history[:20] == loss_history(tracking_uri, run_id)
 
 
 def _start(data_root: Path, uri: str, run_dir: Path) -> subprocess.Popen:
@@ -91,7 +92,7 @@ def _start(data_root: Path, uri: str, run_dir: Path) -> subprocess.Popen:
 
 
 def _wait_for(condition, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 300
     while not condition():
         assert proc.poll() is None, "the run ended before the test could stop it"
         assert time.monotonic() < deadline
@@ -103,8 +104,9 @@ def uninterrupted(data_root, tmp_path_factory):
     """The LONG config run straight through once, for the resume tests to compare with."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    cli("mnist_exp.train", f"data.root={data_root}", *LONG, f"hydra.run.dir={tmp}/run", uri=uri)
-    (run,) = runs_in(uri)
+    where = [f"data.root={data_root}", f"mlflow.tracking_uri={uri}", f"hydra.run.dir={tmp}/run"]
+    result = api.train([*where, *LONG])
+    run = MlflowClient(uri).get_run(result.run_id)
     weights = torch.load(tmp / "run" / "model.ckpt", weights_only=True)
     return run, loss_history(uri, run.info.run_id), weights
 
@@ -122,28 +124,40 @@ def _resumed_equals(uri: str, run_id: str, run_dir: Path, uninterrupted) -> None
 @pytest.mark.process
 @pytest.mark.slow
 def test_sigterm_after_an_epoch_then_resume_ends_as_if_never_stopped(
-    data_root, tracking_uri, tmp_path, uninterrupted
+    data_root, tracking_uri, tmp_path, uninterrupted, capfd, monkeypatch
 ):
+    """SIGTERM (a job scheduler's stop): the run is KILLED with its log, and resumes."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     proc = _start(data_root, tracking_uri, tmp_path / "stopped")
-    _wait_for((tmp_path / "stopped" / "checkpoints" / "last.ckpt").exists, proc)
+    log = tmp_path / "stopped" / "train.log"
+    last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
+    _wait_for(lambda: last.exists() and "Epoch [1/2] done" in log.read_text(), proc)
     stderr = stop(proc, signal.SIGTERM)
     assert proc.returncode != 0
-    assert "--resume" in stderr.strip().splitlines()[-1]
+    said = stderr.strip().splitlines()[-1]
+    assert "KILLED" in said and "--resume" in said, stderr
     stopped = only_run(tracking_uri, **{"mnist_exp.output_dir": str(tmp_path / "stopped")})
     assert stopped.info.status == "KILLED"
     run_id = stopped.info.run_id
-    cli(
-        "mnist_exp.rerun", run_id, "--resume", f"hydra.run.dir={tmp_path}/resumed", uri=tracking_uri
-    )
+    client = MlflowClient(tracking_uri)
+    assert client.get_metric_history(run_id, "train_loss")
+    # What the terminal showed, up to the stop, is the run's logs/train.log.
+    assert [a.path for a in client.list_artifacts(run_id, "logs")] == ["logs/train.log"]
+    logged = Path(client.download_artifacts(run_id, "logs/train.log", str(tmp_path / "got")))
+    assert "Epoch [1/2] done" in logged.read_text()
+
+    resume = [run_id, "--resume", f"hydra.run.dir={tmp_path}/resumed"]
+    assert _rerun(capfd, *resume, uri=tracking_uri).code == 0
     _resumed_equals(tracking_uri, run_id, tmp_path / "resumed", uninterrupted)
-    assert MlflowClient(tracking_uri).get_run(run_id).data.tags["mnist_exp.resumed_from_epoch"]
+    assert client.get_run(run_id).data.tags["mnist_exp.resumed_from_epoch"]
 
 
 @pytest.mark.process
 @pytest.mark.slow
 def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
-    data_root, tracking_uri, tmp_path, uninterrupted
+    data_root, tracking_uri, tmp_path, uninterrupted, capfd, monkeypatch
 ):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     proc = _start(data_root, tracking_uri, tmp_path / "stopped")
     client = MlflowClient(tracking_uri)
     last = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
@@ -156,38 +170,37 @@ def test_kill_9_mid_epoch_resumes_from_the_last_complete_epoch(
 
     _wait_for(second_epoch_losses_sent, proc)
     # Frozen, it cannot finish the epoch while the test reads which epoch its checkpoint holds.
-    proc.send_signal(signal.SIGSTOP)
+    frozen(proc)
     saved = checkpoint.load(last)["epoch"]
     proc.kill()
     proc.wait()
     assert saved == 1, "the run finished its second epoch before the test could stop it"
     # Killed without a word; its tracker process sees it gone and closes the run.
     where = {"mnist_exp.output_dir": str(tmp_path / "stopped")}
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while (stopped := only_run(tracking_uri, **where)).info.status == "RUNNING":
         assert time.monotonic() < deadline, "the run was left RUNNING"
         time.sleep(0.2)
     assert stopped.info.status == "FAILED"
     assert stopped.data.tags["mnist_exp.error"] == ORPHANED
     # A user who repeats the command with trainer.resume continues the same run.
-    cli(
-        "mnist_exp.train",
+    again = [
         f"data.root={data_root}",
         *LONG,
         f"hydra.run.dir={tmp_path}/resumed",
         f"trainer.resume={stopped.info.run_id}",
-        uri=tracking_uri,
-    )
+        f"mlflow.tracking_uri={tracking_uri}",
+    ]
+    assert in_process(train.run_command, again, capfd).code == 0
     _resumed_equals(tracking_uri, stopped.info.run_id, tmp_path / "resumed", uninterrupted)
     assert "mnist_exp.error" not in client.get_run(stopped.info.run_id).data.tags
 
 
-@pytest.mark.process
 @pytest.mark.slow
 def test_bad_resume_sources_are_refused_and_change_nothing(
-    train, data_root, tracking_uri, tmp_path
+    mnist_train, data_root, tracking_uri, tmp_path, capfd
 ):
-    train(*SMALL, "trainer.epochs=3")
+    assert mnist_train(*SMALL, "trainer.epochs=3").code == 0
     (run,) = runs_in(tracking_uri)
     client = MlflowClient(tracking_uri)
     client.set_terminated(run.info.run_id, "KILLED")  # as if stopped, so resumable
@@ -204,20 +217,20 @@ def test_bad_resume_sources_are_refused_and_change_nothing(
         (other, f"the checkpoint of run {run.info.run_id} does not fit this model"),
         ("0123456789abcdef0123456789abcdef", "no MLflow run '0123456789abcdef"),
     ]
-    # From Python, in this process: the command line's one-line refusals are UserError's
-    # message (tests/test_api.py), and a process for each would cost seconds of imports.
+    # From Python: the command line's one-line refusals are UserError's message
+    # (tests/test_api.py).
     where = [f"data.root={data_root}", f"mlflow.tracking_uri={tracking_uri}", *SMALL]
     for n, (source, message) in enumerate(cases):
         with pytest.raises(UserError) as refused:
             api.train([*where, f"hydra.run.dir={tmp_path}/{n}", f"trainer.resume={source}"])
         assert message in str(refused.value) and "\n" not in str(refused.value)
-    proc = cli("mnist_exp.rerun", "0123456789abcdef0123456789abcdef", uri=tracking_uri, check=False)
-    assert proc.returncode != 0 and "no MLflow run" in proc.stderr
+    ended = _rerun(capfd, "0123456789abcdef0123456789abcdef", uri=tracking_uri)
+    assert ended.code == 1 and "no MLflow run" in ended.err
     # mnist-rerun --resume reads the run's own checkpoint: one that would run code is refused.
     good.write_bytes(evil.read_bytes())
-    proc = cli("mnist_exp.rerun", run.info.run_id, "--resume", uri=tracking_uri, check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    ended = _rerun(capfd, run.info.run_id, "--resume", uri=tracking_uri)
+    lines = ended.err.strip().splitlines()
+    assert ended.code == 1 and len(lines) == 1, ended.err
     assert f"{good} is truncated, corrupt or not a safe tensor file" in lines[0]
     assert not (tmp_path / "pwned").exists()
     pickle.loads(evil.read_bytes())  # the payload is real: an unsafe load runs it

@@ -1,16 +1,14 @@
 """The run folder's log (what the terminal showed) reaches MLflow as `logs/train.log`, however
-the run ends: finished, diverged, stopped by SIGTERM, or started from Python."""
+the run ends: finished, diverged, or started from Python; stopped by SIGTERM in
+tests/test_rerun.py, whose run is stopped and resumed."""
 
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, runs_in, stop
+from conftest import runs_in
 from mlflow.tracking import MlflowClient
 
 from mnist_exp.errors import UserError
@@ -31,10 +29,9 @@ def _logged(uri: str, run_id: str, tmp_path: Path) -> str:
     return Path(client.download_artifacts(run_id, "logs/train.log", str(tmp_path))).read_text()
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_a_finished_run_holds_its_whole_log(train, tracking_uri: str, tmp_path: Path):
-    train(*TINY)
+def test_a_finished_run_holds_its_whole_log(mnist_train, tracking_uri: str, tmp_path: Path):
+    assert mnist_train(*TINY).code == 0
     (run,) = runs_in(tracking_uri)
     logged = _logged(tracking_uri, run.info.run_id, tmp_path / "got")
     local = (tmp_path / "run" / "train.log").read_text()
@@ -43,35 +40,15 @@ def test_a_finished_run_holds_its_whole_log(train, tracking_uri: str, tmp_path: 
     assert f"Run {run.info.run_id} " in logged and "finished" in logged  # the summary too
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_a_diverged_run_holds_its_log(train, tracking_uri: str, tmp_path: Path):
-    proc = train(*TINY, "optimizer=sgd", "optimizer.lr=1e38", check=False)
-    assert "training diverged" in proc.stderr
+def test_a_diverged_run_holds_its_log(mnist_train, tracking_uri: str, tmp_path: Path):
+    ended = mnist_train(*TINY, "optimizer=sgd", "optimizer.lr=1e38")
+    assert "training diverged" in ended.err
     (run,) = runs_in(tracking_uri)
     assert run.info.status == "FAILED"
     logged = _logged(tracking_uri, run.info.run_id, tmp_path)
     assert f"MLflow run {run.info.run_id}" in logged
     assert logged.strip().splitlines()[-1].endswith(run.data.tags["mnist_exp.error"])  # why
-
-
-@pytest.mark.process
-@pytest.mark.slow
-def test_a_run_stopped_by_sigterm_holds_its_log(train_command, tracking_uri, tmp_path: Path):
-    cmd, env = train_command(*TINY, "trainer.epochs=10000")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    log = tmp_path / "run" / "train.log"
-    try:
-        deadline = time.monotonic() + 120
-        while "Epoch [2/" not in (log.read_text() if log.is_file() else ""):
-            assert time.monotonic() < deadline and proc.poll() is None, "no second epoch"
-            time.sleep(0.2)
-        assert "KILLED" in stop(proc, signal.SIGTERM)
-    finally:
-        proc.kill()
-    (run,) = runs_in(tracking_uri)
-    assert run.info.status == "KILLED"
-    assert "Epoch [2/10000] done" in _logged(tracking_uri, run.info.run_id, tmp_path / "got")
 
 
 @pytest.mark.slow

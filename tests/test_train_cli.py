@@ -1,31 +1,37 @@
-"""`python -m mnist_exp.train` end to end, asserting what a user finds in MLflow afterwards."""
+"""`mnist-train` end to end, asserting what a user finds in MLflow afterwards.
+
+The command runs in the test's process (`mnist_train`: Hydra's command line, the runner, the
+exit status and the one-line error a process would have had); one test starts the commands
+as processes, for what only a process shows: their exit status and the last line on stderr.
+"""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SMALL, free_port, runs_in, stop
+from conftest import ROOT, SMALL, free_port, in_process, runs_in
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from mnist_exp import compare, predict, rerun, train
 from mnist_exp.training.networks import ConvNet
 
+NO_RUN = "0123456789abcdef0123456789abcdef"
 
-@pytest.mark.process
+
 @pytest.mark.slow
-def test_a_small_run_records_everything_in_mlflow(train, tracking_uri: str, tmp_path: Path):
-    proc = train(*SMALL, "optimizer.lr=0.002", "trainer.print_every_n_steps=5")
-    assert "Epoch [2/2], Step [10/10], Loss: " in proc.stdout
-    assert "Test Accuracy of the model on the 200 test images: " in proc.stdout
+def test_a_small_run_records_everything_in_mlflow(mnist_train, tracking_uri: str, tmp_path: Path):
+    ended = mnist_train(*SMALL, "optimizer.lr=0.002", "trainer.print_every_n_steps=5")
+    assert ended.code == 0, ended.err
+    assert "Epoch [2/2], Step [10/10], Loss: " in ended.out
+    assert "Test Accuracy of the model on the 200 test images: " in ended.out
 
     (run,) = runs_in(tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -62,10 +68,9 @@ def test_a_small_run_records_everything_in_mlflow(train, tracking_uri: str, tmp_
     assert (tmp_path / "run" / "model.ckpt").is_file()
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_log_every_n_steps_and_a_validation_split(train, tracking_uri: str):
-    train(*SMALL, "trainer.log_every_n_steps=3", "data.val_size=500")
+def test_log_every_n_steps_and_a_validation_split(mnist_train, tracking_uri: str):
+    assert mnist_train(*SMALL, "trainer.log_every_n_steps=3", "data.val_size=500").code == 0
     (run,) = runs_in(tracking_uri)
     client = MlflowClient(tracking_uri)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
@@ -76,10 +81,10 @@ def test_log_every_n_steps_and_a_validation_split(train, tracking_uri: str):
     assert run.data.params["data.val_size"] == "500"
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_the_seeds_own_setting_trains_one_image_a_step(train, tracking_uri: str):
-    train("experiment=seed", "data.max_train_samples=24", "data.max_test_samples=50")
+def test_the_seeds_own_setting_trains_one_image_a_step(mnist_train, tracking_uri: str):
+    ended = mnist_train("experiment=seed", "data.max_train_samples=24", "data.max_test_samples=50")
+    assert ended.code == 0, ended.err
     (run,) = runs_in(tracking_uri)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.batch_size"] == "1"
@@ -88,13 +93,12 @@ def test_the_seeds_own_setting_trains_one_image_a_step(train, tracking_uri: str)
     assert 0 <= run.data.metrics["test_accuracy"] <= 1
 
 
-@pytest.mark.process
 @pytest.mark.slow
 def test_an_exception_during_training_marks_the_run_failed(
-    train_command, tracking_uri: str, tmp_path: Path
+    mnist_train, tracking_uri: str, tmp_path: Path, monkeypatch
 ):
     """A model of one's own whose forward pass fails: the run exists by then, and is FAILED."""
-    (tmp_path / "faulty.py").write_text(
+    (tmp_path / "faulty_net.py").write_text(
         "import torch\n"
         "class Net(torch.nn.Module):\n"
         "    def __init__(self, num_classes=10):\n"
@@ -103,47 +107,16 @@ def test_an_exception_during_training_marks_the_run_failed(
         "    def forward(self, x):\n"
         "        raise RuntimeError('the forward pass failed')\n"
     )
-    cmd, env = train_command(*SMALL, "model._target_=faulty.Net")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "faulty_net", raising=False)  # gone again after the test
+    ended = mnist_train(*SMALL, "model._target_=faulty_net.Net")
+    sys.modules.pop("faulty_net", None)
+    assert ended.code != 0
     (run,) = runs_in(tracking_uri)
     assert run.info.status == "FAILED"
     assert run.data.tags["mnist_exp.error"] == "RuntimeError: the forward pass failed"
 
 
-@pytest.mark.process
-@pytest.mark.slow
-def test_sigterm_marks_the_run_killed(data_root: Path, tracking_uri: str, tmp_path: Path):
-    cmd = [
-        sys.executable, "-m", "mnist_exp.train", f"data.root={data_root}",
-        f"mlflow.tracking_uri={tracking_uri}", f"hydra.run.dir={tmp_path}/run",
-        "data.max_train_samples=2000", "data.batch_size=8", "trainer.epochs=100",
-    ]  # fmt: skip
-    MlflowClient(tracking_uri).search_experiments()  # create the store before polling it
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            runs = runs_in(tracking_uri)
-            if runs and MlflowClient(tracking_uri).get_metric_history(
-                runs[0].info.run_id, "train_loss"
-            ):
-                break
-            time.sleep(0.5)
-        stderr = stop(proc, signal.SIGTERM)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0
-    assert "KILLED" in stderr
-    (run,) = runs_in(tracking_uri)
-    assert run.info.status == "KILLED"
-    assert MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "train_loss")
-
-
-@pytest.mark.process
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -152,16 +125,15 @@ def test_sigterm_marks_the_run_killed(data_root: Path, tracking_uri: str, tmp_pa
     ],
 )
 def test_unknown_option_or_key_fails_in_hydra_without_a_run(
-    train, tracking_uri, override, expected
+    mnist_train, tracking_uri, override, expected
 ):
-    proc = train(override, check=False)
-    assert proc.returncode != 0
-    (line,) = proc.stderr.strip().splitlines()  # refused while Hydra composes, in one line
+    ended = mnist_train(override)
+    assert ended.code == 1
+    (line,) = ended.err.strip().splitlines()  # refused while Hydra composes, in one line
     assert line.startswith(expected), line
     assert runs_in(tracking_uri) == []
 
 
-@pytest.mark.process
 @pytest.mark.parametrize(
     ("override", "key"),
     [
@@ -177,92 +149,136 @@ def test_unknown_option_or_key_fails_in_hydra_without_a_run(
         else [pytest.param("device=cuda", "device=cuda", marks=pytest.mark.slow)]
     ),
 )
-def test_impossible_values_are_one_clear_line_without_a_run(train, tracking_uri, override, key):
-    proc = train(override, check=False)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def test_impossible_values_are_one_clear_line_without_a_run(
+    mnist_train, tracking_uri, override, key
+):
+    ended = mnist_train(override)
+    assert ended.code == 1
+    lines = ended.err.strip().splitlines()
+    assert len(lines) == 1, ended.err
     assert lines[0].startswith(f"error: {key}")
     assert runs_in(tracking_uri) == []
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_missing_dataset_is_one_clear_line(train, tracking_uri, tmp_path: Path):
-    proc = train(f"data.root={tmp_path}/empty", "data.download=false", check=False)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def test_missing_dataset_is_one_clear_line(mnist_train, tracking_uri, tmp_path: Path):
+    ended = mnist_train(f"data.root={tmp_path}/empty", "data.download=false")
+    assert ended.code == 1
+    lines = ended.err.strip().splitlines()
+    assert len(lines) == 1, ended.err
     assert f"{tmp_path}/empty/MNIST/raw" in lines[0] and "train-images-idx3-ubyte" in lines[0]
     assert runs_in(tracking_uri) == []
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_fewer_classes_than_the_data_has_is_one_clear_line(train, tracking_uri):
+def test_fewer_classes_than_the_data_has_is_one_clear_line(mnist_train, tracking_uri):
     """`model.num_classes=3` on MNIST's 10 digits: refused before any run exists."""
-    proc = train("model.num_classes=3", *SMALL, check=False)
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [
+    ended = mnist_train("model.num_classes=3", *SMALL)
+    assert ended.code == 1
+    assert ended.err.strip().splitlines() == [
         "error: model.num_classes=3 must be at least 10, the classes in data.dataset: "
         "change it on the command line or in conf/"
     ]
     assert runs_in(tracking_uri) == []
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_a_store_that_cannot_be_opened_is_named(train, tmp_path: Path):
+def test_a_store_that_cannot_be_opened_is_named(mnist_train, tmp_path: Path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     uri = f"sqlite:///{blocker}/mlflow.db"
-    proc = train(f"mlflow.tracking_uri={uri}", *SMALL, check=False)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
+    ended = mnist_train(f"mlflow.tracking_uri={uri}", *SMALL)
+    assert ended.code == 1
+    last = ended.err.strip().splitlines()[-1]
     assert last.startswith(f"error: cannot open the MLflow tracking store {uri}")
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_a_tracking_server_that_is_down_is_one_line_from_every_command(tmp_path: Path):
+def test_a_tracking_server_that_is_down_is_one_line_from_every_command(
+    tmp_path: Path, capfd, monkeypatch
+):
     """MLFLOW_TRACKING_URI names a server that is not running: each command says so in a line
     within seconds, rather than after MLflow's own 7 retries of each request (minutes)."""
     uri = f"http://127.0.0.1:{free_port()}"
-    env = os.environ | {"MLFLOW_TRACKING_URI": uri}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     image = tmp_path / "digit.png"
     Image.new("L", (28, 28)).save(image)
-    run_id = "0123456789abcdef0123456789abcdef"
     down = f"error: cannot reach the MLflow tracking server {uri} ([Errno 111] Connection refused)"
     commands = [
-        ("compare", []),
-        ("predict", [run_id, str(image)]),
-        ("rerun", [run_id]),
-        ("train", ["mlflow.retry_for_s=0", f"hydra.run.dir={tmp_path}/run"]),
+        (compare.main, []),
+        (predict.main, [NO_RUN, str(image)]),
+        (rerun.main, [NO_RUN]),
+        (train.run_command, ["mlflow.retry_for_s=0", f"hydra.run.dir={tmp_path}/run"]),
     ]
-    for command, args in commands:
-        proc = subprocess.run(
-            [sys.executable, "-m", f"mnist_exp.{command}", *args],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode != 0, command
-        lines = proc.stderr.strip().splitlines()
-        assert lines[-1].startswith(down), (command, proc.stderr)
-        assert "Traceback" not in proc.stderr, command
+    for main, args in commands:
+        ended = in_process(main, args, capfd)
+        assert ended.code == 1, main.__module__
+        assert ended.err.strip().splitlines()[-1].startswith(down), (main.__module__, ended.err)
+        assert "Traceback" not in ended.err, main.__module__
 
 
-@pytest.mark.process
 @pytest.mark.slow
-def test_a_bad_value_from_the_environment_is_one_line_from_the_tools(tmp_path: Path):
+def test_a_bad_value_from_the_environment_is_one_line_from_the_tools(
+    tmp_path: Path, capfd, monkeypatch
+):
     """Config values that come from environment variables are checked by the tools too."""
-    env = os.environ | {"MLFLOW_HTTP_REQUEST_TIMEOUT": "soon"}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "soon")
     Image.new("L", (28, 28)).save(tmp_path / "digit.png")
-    for command in (["compare"], ["predict", "0123456789abcdef", str(tmp_path / "digit.png")]):
-        proc = subprocess.run(
-            [sys.executable, "-m", f"mnist_exp.{command[0]}", *command[1:]],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert proc.returncode != 0
-        assert proc.stderr.strip().splitlines() == [
+    for main, args in ((compare.main, []), (predict.main, [NO_RUN, str(tmp_path / "digit.png")])):
+        ended = in_process(main, args, capfd)
+        assert ended.code == 1
+        assert ended.err.strip().splitlines() == [
             "error: mlflow.request_timeout_s='soon' must be a whole number: "
             "change it on the command line or in conf/"
         ]
+
+
+@pytest.mark.process
+@pytest.mark.slow  # the refusals themselves are tested in this process, above
+def test_each_command_exits_1_with_one_line_on_stderr(tmp_path: Path, tracking_uri: str):
+    """What only a process shows: the exit status and stderr of the commands a user types,
+    refusing bad input (started together: each spends its time importing)."""
+    bin_dir = Path(sys.executable).parent
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(image)
+    down = f"http://127.0.0.1:{free_port()}"
+    train_module = [sys.executable, "-m", "mnist_exp.train", f"mlflow.tracking_uri={tracking_uri}"]
+    where = f"hydra.run.dir={tmp_path}/run"
+    cases = [  # (command, environment, the start of the line)
+        ([*train_module, "model=resnet999"], {}, "error: model=resnet999 is not an option of"),
+        (
+            [*train_module, "trainer.epochs=abc", "--cfg", "job"],
+            {},
+            "error: trainer.epochs='abc' must be a whole number: change it",
+        ),
+        ([str(bin_dir / "mnist-train"), "optimizer.lr=0", where], {}, "error: optimizer.lr=0"),
+        (
+            [str(bin_dir / "mnist-rerun"), NO_RUN, f"mlflow.tracking_uri={tracking_uri}"],
+            {},
+            f"error: no MLflow run '{NO_RUN}'",
+        ),
+        (
+            [str(bin_dir / "mnist-predict"), NO_RUN, str(image)],
+            {"MLFLOW_TRACKING_URI": down},
+            f"error: cannot reach the MLflow tracking server {down}",
+        ),
+        (
+            [str(bin_dir / "mnist-compare")],
+            {"MLFLOW_HTTP_REQUEST_TIMEOUT": "soon"},
+            "error: mlflow.request_timeout_s='soon' must be a whole number",
+        ),
+    ]
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=base | env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for cmd, env, _ in cases
+    ]
+    for proc, (cmd, _, start) in zip(procs, cases, strict=True):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, (cmd, err)
+        (line,) = err.strip().splitlines()
+        assert line.startswith(start), (cmd, line)
+        assert "--cfg" not in cmd or out == "", out  # nothing printed of the config
+    assert runs_in(tracking_uri) == []

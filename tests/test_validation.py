@@ -5,14 +5,13 @@ A wrong type or an unknown key is refused by the schema while Hydra composes the
 range by `check_config`. Both answer in the same one-line form.
 """
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import in_process
 from omegaconf import OmegaConf
 
+from mnist_exp import train
 from mnist_exp.config.checks import check_config, check_overrides
 from mnist_exp.config.paths import CONF_DIR, compose_config
 from mnist_exp.errors import UserError
@@ -176,7 +175,6 @@ def test_good_values_pass(override: str) -> None:
     _check([override])
 
 
-@pytest.mark.process
 @pytest.mark.parametrize(
     ("override", "start"),
     [
@@ -186,19 +184,15 @@ def test_good_values_pass(override: str) -> None:
         ("model=resnet", "error: model=resnet is not an option of model"),
     ],
 )
-def test_the_command_refuses_a_composition_error_in_one_line(override: str, start: str) -> None:
+def test_the_command_refuses_a_composition_error_in_one_line(
+    override: str, start: str, capfd
+) -> None:
     """Hydra would print the error over several lines, or a stack trace."""
     for args in ([override], [override, "--cfg", "job"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "mnist_exp.train", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 1, proc.stderr
-        assert proc.stderr.startswith(start) and proc.stderr.count("\n") == 1, proc.stderr
-        assert proc.stdout == ""
+        ended = in_process(train.run_command, args, capfd)
+        assert ended.code == 1, ended.err
+        assert ended.err.startswith(start) and ended.err.count("\n") == 1, ended.err
+        assert ended.out == ""
 
 
 def test_every_option_file_extends_a_schema_or_an_option_that_does() -> None:
