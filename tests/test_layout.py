@@ -13,6 +13,8 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "mnist_exp"
 # The command lines, `python -m mnist_exp.train` and the rest: nothing in a folder imports them.
+# Tests marked `process` (a command, a server, a browser), parametrized cases counted one each.
+MAX_PROCESS_TESTS = 25
 COMMANDS = ("mnist_exp.train", "mnist_exp.rerun", "mnist_exp.compare", "mnist_exp.predict")
 
 
@@ -117,6 +119,13 @@ def test_each_folder_knows_nothing_of_what_it_must_not(folder: str, forbidden: t
             for name in names:
                 hit = [f for f in forbidden if name == f or name.startswith(f"{f}.")]
                 assert not hit, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_at_most_25_tests_start_a_process(request: pytest.FixtureRequest) -> None:
+    """The suite runs in pytest's process but for what only a process shows (conftest fails a
+    test that starts one unmarked); counted among the tests collected with this one."""
+    marked = [i.nodeid for i in request.session.items if i.get_closest_marker("process")]
+    assert len(marked) <= MAX_PROCESS_TESTS, marked
 
 
 def test_no_two_modules_share_a_name() -> None:
