@@ -361,3 +361,11 @@ def test_a_captured_step_undoes_its_warm_up_and_replays_on_the_batch_it_is_given
         for p, q in zip(model.parameters(), launched.parameters(), strict=True):
             assert torch.equal(p.grad, q.grad)
         model.zero_grad(set_to_none=True)  # as fit does before a short batch's launched step
+
+
+def test_a_deterministic_run_leaves_the_next_one_free_to_choose() -> None:
+    """A notebook's second run (api.train) does not inherit the first one's determinism."""
+    seed_everything(0, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    seed_everything(0)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -77,11 +77,12 @@ def autocast(
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     """Seed Python's, NumPy's and torch's RNGs; `deterministic` also makes CUDA pick
-    deterministic kernels (and cuBLAS a fixed workspace; the CPU loop is so already)."""
+    deterministic kernels (and cuBLAS a fixed workspace; the CPU loop is so already). Set
+    either way: a notebook's next run must not inherit the last one's choice."""
     random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+    torch.use_deterministic_algorithms(deterministic)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
