@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +204,8 @@ def in_process(main: Callable[[list[str]], object], argv: list[str], capfd) -> E
             if handler not in handlers:
                 handler.close()
         root.handlers[:], root.level = handlers, level
+        HydraConfig.instance().cfg = None  # as the command's process would end with it
+        GlobalHydra.instance().clear()
     out, err = capfd.readouterr()
     return Ended(code, out, err + message)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import UserError
@@ -70,6 +71,7 @@ def test_train_twice_in_one_process_records_two_runs_and_leaves_the_process_as_i
     assert logging.getLogger().handlers == root_handlers
     assert dict(os.environ) == environment  # the first run's settings are not the second's
     assert not GlobalHydra.instance().is_initialized()
+    assert not HydraConfig.initialized()  # a later run's job log is not this run's folder
 
     table = runs(tracking_uri=tracking_uri)
     assert list(table["run_id"]) == [second.run_id, first.run_id]  # newest first
