@@ -40,6 +40,30 @@ _SEED = ROOT.parent / "shared" / "data" / "seed.sh"  # the data root, seeded onc
 _running: list[pytest.Item | None] = []  # the test being set up, run or torn down
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`-n N`, as scripts/test.sh runs), worker i of N keeps the cores i,
+    i+N, ...: what it trains and the commands it starts inherit them and size their threads to
+    them, so the workers' runs never spin against each other on one core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker is None or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index = int(worker.removeprefix("gw")) % len(cores)
+    os.sched_setaffinity(0, cores[index::count])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most process tests first (then the most slow ones): pytest-xdist hands
+    files out in this order, so the longest start at once and the short ones fill in after."""
+    weight: dict[Path, list[int]] = {}
+    for item in items:
+        counts = weight.setdefault(item.path, [0, 0])
+        counts[0] -= item.get_closest_marker("process") is not None
+        counts[1] -= item.get_closest_marker("slow") is not None
+    items.sort(key=lambda item: weight[item.path])
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     _running.append(item)
@@ -93,15 +117,10 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return dest
 
 
-@pytest.fixture
-def tracking_uri(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-
-
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow SQLite database with its tables and no runs, made once a session: making
-    MLflow's tables takes seconds, which `existing_store` spares a test."""
+    MLflow's tables takes seconds of CPU, which `tracking_uri` spares each test."""
     database = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
     MlflowClient(f"sqlite:///{database}").search_experiments()
     return database
@@ -116,10 +135,13 @@ def copy_store(empty_store: Path, tracking_uri: str) -> str:
 
 
 @pytest.fixture
-def existing_store(empty_store: Path, tracking_uri: str) -> str:
-    """`tracking_uri`, its database already there (with no runs): for a test of anything but
-    a brand-new store, which `mnist_train` and `train` then use."""
-    return copy_store(empty_store, tracking_uri)
+def tracking_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The test's SQLite store under `tmp_path`, its tables already made (no runs); one that
+    does not exist yet for a test marked `new_store`."""
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    if request.node.get_closest_marker("new_store"):
+        return uri
+    return copy_store(request.getfixturevalue("empty_store"), uri)
 
 
 @pytest.fixture

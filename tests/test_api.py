@@ -78,6 +78,7 @@ def test_train_twice_in_one_process_records_two_runs_and_leaves_the_process_as_i
     assert set(table["status"]) == {"FINISHED"}
 
 
+@pytest.mark.new_store  # runs() on it: no store there yet
 def test_bad_values_raise_user_error_in_one_line_and_record_nothing(
     where, tracking_uri: str
 ) -> None:

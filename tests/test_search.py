@@ -134,7 +134,7 @@ def test_a_search_that_cannot_work_is_refused_in_one_line(
 
 def test_a_study_of_the_other_direction_is_refused(tracking_uri: str, tmp_path: Path) -> None:
     db = tmp_path / "mlruns" / "optuna.db"
-    db.parent.mkdir(parents=True)
+    db.parent.mkdir(parents=True, exist_ok=True)
     optuna.create_study(storage=f"sqlite:///{db}", study_name="mnist-exp", direction="minimize")
     with pytest.raises(UserError, match="study 'mnist-exp' in sqlite:///.* is to minimize"):
         _check(tracking_uri)
@@ -160,7 +160,6 @@ def test_a_refused_search_leaves_no_run(mnist_train, tracking_uri: str) -> None:
 
 @pytest.mark.process
 @pytest.mark.slow
-@pytest.mark.usefixtures("existing_store")
 def test_a_killed_search_resumes_its_study_and_parent(train_command, mnist_train, tracking_uri):
     """SIGKILL once two trials have ended and a third is training; the same command then
     finishes the study, trying the third's parameters again; optuna-dashboard shows it."""
@@ -249,7 +248,6 @@ def _dashboard(storage: str) -> Iterator[Callable[[], list]]:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("existing_store")
 def test_a_bad_region_of_learning_rates_is_pruned(mnist_train, tracking_uri, capfd):
     ended = mnist_train(
         *SEARCH,
@@ -286,6 +284,7 @@ def test_a_bad_region_of_learning_rates_is_pruned(mnist_train, tracking_uri, cap
         assert rows[str(trial.number)] == (trial.state.name, stopped)
 
 
+@pytest.mark.new_store
 @pytest.mark.process
 @pytest.mark.slow
 def test_two_commands_on_one_study_split_its_trials(train_command, tracking_uri, tmp_path):

@@ -35,6 +35,7 @@ def _sweep(tracking_uri: str):
     return parent, children
 
 
+@pytest.mark.new_store
 @pytest.mark.process
 def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri, capfd):
     # A brand-new store, opened by two joblib workers at once.
@@ -64,7 +65,6 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     assert len(rows) == 2
 
 
-@pytest.mark.usefixtures("existing_store")
 def test_a_failed_job_is_counted_and_the_sweep_goes_on(mnist_train, tracking_uri):
     # SGD's first step at lr 1e38 sends the weights to infinity: that job diverges in training.
     ended = mnist_train("-m", "optimizer=sgd", "optimizer.lr=1e38,0.01", *SMALL)
@@ -78,7 +78,6 @@ def test_a_failed_job_is_counted_and_the_sweep_goes_on(mnist_train, tracking_uri
     assert parent.info.status == "FINISHED"
 
 
-@pytest.mark.usefixtures("existing_store")
 def test_optuna_optimises_the_validation_accuracy(mnist_train, tracking_uri, tmp_path):
     ended = mnist_train(
         "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.val_size=200", *SMALL
@@ -123,7 +122,6 @@ def test_an_optimized_metric_never_logged_fails_at_the_start(mnist_train, tracki
     assert runs_in(tracking_uri) == []
 
 
-@pytest.mark.usefixtures("existing_store")
 def test_compare_writes_markdown_for_an_experiment(
     data_root, tracking_uri, tmp_path: Path, capfd, monkeypatch
 ):
@@ -144,7 +142,6 @@ def test_compare_writes_markdown_for_an_experiment(
     assert len(lines) == 3
 
 
-@pytest.mark.usefixtures("existing_store")
 def test_each_job_of_a_sequential_sweep_counts_only_its_own_start_up(mnist_train, tracking_uri):
     """`startup_s` of a sweep's later jobs leaves out the jobs before them: each is shorter
     than the time between its run's start and the previous job's. (The first job's counts

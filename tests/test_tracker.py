@@ -101,6 +101,7 @@ def test_a_tracker_that_cannot_be_replaced_fails_the_run_from_the_training_proce
     assert "a new one could not continue" in recorded.data.tags["mnist_exp.error"]
 
 
+@pytest.mark.new_store
 @pytest.mark.slow
 def test_a_tracker_started_early_makes_the_new_store_and_records_the_next_run(
     tmp_path: Path,
