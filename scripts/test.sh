@@ -16,4 +16,6 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/mypy mnist_exp
 # pytest exits 5 when it collects no test: that is a failure here, as any non-zero code.
-.venv/bin/python -m pytest "$@"
+# One pytest-xdist worker per core, each on a core of its own (tests/conftest.py); a file
+# marked xdist_group runs on one worker, so its daemons and module fixtures start once.
+.venv/bin/python -m pytest --numprocesses auto --dist loadgroup "$@"

@@ -28,6 +28,9 @@ from mnist_exp.api import train
 from mnist_exp.training.data import load
 from mnist_exp.training.networks import ConvNet
 
+# pytest-xdist runs the file on one worker: its recorded runs, made once.
+pytestmark = pytest.mark.xdist_group("artifacts")
+
 TEST_IMAGES = 500
 
 
@@ -157,7 +160,6 @@ def test_saving_the_model_imports_no_torch(tmp_path: Path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("existing_store")
 def test_without_a_terminal_plain_lines_and_a_summary(mnist_train, tracking_uri, tmp_path):
     ended = mnist_train(*SMALL, "mlflow.log_model=true")
     assert ended.code == 0, ended.err

@@ -22,6 +22,9 @@ from mnist_exp.training.data import IMAGE_FOLDER, load
 from mnist_exp.training.image_folder import FolderOptions
 from mnist_exp.training.images import mnist_pixels
 
+# pytest-xdist runs the file on one worker: its image folders, made once.
+pytestmark = pytest.mark.xdist_group("image_folder")
+
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 

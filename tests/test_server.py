@@ -1,9 +1,9 @@
 """mlflow=server against a real tracking server on PostgreSQL, started here as a user would.
 
 A session fixture runs PostgreSQL on loopback in a temporary folder and
-`scripts/tracking-server.sh` on a free port; a grid on joblib and a search on submitit_local,
+`scripts/tracking-server.sh` on a free port; a search of two trials at once on submitit_local,
 a server restart in the middle of a run and a resume waiting for the server, a server that
-never comes back, and eight runs through a restart are checked in what MLflow holds
+never comes back, and four runs at once through a restart are checked in what MLflow holds
 afterwards. Each waits on what the runs say or write, never on a sleep. PostgreSQL missing is
 a failure, not a skip: `.ci/run` installs it.
 """
@@ -32,7 +32,8 @@ from mlflow.tracking import MlflowClient
 
 from mnist_exp import names
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+# pytest-xdist runs the file on one worker: its PostgreSQL and tracking server, made once.
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("server")]
 
 # 1024 images at batch 64: 16 steps an epoch.
 SMALL = (
@@ -168,41 +169,13 @@ def _assert_complete(client: MlflowClient, run: Run, steps: int, tmp_path: Path)
 
 
 @pytest.mark.process
-def test_a_grid_and_a_search_run_in_parallel_land_whole_on_the_server(
-    train, postgres, tracking_uri, tmp_path
-):
-    """A grid on joblib, then an Optuna search on submitit_local whose study is in a database
-    of its own on the PostgreSQL server (as a lab puts it beside MLflow's), each running two
-    jobs at once. Credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD; put in the URI
-    (the test server ignores them) they must not be recorded or printed anywhere."""
+def test_a_parallel_search_lands_whole_on_the_server(postgres, train, tracking_uri, tmp_path):
+    """An Optuna search on submitit_local running two trials at once, its study in a database
+    of its own on the PostgreSQL server (as a lab puts it beside MLflow's). Credentials belong
+    in MLFLOW_TRACKING_USERNAME/PASSWORD; put in the URI (the test server ignores them) they
+    must not be recorded or printed anywhere. (A joblib grid's parallel jobs are
+    tests/test_sweeps.py's; the server's side is the same.)"""
     with_secret = tracking_uri.replace("http://", "http://alice:s3cret@")
-    proc = train(
-        "-m", "mlflow=server", f"mlflow.tracking_uri={with_secret}", "mlflow.experiment_name=grid",
-        "optimizer.lr=0.001,0.003", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SMALL,
-    )  # fmt: skip
-    assert "this job failed" not in proc.stdout + proc.stderr
-    assert "s3cret" not in proc.stdout + proc.stderr
-    assert tracking_uri.replace("http://", "http://***@") in proc.stdout + proc.stderr
-    client = MlflowClient(tracking_uri)
-    runs = _runs(tracking_uri, "grid")
-    (parent,) = [r for r in runs if r.data.tags.get("mnist_exp.sweep") == "true"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 3
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["mnist_exp.sweep.launcher"] == "joblib"
-    assert parent.data.metrics["sweep_finished"] == 2
-    assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.001", "0.003"]
-    for run in runs:
-        assert "s3cret" not in repr(run.data.params) + repr(run.data.tags)
-    for child in children:
-        assert child.data.params["mlflow.tracking_uri"] == "http://***@" + tracking_uri[7:]
-        _assert_complete(client, child, STEPS, tmp_path / child.info.run_id)
-        for file in ("config.yaml", "overrides.yaml", "hydra.yaml"):
-            text = Path(
-                client.download_artifacts(child.info.run_id, f"hydra/{file}", str(tmp_path))
-            )
-            assert "s3cret" not in text.read_text()
-
     connection = psycopg2.connect(postgres)
     connection.autocommit = True  # CREATE DATABASE runs outside a transaction
     with connection.cursor() as cursor:
@@ -213,25 +186,38 @@ def test_a_grid_and_a_search_run_in_parallel_land_whole_on_the_server(
         "-m", "hparams_search=optuna", "hydra/launcher=submitit_local",
         "hydra.launcher.cpus_per_task=1", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2",
         f"hydra.sweeper.storage={storage}", "mlflow=server", f"mlflow.tracking_uri={with_secret}",
-        "mlflow.experiment_name=search", f"hydra.sweep.dir={tmp_path}/search", *SMALL,
-        "data.val_size=100",
+        "mlflow.experiment_name=search", *SMALL, "data.val_size=100",
     )  # fmt: skip
+    assert "this job failed" not in proc.stdout + proc.stderr
     assert "s3cret" not in proc.stdout + proc.stderr
+    assert tracking_uri.replace("http://", "http://***@") in proc.stdout + proc.stderr
     driver = storage.replace("postgresql://", "postgresql+psycopg2://")  # not psycopg 3
     trials = optuna.load_study(study_name="mnist-exp", storage=driver).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     first, second = trials
     assert first.datetime_start < second.datetime_complete  # the two ran at the same time
     assert second.datetime_start < first.datetime_complete
+    client = MlflowClient(tracking_uri)
     runs = {r.info.run_id: r for r in _runs(tracking_uri, "search")}
+    assert len(runs) == 3
     (parent,) = [r for r in runs.values() if r.data.tags.get("mnist_exp.sweep") == "true"]
+    assert parent.info.status == "FINISHED"
     assert parent.data.tags["mnist_exp.sweep.launcher"] == "submitit_local"
     assert parent.data.tags["mnist_exp.sweep.storage"] == storage.replace("mlflow@", "***@")
+    for run in runs.values():
+        assert "s3cret" not in repr(run.data.params) + repr(run.data.tags)
     for trial in trials:
         child = runs[trial.user_attrs["mlflow_run_id"]]
-        assert child.info.status == "FINISHED"
         assert child.data.tags["mnist_exp.trial"] == str(trial.number)
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["mlflow.tracking_uri"] == "http://***@" + tracking_uri[7:]
+        batch = int(child.data.params["data.batch_size"])  # the trial's own
+        _assert_complete(client, child, -(-1024 // batch), tmp_path / child.info.run_id)
+        for file in ("config.yaml", "overrides.yaml", "hydra.yaml"):
+            text = Path(
+                client.download_artifacts(child.info.run_id, f"hydra/{file}", str(tmp_path))
+            )
+            assert "s3cret" not in text.read_text()
 
 
 class Command:
@@ -353,12 +339,13 @@ def _watch_points(uri: str, experiment: str, seen: list[tuple[float, int]], done
 
 
 @pytest.mark.process
-def test_eight_runs_at_once_through_a_server_restart_all_land_whole(
+def test_four_runs_at_once_through_a_server_restart_all_land_whole(
     train_command, server, tracking_uri, tmp_path
 ):
-    """Load: 8 commands logging every step at batch 16, the server restarted mid-way."""
+    """Load: 4 commands logging every step at batch 16, the server restarted mid-way (issue 17
+    measured 8; on CI's 2 cores, 4 keep the concurrency at half the time)."""
     # 4096 images at batch 16: each run's points land in several batches while it trains.
-    runs, steps = 8, 256
+    runs, steps = 4, 256
     done, seen = threading.Event(), []
     watcher = threading.Thread(target=_watch_points, args=(tracking_uri, "load", seen, done))
     started = time.monotonic()
