@@ -40,6 +40,28 @@ _SEED = ROOT.parent / "shared" / "data" / "seed.sh"  # the data root, seeded onc
 _running: list[pytest.Item | None] = []  # the test being set up, run or torn down
 
 
+_LEFT_ALONE = (ROOT / "outputs", ROOT / "mlruns")  # a user's runs: no test writes there
+_before: set[Path] = set()
+
+
+def _files_left_alone() -> set[Path]:
+    return {path for folder in _LEFT_ALONE for path in folder.rglob("*")}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _before.update(_files_left_alone())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite fails if a test wrote into the project's outputs/ or mlruns/: tests keep
+    their runs and stores under tmp_path, leaving the checkout as they found it."""
+    written = sorted(_files_left_alone() - _before)
+    if written and not hasattr(session.config, "workerinput"):  # once, in pytest's own process
+        listed = ", ".join(str(p.relative_to(ROOT)) for p in written[:5])
+        session.config.get_terminal_writer().line(f"\ntests wrote into the checkout: {listed}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (`-n N`, as scripts/test.sh runs), worker i of N keeps the cores i,
     i+N, ...: what it trains and the commands it starts inherit them and size their threads to

@@ -113,7 +113,9 @@ def recorded(tracking_uri: str, tmp_path: Path) -> tuple[str, dict]:
     """
     record = json.loads((RECORDED / "run.json").read_text())
     client = MlflowClient(tracking_uri)
-    experiment_id = client.create_experiment(record["experiment_name"])
+    # Its artifacts beside the store, as open_store puts them: not in the project's ./mlruns.
+    where = (tmp_path / "artifacts").as_uri()
+    experiment_id = client.create_experiment(record["experiment_name"], artifact_location=where)
     tags = dict(record["tags"])
     # Its run folder was on the recording machine: pointing the tag at a folder that does not
     # exist here makes the resume fetch checkpoints/last.ckpt from MLflow, as on another host.

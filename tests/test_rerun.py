@@ -227,11 +227,15 @@ def test_bad_resume_sources_are_refused_and_change_nothing(
         with pytest.raises(UserError) as refused:
             api.train([*where, f"hydra.run.dir={tmp_path}/{n}", f"trainer.resume={source}"])
         assert message in str(refused.value) and "\n" not in str(refused.value)
-    ended = _rerun(capfd, "0123456789abcdef0123456789abcdef", uri=tracking_uri)
+    ended = _rerun(
+        capfd, "0123456789abcdef0123456789abcdef", f"hydra.run.dir={tmp_path}/x", uri=tracking_uri
+    )
     assert ended.code == 1 and "no MLflow run" in ended.err
     # mnist-rerun --resume reads the run's own checkpoint: one that would run code is refused.
     good.write_bytes(evil.read_bytes())
-    ended = _rerun(capfd, run.info.run_id, "--resume", uri=tracking_uri)
+    ended = _rerun(
+        capfd, run.info.run_id, "--resume", f"hydra.run.dir={tmp_path}/y", uri=tracking_uri
+    )
     lines = ended.err.strip().splitlines()
     assert ended.code == 1 and len(lines) == 1, ended.err
     assert f"{good} is truncated, corrupt or not a safe tensor file" in lines[0]
