@@ -82,7 +82,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    # Only on a change: setting it imports torch._inductor (1.4 s of CPU on a 2-core machine).
+    # Only on a change: setting it imports torch._inductor, seconds of every start-up.
     if torch.are_deterministic_algorithms_enabled() != deterministic:
         torch.use_deterministic_algorithms(deterministic)
     if deterministic:
