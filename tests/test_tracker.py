@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
-import sqlite3
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import loss_history
-from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import UserError
 from mnist_exp.errors import TrackerLost
 from mnist_exp.runner.lifecycle import recording
-from mnist_exp.tracking import remote, tracker
+from mnist_exp.tracking import tracker
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.tracking.store import open_store
 
@@ -99,40 +95,3 @@ def test_a_tracker_that_cannot_be_replaced_fails_the_run_from_the_training_proce
     recorded = MlflowClient(tracking_uri).get_run(run.run_id)
     assert recorded.info.status == "FAILED"
     assert "a new one could not continue" in recorded.data.tags["mnist_exp.error"]
-
-
-@pytest.mark.new_store
-@pytest.mark.slow
-def test_a_tracker_started_early_makes_the_new_store_and_records_the_next_run(
-    tmp_path: Path,
-) -> None:
-    """A sweep's first job: its tracker creates the store before any run is asked of it."""
-    db = tmp_path / "new" / "mlflow.db"
-    tracking_uri = f"sqlite:///{db}"
-    remote.start_tracker_early(tracking_uri, "early")
-    ((process, _),) = tracker.idle
-    deadline = time.monotonic() + 60
-    while not _experiments(db):
-        assert process.poll() is None and time.monotonic() < deadline, "no store was made"
-        time.sleep(0.2)
-
-    run = RemoteRun(tracking_uri, "early")
-    run.start(run_name="t", config={"a": 1}, tags={}, project_root=tmp_path)
-    run.end("FINISHED")
-
-    assert run.pid == process.pid
-    recorded = MlflowClient(tracking_uri).get_run(run.run_id)
-    assert recorded.info.status == "FINISHED"
-    assert recorded.info.experiment_id == _experiments(db)["early"]
-
-
-def _experiments(db: Path) -> dict[str, str]:
-    """The experiments of a SQLite store once it is made (read as the store's lock allows)."""
-    if not db.exists():
-        return {}
-    with FileLock(f"{db}.lock"), contextlib.closing(sqlite3.connect(db)) as connection:
-        try:
-            rows = connection.execute("SELECT name, experiment_id FROM experiments").fetchall()
-        except sqlite3.OperationalError:  # no such table yet
-            return {}
-    return {name: str(experiment_id) for name, experiment_id in rows}

@@ -1,6 +1,6 @@
 """The one Hydra callback (conf/config.yaml): a sweep's folder, config and search checked once,
-the first job's tracker started early, the MLflow parent run opened, and after the last job its
-outcome recorded; a single run's folder checked writable."""
+the MLflow parent run opened, and after the last job its outcome recorded; a single run's folder
+checked writable."""
 
 from __future__ import annotations
 
@@ -42,13 +42,6 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
             self.check(config)
-        if config.hydra.runtime.choices.get("hydra/launcher") == "basic":
-            # The first job runs here: its tracker loads MLflow and the store as this loads torch.
-            from mnist_exp.tracking import remote
-
-            mlflow = config.mlflow
-            remote.start_tracker_early(mlflow.tracking_uri, mlflow.experiment_name)
-            import mnist_exp.runner.build  # noqa: F401  (torch, for the first job)
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import open_parent
 

@@ -31,12 +31,10 @@ def _environment() -> dict[str, str]:
 @dataclass
 class Store:
     """The store to open, with the training process's MLflow settings and credentials (not on
-    the tracker's command line, where other users would see them). `early`: to a tracker
-    started ahead of its run, which makes a new SQLite store and waits for the run's own."""
+    the tracker's command line, where other users would see them)."""
 
     tracking_uri: str
     experiment_name: str
-    early: bool = False
     environment: dict[str, str] = field(default_factory=_environment)
 
     def take_environment(self) -> None:

@@ -112,12 +112,3 @@ class RemoteRun(TrackerLink):
         finally:
             if self._lost is None and not self._unanswered:
                 tracker.idle.append((self._process, self._conn))
-
-
-def start_tracker_early(tracking_uri: str, experiment_name: str) -> None:
-    """Start a tracker process now, for this process's next run to take (a sweep's first
-    job): meanwhile it imports MLflow and creates a new SQLite store, not as that run starts."""
-    if not tracker.idle:
-        process, conn = tracker.start()
-        conn.send(m.Store(tracking_uri, experiment_name, early=True))
-        tracker.idle.append((process, conn))

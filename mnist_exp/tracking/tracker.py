@@ -65,24 +65,17 @@ def _serve(conn: Connection) -> None:
     # What MLflow's import and the opening make lives till the end: the collector's full
     # passes over it would take CPU from training as it starts (as in mnist_exp.train.main).
     gc.disable()
-    import mnist_exp.tracking.store  # noqa: F401  # now: a tracker started early is ready sooner
-
     while _record_one(conn):
         pass
 
 
 def _record_one(conn: Connection) -> bool:
     """Record one run; True when it ended as told and this process may record another."""
-    from mnist_exp.tracking.store import open_store, sqlite_path
+    from mnist_exp.tracking.store import open_store
 
     try:
         store: Store = conn.recv()
         store.take_environment()
-        if store.early:  # a new SQLite store is made now; a server's exists already
-            if sqlite_path(store.tracking_uri) is not None:
-                with contextlib.suppress(Exception):  # the run's own opening says what failed
-                    open_store(store.tracking_uri, store.experiment_name)
-            return True
     except (EOFError, OSError):
         return False
     opened: tuple[MlflowClient, str] | Exception
