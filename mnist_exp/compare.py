@@ -1,7 +1,8 @@
 """`mnist-compare`: runs side by side, best first.
 
 A sweep's runs (by default the latest's) or an experiment's, sorted by the optimised metric, as
-a table, CSV or Markdown; a configuration's seeds are one row (mean, standard deviation, count).
+a table, CSV or Markdown; a configuration's seeds are one row (mean, standard deviation, how many
+runs and distinct seeds).
 """
 
 from __future__ import annotations
@@ -83,11 +84,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         of = f" ({len(runs)} runs, seeds together)" if together else ""
         print(f"wrote {len(rows)} rows{of} to {args.output}")
         return
-    note = f"; {len(runs)} runs, seeds together: their mean, _std, count" if together else ""
+    note = f"; {len(runs)} runs, seeds together: their mean and _std" if together else ""
+    # A table reads with its title; CSV and Markdown on standard output are only that.
+    title = sys.stdout if args.format == "table" else sys.stderr
     if parent is not None:
-        print(f"sweep {parent.info.run_id} ({parent.info.run_name}), sorted by {metric}{note}")
+        print(
+            f"sweep {parent.info.run_id} ({parent.info.run_name}), sorted by {metric}{note}",
+            file=title,
+        )
     elif note:
-        print(f"sorted by {metric}{note}")
+        print(f"sorted by {metric}{note}", file=title)
     print(text, end="")
 
 

@@ -49,7 +49,7 @@ def test_seeds_of_a_config_are_one_row_ranked_by_their_mean():
     better, worse = _rows(runs)
     assert list(better) == [
         "run_id", "run_name", "status", "optimizer.lr", "trainer.seed",
-        "test_accuracy", "test_accuracy_std", "seeds",
+        "test_accuracy", "test_accuracy_std", "runs", "seeds",
     ]  # fmt: skip
     assert better["run_id"] == "b1" and better["run_name"] == "lr=0.01,seed=1"  # its best seed
     assert (better["optimizer.lr"], better["trainer.seed"], better["seeds"]) == ("0.01", "0,1", "2")
@@ -58,6 +58,7 @@ def test_seeds_of_a_config_are_one_row_ranked_by_their_mean():
         statistics.stdev([0.95, 0.97]), rel=1e-5
     )
     assert worse["run_id"] == "a0" and worse["trainer.seed"] == "0,1,2" and worse["seeds"] == "3"
+    assert better["runs"] == "2" and worse["runs"] == "3"
     assert worse["status"] == "2 FINISHED, 1 FAILED"  # the mean is of the two that finished
     assert float(worse["test_accuracy"]) == pytest.approx(0.895)
 
@@ -66,15 +67,24 @@ def test_seeds_of_a_config_are_one_row_ranked_by_their_mean():
     assert "seeds" not in per_seed[0] and "test_accuracy_std" not in per_seed[0]
 
 
+def test_a_seed_run_again_counts_as_one_seed():
+    """Three runs of seed 0: their mean is over three runs, of one seed."""
+    (row,) = _rows([_run(f"a{i}", "0.1", "0", 0.9 + i / 100) for i in range(3)])
+    assert (row["runs"], row["seeds"]) == ("3", "1")
+    assert float(row["test_accuracy_std"]) == pytest.approx(0.01)
+
+
 def test_one_seed_a_config_reads_as_a_row_a_run():
     runs = [_run("a", "0.1", "0", 0.9), _run("b", "0.01", "0", 0.95)]
     headers, rows = table(runs, "test_accuracy")
-    assert headers == ["run_id", "run_name", "status", "optimizer.lr", "test_accuracy", "seeds"]
+    assert headers == [
+        "run_id", "run_name", "status", "optimizer.lr", "test_accuracy", "runs", "seeds",
+    ]  # fmt: skip
     assert rows == [
-        ["b", "lr=0.01,seed=0", "FINISHED", "0.01", "0.95", "1"],
-        ["a", "lr=0.1,seed=0", "FINISHED", "0.1", "0.9", "1"],
+        ["b", "lr=0.01,seed=0", "FINISHED", "0.01", "0.95", "1", "1"],
+        ["a", "lr=0.1,seed=0", "FINISHED", "0.1", "0.9", "1", "1"],
     ]
-    assert table(runs, "test_accuracy", per_seed=True) == (headers[:-1], [r[:-1] for r in rows])
+    assert table(runs, "test_accuracy", per_seed=True) == (headers[:-2], [r[:-2] for r in rows])
 
 
 @pytest.mark.slow
@@ -89,20 +99,21 @@ def test_mnist_compare_shows_a_sweeps_seeds_together(mnist_train, tracking_uri: 
         return ended.out.splitlines()
 
     first, header, *rows = compare()  # the latest sweep, as a table
-    assert first.endswith(
-        "sorted by test_accuracy; 4 runs, seeds together: their mean, _std, count"
-    )
+    assert first.endswith("sorted by test_accuracy; 4 runs, seeds together: their mean and _std")
     assert header.split() == [
         "run_id", "run_name", "status", "optimizer.lr", "trainer.seed",
         "test_accuracy", "test_accuracy_std", "test_loss", "test_loss_std",
-        "train_images_per_s", "train_images_per_s_std", "seeds",
+        "train_images_per_s", "train_images_per_s_std", "runs", "seeds",
     ]  # fmt: skip
     assert len(rows) == 2
-    got = list(csv.DictReader(io.StringIO("\n".join(compare("--format", "csv")[1:]))))
+    # CSV on standard output is only CSV (`> file.csv`); the title line goes to standard error.
+    as_csv = in_process(compare_main, ["--tracking-uri", tracking_uri, "--format", "csv"], capfd)
+    assert as_csv.err.splitlines()[-1] == first
+    got = list(csv.DictReader(io.StringIO(as_csv.out)))
     for row in got:
         seeds = [c for c in children if c.data.params["optimizer.lr"] == row["optimizer.lr"]]
         accuracies = [c.data.metrics["test_accuracy"] for c in seeds]
-        assert (row["trainer.seed"], row["seeds"]) == ("0,1", "2")
+        assert (row["trainer.seed"], row["runs"], row["seeds"]) == ("0,1", "2", "2")
         assert math.isclose(float(row["test_accuracy"]), statistics.fmean(accuracies), rel_tol=1e-5)
         assert math.isclose(
             float(row["test_accuracy_std"]), statistics.stdev(accuracies), abs_tol=1e-6

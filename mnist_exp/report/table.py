@@ -66,6 +66,10 @@ class Group:
         values = {r.data.params.get(key, "") for r in self.runs}
         return ",".join(sorted(values, key=lambda v: (len(v), v)))  # 2 before 10
 
+    def seed_count(self) -> str:
+        """How many distinct seeds the runs trained with (a seed run twice counts once)."""
+        return str(len({r.data.params.get(names.SEED_PARAM) for r in self.runs}))
+
     def status(self) -> str:
         """`FINISHED`, or how many ended each way: `2 FINISHED, 1 FAILED`."""
         counts = Counter(r.info.status for r in self.runs)
@@ -108,7 +112,7 @@ def table(
 ) -> tuple[list[str], list[list[str]]]:
     """Headers and rows, best first, a row per configuration (per run with `per_seed`): the best
     seed's run id and name, status, the params that differ, the metrics any run has (a row's
-    mean, and `_std` where a row has several seeds), how many seeds a row has."""
+    mean, and `_std` where a row has several runs), how many runs and distinct seeds a row has."""
     groups = grouped(runs, metric, per_seed)
     keys = sorted({k for run in runs for k in run.data.params})
     differing = [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
@@ -132,7 +136,8 @@ def table(
         if spread:
             columns.append((f"{m}_std", _metric(Group.std, m)))
     if not per_seed:
-        columns.append(("seeds", lambda g: str(len(g.runs))))
+        columns.append(("runs", lambda g: str(len(g.runs))))
+        columns.append(("seeds", Group.seed_count))
     return [h for h, _ in columns], [[cell(g) for _, cell in columns] for g in groups]
 
 
