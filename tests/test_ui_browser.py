@@ -6,17 +6,17 @@ brings its own driver and no browser. Set MNIST_EXP_SCREENSHOTS=DIR to keep the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Uncaptured, copy_store, free_port, in_process
+from conftest import ROOT, Uncaptured, copy_store, free_port, in_process
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import train
@@ -63,14 +63,13 @@ def ui(data_root: Path, tmp_path_factory: pytest.TempPathFactory, empty_store: P
                 f"hydra.sweep.dir={tmp}/sweep", *SWEEP]  # fmt: skip
         sweep = in_process(train.run_command, argv, Uncaptured())
     assert sweep.code == 0, sweep.err
-    # MLflow's GenAI job runner (8 processes) has nothing to do for the UI's runs.
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    # The README's UI command, on this store; the job runner's switch as a user's shell has it.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"}
+    env["MLFLOW_TRACKING_URI"] = uri
     port = free_port()
     log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed after the server stops
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        ["bash", str(ROOT / "scripts" / "ui.sh"), str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -84,7 +83,7 @@ def ui(data_root: Path, tmp_path_factory: pytest.TempPathFactory, empty_store: P
                 break
             except OSError:
                 time.sleep(0.5)
-        yield url, uri
+        yield url, uri, server.pid
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -96,7 +95,10 @@ def test_the_experiment_lists_the_sweeps_runs_with_their_test_accuracy(ui, tmp_p
     assert CHROMIUM.is_file(), "no /usr/bin/chromium: apt-get install chromium (.ci/run does)"
     from playwright.sync_api import expect, sync_playwright
 
-    url, uri = ui
+    url, uri, pid = ui
+    # MLflow's GenAI job runner and its huey workers (~3.7 GB) are not started for a local UI.
+    started = [" ".join(_command(p)) for p in _descendants(pid)]
+    assert started and not [c for c in started if "mlflow.server.jobs" in c or "huey" in c], started
     client = MlflowClient(uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "mnist-exp"]
     runs = client.search_runs([experiment.experiment_id])
@@ -140,3 +142,21 @@ def test_the_experiment_lists_the_sweeps_runs_with_their_test_accuracy(ui, tmp_p
                 keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy(screenshot, keep / screenshot.name)
     assert screenshot.stat().st_size > 10_000
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`, from /proc's children lists."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                todo += children
+    return found
+
+
+def _command(pid: int) -> list[str]:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    return []
