@@ -87,6 +87,8 @@ PLOTS = "plots"
 OPTUNA_PLOTS = "optuna"  # an Optuna search's parent: Optuna's pictures of its study
 # Hydra's job log (what the terminal showed); a resumed run's next part in logs/resumed-<epoch>/.
 RUN_LOG = "logs/train.log"
+# In the run folder: what could not be sent to a server that stayed away (`mnist-sync` sends it).
+UNSENT = "mlflow-unsent"
 
 # Tags of a model version that `mnist-compare --register` registers: where it came from.
 REGISTERED_RUN_TAG = "mnist_exp.run_id"

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mnist_exp import api, rerun, train
 from mnist_exp.errors import UserError
 from mnist_exp.tracking.tracker import ORPHANED
-from mnist_exp.training import checkpoint
+from mnist_exp.training import checkpoint, engine
 from mnist_exp.training.networks import ConvNet
 
 # pytest-xdist runs the file on one worker: its stopped run, made once.
@@ -245,6 +245,35 @@ def test_bad_resume_sources_are_refused_and_change_nothing(
     assert after[0] == before[0]
     assert (after[1].status, after[1].end_time) == (before[1].status, before[1].end_time)
     assert len(runs_in(tracking_uri)) == 1
+
+
+@pytest.mark.slow
+def test_a_run_whose_training_ended_resumes_to_testing_and_recording(
+    mnist_train, tracking_uri, tmp_path, capfd, monkeypatch
+):
+    """Its last epoch's checkpoint written, the run failed before its test was recorded: a
+    resume trains nothing again, tests, records and ends FINISHED."""
+
+    def lost(*args: object, **kwargs: object) -> None:
+        raise OSError("the test images' disk went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "evaluate", lost)
+        assert mnist_train(*SMALL, "data.val_size=0").code == 1
+    (run,) = runs_in(tracking_uri)
+    run_id = run.info.run_id
+    assert run.info.status == "FAILED" and "test_accuracy" not in run.data.metrics
+    trained = loss_history(tracking_uri, run_id)
+
+    resume = [run_id, "--resume", f"hydra.run.dir={tmp_path}/resumed"]
+    ended = _rerun(capfd, *resume, uri=tracking_uri)
+    assert ended.code == 0, ended.err
+    finished = MlflowClient(tracking_uri).get_run(run_id)
+    assert finished.info.status == "FINISHED"
+    assert 0 <= finished.data.metrics["test_accuracy"] <= 1
+    assert finished.data.tags["mnist_exp.resumed_from_epoch"] == "2"
+    assert loss_history(tracking_uri, run_id) == trained  # no step trained again
+    assert (tmp_path / "resumed" / "model.ckpt").is_file()
 
 
 def test_checkpoint_load_refuses_a_truncated_file_and_a_weights_only_one(tmp_path):

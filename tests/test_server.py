@@ -22,15 +22,17 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import mlflow
 import optuna
 import psycopg2
 import pytest
 import torch
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, in_process
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import names
+from mnist_exp.sync import main as sync_main
 
 # pytest-xdist runs the file on one worker: its PostgreSQL and tracking server, made once.
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("server")]
@@ -301,26 +303,53 @@ def test_a_server_restart_mid_run_loses_nothing_and_a_resume_waits_for_it(
 
 
 @pytest.mark.process
-def test_a_server_that_never_returns_ends_the_run_keeping_its_checkpoint(
-    train_command, server, tracking_uri, tmp_path
+def test_a_server_away_past_retry_for_s_loses_nothing_and_mnist_sync_completes_the_run(
+    train_command, server, tracking_uri, tmp_path, capfd
 ):
+    """The server killed after the first epoch and not back within mlflow.retry_for_s: training
+    and testing go on, what could not be sent is kept in the run folder, and once the server is
+    back one command sends it to the same run: every point, the test metrics, FINISHED."""
     run = Command(
         train_command, "mlflow=server", "mlflow.experiment_name=gone", "mlflow.retry_for_s=5",
-        *LONGER, log=tmp_path / "run.log",
+        "mlflow.log_plots=true", "mlflow.log_model=true", *LONGER, log=tmp_path / "run.log",
     )  # fmt: skip
-    checkpoint = tmp_path / "run" / names.RESUME_CHECKPOINT
-    run.wait_until("the first epoch", checkpoint.exists)
-    server.kill()  # the next test's tracking_uri fixture starts it again
+    run.wait_until("the first epoch", (tmp_path / "run" / names.RESUME_CHECKPOINT).exists)
+    server.kill()
     assert run.ended() != 0
     err = run.err.read_text()
+    kept = tmp_path / "run" / names.UNSENT
     last = err.strip().splitlines()[-1]
     assert last.startswith(
         f"error: the MLflow tracking server {tracking_uri} was unreachable for more than 5 s"
     ), err
-    assert f"trainer.resume={checkpoint}" in last
+    assert last.endswith(
+        f"is kept in {kept}; once the server is back, send it with: mnist-sync {kept}"
+    )
     assert "Traceback" not in err
-    state = torch.load(checkpoint, weights_only=True)
-    assert state["step"] in (128, 256, 384)  # a whole epoch, on disk
+    assert "Test Accuracy of the model" in run.said()  # it trained and tested meanwhile
+
+    server.start()
+    synced = in_process(sync_main, [str(kept)], capfd)
+    assert synced.code == 0, synced.err
+    client = MlflowClient(tracking_uri)
+    (recorded,) = _runs(tracking_uri, "gone")
+    assert synced.out.strip().endswith(
+        f"MLflow run {recorded.info.run_id} in {tracking_uri}: FINISHED"
+    )
+    _assert_complete(client, recorded, 3 * 128, tmp_path)
+    assert [m.step for m in client.get_metric_history(recorded.info.run_id, "epoch")] == [
+        128,
+        256,
+        384,
+    ]
+    assert names.ERROR_TAG not in recorded.data.tags
+    logged = {a.path for a in client.list_artifacts(recorded.info.run_id, "plots")}
+    assert "plots/learning_curves.png" in logged
+    model = mlflow.pyfunc.load_model(f"runs:/{recorded.info.run_id}/model")
+    assert model.metadata.run_id == recorded.info.run_id
+    assert not kept.exists()
+    again = in_process(sync_main, [str(kept)], capfd)  # all sent: nothing is sent twice
+    assert again.code == 1 and "nothing kept there to send" in again.err
 
 
 def _watch_points(uri: str, experiment: str, seen: list[tuple[float, int]], done) -> None:

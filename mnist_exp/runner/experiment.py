@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnist_exp import names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
+from mnist_exp.errors import TrackingUnavailable
 from mnist_exp.runner import job_log, lifecycle
 from mnist_exp.runner.naming import name_from
 from mnist_exp.tracking import processes
@@ -95,11 +96,14 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
             project_root=PROJECT_ROOT,
             files=(files, names.HYDRA_FILES) if files else None,
             retry_for_s=retry_for_s,
+            unsent=out_dir / names.UNSENT,
         )
     else:
         tags[names.RESUMED_FROM_EPOCH_TAG] = str(start[0])
         resumed = (files, f"{names.HYDRA_FILES}/resumed-{start[0]}") if files else None
-        recorder.reopen(run_id, tags=tags, files=resumed, retry_for_s=retry_for_s)
+        recorder.reopen(
+            run_id, tags=tags, files=resumed, retry_for_s=retry_for_s, unsent=out_dir / names.UNSENT
+        )
         log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
     with (
         lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]),
@@ -133,6 +137,13 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     recorder.end("FINISHED")
     if trial:
         trial.finish(metrics)
+    if recorder.unsent:
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {redact(uri)} was unreachable for more than "
+            f"{retry_for_s:g} s (mlflow.retry_for_s): what run {recorder.run_id} could not send "
+            f"(metrics, tags, test results, files) is kept in {recorder.unsent}; once the "
+            f"server is back, send it with: mnist-sync {recorder.unsent}"
+        )
     return RunResult(recorder.run_id, "FINISHED", metrics, weights, out_dir)
 
 

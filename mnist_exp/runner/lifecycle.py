@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mnist_exp import names
-from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError, one_line
+from mnist_exp.errors import TrackerLost, UserError, one_line
 from mnist_exp.runner import job_log
 from mnist_exp.tracking.remote import RemoteRun
 
@@ -104,14 +104,6 @@ def _failed(run: RemoteRun, exc: BaseException, last: Path, start_epoch: int) ->
             f"cannot write {exc.filename or 'to disk'} ({exc.strerror}): free space there "
             f"or set hydra.run.dir / mlflow.tracking_uri to a writable folder; {marked}"
         )
-    if isinstance(exc, TrackingUnavailable):
-        kept = (
-            f"the checkpoint of the last complete epoch is {last} (continue with "
-            f"trainer.resume={last} once the server is back)"
-            if last.is_file()
-            else "no epoch was complete, so there is no checkpoint"
-        )
-        return TrackingUnavailable(f"{exc}; {kept}")
     if isinstance(exc, TrackerLost):
         # Its message ends with the resume command, which the run's state comes before.
         why, resume = str(exc).rsplit("; ", 1)
@@ -149,4 +141,9 @@ def _end_quietly(run: RemoteRun, status: str, tags: dict[str, str] | None = None
         log.error(f"could not mark MLflow run {run.run_id} {status}: {failed}")
     if failed:
         return f"MLflow run {run.run_id} could not be marked {status} (see above)"
+    if run.unsent:  # the server stayed away: its end is kept with what it could not send
+        return (
+            f"MLflow run {run.run_id} is marked {status} once what it could not send, kept "
+            f"in {run.unsent}, is sent with: mnist-sync {run.unsent}"
+        )
     return f"MLflow run {run.run_id} marked {status}"

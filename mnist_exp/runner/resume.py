@@ -54,7 +54,8 @@ def find(resume: str, client: MlflowClient, tracking_uri: str) -> tuple[dict[str
 
 
 def check_resumable(state: Mapping[str, Any], run: Run, params: Mapping[str, Any]) -> None:
-    """Refuse a finished run, a checkpoint past the last epoch, or a config that differs."""
+    """Refuse a finished run, a checkpoint past the last epoch, or a config that differs; a
+    checkpoint of the last epoch resumes to testing and recording."""
     run_id = run.info.run_id
     if run.info.status == "FINISHED":
         raise UserError(
@@ -62,10 +63,10 @@ def check_resumable(state: Mapping[str, Any], run: Run, params: Mapping[str, Any
             f"(to train again or longer: mnist-rerun {run_id} trainer.epochs=N)"
         )
     epochs = params.get("trainer.epochs")
-    if isinstance(epochs, int) and state["epoch"] >= epochs:
+    if isinstance(epochs, int) and state["epoch"] > epochs:
         raise UserError(
-            f"trainer.resume: the checkpoint is at epoch {state['epoch']} and trainer.epochs="
-            f"{epochs}: raise trainer.epochs to train further"
+            f"trainer.resume: the checkpoint is at epoch {state['epoch']}, past trainer.epochs="
+            f"{epochs}: set trainer.epochs to {state['epoch']} or more"
         )
     recorded = run.data.params
     differ = [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from mnist_exp.errors import TrackerLost, TrackingUnavailable, UserError
@@ -37,6 +38,7 @@ class TrackerLink:
         self._lost: TrackerLost | None = None
         self._local: MlflowRun | None = None
         self.gave_up = False  # the tracking server stayed away longer than retry_for_s
+        self.unsent: Path | None = None  # ... and the tracker keeps the run's requests here
         self._process, self._conn = tracker.take(self._store)
 
     def close(self) -> None:
@@ -113,6 +115,8 @@ class TrackerLink:
                     elif isinstance(request, m.Open):
                         self._info = value
                     self.gave_up = self.gave_up or isinstance(value, TrackingUnavailable)
+                    if isinstance(value, m.Kept):
+                        self.unsent = value.folder
                 break
             except (EOFError, ConnectionResetError):
                 self._take_over()
@@ -139,7 +143,10 @@ class TrackerLink:
             self._process, self._conn = tracker.take(self._store, reuse=False)
             if self._opening is not None and isinstance(self._info, tuple):  # reopen it, noting why
                 tags = {TRACKER_RESTARTS_TAG: str(self._restarts)}
-                self._conn.send(m.Open(tags, None, self._opening.retry_for_s, self._info[0]))
+                opening = self._opening
+                self._conn.send(
+                    m.Open(tags, None, opening.retry_for_s, self._info[0], unsent=opening.unsent)
+                )
                 ok, value = self._conn.recv()
                 if not ok:
                     raise value

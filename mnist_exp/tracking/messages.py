@@ -60,6 +60,7 @@ class Open:
     run_name: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     project_root: Path = Path()  # the source tags' git repository
+    unsent: Path | None = None  # where requests are kept once the server stayed away too long
 
     def do(self, client: MlflowClient, experiment_id: str) -> MlflowRun:
         from mnist_exp.tracking.mlflow_run import MlflowRun, flatten
@@ -139,6 +140,13 @@ class End:
 
 
 Request = LogValues | SetTags | Upload | MetricHistory | LogModel | End
+
+
+@dataclass
+class Kept:
+    """The answer to a request kept in `folder` (see `unsent.Journal`), not sent."""
+
+    folder: Path
 
 
 @contextlib.contextmanager

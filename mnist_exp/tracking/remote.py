@@ -35,10 +35,13 @@ class RemoteRun(TrackerLink):
         project_root: Path,
         files: tuple[Path, str] | None = None,
         retry_for_s: float = 0.0,
+        unsent: Path | None = None,
     ) -> None:
         """Open a new run with `config` as params, returning at once (see `messages.Open`)."""
         params = dict(config)
-        self._opening = m.Open(dict(tags), files, retry_for_s, None, run_name, params, project_root)
+        self._opening = m.Open(
+            dict(tags), files, retry_for_s, None, run_name, params, project_root, unsent
+        )
         self._write(self._opening)
 
     def reopen(
@@ -48,9 +51,10 @@ class RemoteRun(TrackerLink):
         tags: Mapping[str, str],
         files: tuple[Path, str] | None,
         retry_for_s: float = 0.0,
+        unsent: Path | None = None,
     ) -> None:
         """Continue a stopped run (see `MlflowRun.reopen`), adding tags and files as `start`."""
-        self._opening = m.Open(dict(tags), files, retry_for_s, run_id)
+        self._opening = m.Open(dict(tags), files, retry_for_s, run_id, unsent=unsent)
         self._write(self._opening)
 
     @property

@@ -16,8 +16,9 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from mnist_exp import names
-from mnist_exp.errors import UserError, one_line
-from mnist_exp.tracking.messages import End, Open, Request, Store
+from mnist_exp.errors import TrackingUnavailable, UserError, one_line
+from mnist_exp.tracking.messages import End, Open, Request, SetTags, Store
+from mnist_exp.tracking.unsent import Journal
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -98,12 +99,19 @@ def _record_one(conn: Connection) -> bool:
     if not gc.isenabled():
         gc.freeze()  # left out of later passes, the first of which fell on the first metric
         gc.enable()
+    journal: Journal | None = None  # the server stayed away too long: requests kept there
     while True:
         try:
             request: Request = conn.recv()
             answer: tuple[bool, Any]
             try:
-                answer = (True, request.do(run))
+                answer = (True, journal.keep(request) if journal else request.do(run))
+            except TrackingUnavailable as exc:
+                if opening.unsent is None or not run.gave_up:
+                    answer = (False, _error(exc))
+                else:
+                    journal = Journal(opening.unsent, store.tracking_uri, run.run_id)
+                    answer = (True, journal.keep(request))
             except Exception as exc:
                 answer = (False, _error(exc))
             conn.send(answer)
@@ -112,8 +120,11 @@ def _record_one(conn: Connection) -> bool:
         if isinstance(request, End):
             return True
     try:
-        run.set_tags({names.ERROR_TAG: ORPHANED})
-        run.end("FAILED")
+        for request in (SetTags({names.ERROR_TAG: ORPHANED}), End("FAILED")):
+            if journal:
+                journal.keep(request)
+            else:
+                request.do(run)
     except Exception as exc:
         if not run.gave_up:  # a server given up on was reported by the training process
             log.error(f"could not mark MLflow run {run.run_id} FAILED: {_error(exc)}")
