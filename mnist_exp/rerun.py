@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_id = write_rerun_config(source, overrides, resume, Path(conf_dir))
         if resume:
             overrides.append(f"trainer.resume={run_id}")
+        doing = f"resuming MLflow run {run_id}" if resume else f"rerunning {run_id} as a new run"
+        print(f"{doing}...", flush=True)
         sys.argv = ["mnist-train", "--config-dir", conf_dir, "--config-name", "rerun", *overrides]
         train.run_command(overrides, command)
 

@@ -25,6 +25,7 @@ from mnist_exp.config.refusals import composition_refusal
 from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner.experiment import run_experiment
+from mnist_exp.runner.sweep import refusals_leave_no_folder
 
 log = logging.getLogger("mnist_exp")
 
@@ -65,7 +66,8 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     _invocation.owns_full_error = _FULL_ERROR not in os.environ
     _composing(True)
     try:
-        _main()
+        with refusals_leave_no_folder():
+            _main()
     except KeyboardInterrupt as exc:
         sys.exit(str(exc) or "interrupted")
     except (HydraException, OmegaConfBaseException) as exc:

@@ -1,7 +1,7 @@
 """Training and evaluation throughput of mnist-exp against the seed script, side by side.
 
-    python scripts/benchmark.py [--batch-sizes [B ...]] [--json FILE] [--end-to-end] [--accuracy]
-                                [--gpu [OVERRIDE ...]]
+    python scripts/benchmark.py [--batch-sizes [B ...]] [--images N] [--test-images N] [--json FILE]
+                                [--end-to-end] [--accuracy] [--gpu [OVERRIDE ...]]
 
 For each batch size B, on the same data:
   a. the seed's loop as written: torchvision MNIST, ToTensor, DataLoader(shuffle), fp32 Adam;
@@ -10,6 +10,7 @@ For each batch size B, on the same data:
      fastest (bf16 autocast, channels-last, fused Adam), and what that logging costs;
   c. the same loop with logging off, and pure compute on synthetic tensors;
   d. evaluation of the 10,000 test images: the seed's test loop against engine.evaluate.
+`--images` and `--test-images` time fewer images (a check that the benchmark runs).
 a and the seed's test loop run in a process of their own, with the C allocator's defaults, as
 the seed script would; b, c and d in this one, with the allocator set as a run sets it.
 It prints images/s, the ratios b/a, b/c and eval b/a, and the peak memory of this process.
@@ -107,9 +108,10 @@ def seed_train(root: str, batch: int, images: int) -> float:
     return (steps - WARMUP) * batch / (time.perf_counter() - start)
 
 
-def seed_eval(root: str, batch: int) -> float:
-    """d (seed): the seed's test loop over the 10,000 test images, images/s."""
+def seed_eval(root: str, batch: int, images: int) -> float:
+    """d (seed): the seed's test loop over the first `images` test images, images/s."""
     dataset = torchvision.datasets.MNIST(root, train=False, transform=transforms.ToTensor())
+    dataset = torch.utils.data.Subset(dataset, range(min(images, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False)
     model = SeedConvNet()
     model.eval()
@@ -253,6 +255,7 @@ def _measurements(
     split = data.Data(
         data.Split(full.train.images[:epoch], full.train.labels[:epoch]), None, full.test
     )
+    tested = len(full.test)
     default, fastest = _mode(batch), _mode(batch, "experiment=fast")
     return {
         "a_seed": lambda: seed_process.submit(seed_train, root, batch, epoch).result(),
@@ -262,24 +265,32 @@ def _measurements(
         "c_default_unlogged": lambda: ours_train(split, batch, default, None),
         "c_fastest_pure_compute": lambda: pure_compute(batch, epoch, fastest),
         "c_default_pure_compute": lambda: pure_compute(batch, epoch, default),
-        "d_seed_eval": lambda: seed_process.submit(seed_eval, root, batch).result(),
+        "d_seed_eval": lambda: seed_process.submit(seed_eval, root, batch, tested).result(),
         "d_default_eval": lambda: ours_eval(split.test, default),
         "d_fastest_eval": lambda: ours_eval(split.test, fastest),
     }
 
 
-def loops(root: str, batch_sizes: list[int], store: str, rounds: int) -> dict:
+def loops(
+    root: str,
+    batch_sizes: list[int],
+    store: str,
+    rounds: int,
+    images: int | None = None,
+    test_images: int | None = None,
+) -> dict:
     """Every measurement `rounds` times, interleaved, keeping each one's best (least disturbed).
 
-    Logging's share of a logged loop's time is the one of its best round.
+    Logging's share of a logged loop's time is the one of its best round. `images` and
+    `test_images` replace the training loops' and evaluation's numbers of images.
     """
-    full = data.load("torchvision.datasets.MNIST", root)
+    full = data.load("torchvision.datasets.MNIST", root, max_test_samples=test_images)
     allocator.keep_freed_memory()  # as every run does before it builds
     spawn = multiprocessing.get_context("spawn")
     figures: dict = {}
     with ProcessPoolExecutor(1, mp_context=spawn) as seed_process:
         for batch in batch_sizes:
-            epoch = EPOCH_IMAGES.get(batch, 60000)
+            epoch = images or EPOCH_IMAGES.get(batch, 60000)
             measurements = _measurements(root, batch, epoch, full, store, seed_process)
             f = _best_of(measurements, batch, rounds)
             figures[f"batch_{batch}"] = f
@@ -451,7 +462,7 @@ def accuracy(root: str, tmp: str) -> dict:
     return figures
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=os.environ.get("MNIST_EXP_DATA", str(ROOT / "data")))
     parser.add_argument(
@@ -459,12 +470,14 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=Path("benchmark.json"))
     parser.add_argument("--rounds", type=int, default=2, help="repeats; the best is kept")
+    parser.add_argument("--images", type=int, help="images a training loop runs over")
+    parser.add_argument("--test-images", type=int, help="images evaluated (default: 10,000)")
     parser.add_argument("--end-to-end", action="store_true")
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument(
         "--gpu", nargs="*", metavar="OVERRIDE", help="experiment=fast on the CUDA GPU, with these"
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     figures = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -473,7 +486,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = f"sqlite:///{tmp}/loops.db"
         if args.batch_sizes:
-            figures["loops"] = loops(args.data_root, args.batch_sizes, store, args.rounds)
+            figures["loops"] = loops(
+                args.data_root,
+                args.batch_sizes,
+                store,
+                args.rounds,
+                args.images,
+                args.test_images,
+            )
         if args.end_to_end:
             figures["end_to_end"] = end_to_end(args.data_root, tmp)
         if args.accuracy:

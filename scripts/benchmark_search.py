@@ -66,7 +66,7 @@ def search(pruner: str, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", help="data.root (default: the config's)")
     parser.add_argument("--trials", type=int, default=16)
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=2000, help="also the test images")
     parser.add_argument("--pruners", default="median,hyperband,none")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = []
     for pruner in args.pruners.split(","):
         results.append(search(pruner, args))

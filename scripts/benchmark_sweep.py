@@ -1,7 +1,7 @@
 """What a sweep's jobs cost besides training: an 8-job sequential sweep against 8 single commands.
 
-    python scripts/benchmark_sweep.py [--data-root DIR] [--train-samples N] [--parallel]
-                                      [--json FILE]
+    python scripts/benchmark_sweep.py [--data-root DIR] [--train-samples N] [--test-samples N]
+                                      [--jobs 8] [--parallel] [--json FILE]
 
 Runs `mnist-train -m experiment=fast optimizer.lr=0.01,0.02,0.03,0.05 trainer.seed=0,1` (one
 process, jobs one after another) and the same 8 configurations as 8 single commands, 4
@@ -11,7 +11,7 @@ its overhead (wall - epoch). The
 targets: every job within 5% of a single run's images/s, and the sweep's wall time at most
 8 x (epoch + 1.5 s). `--parallel` also times a 4-job grid with joblib's n_jobs=1 and 2.
 Each sweep and command writes to a new SQLite store in a temporary folder; the machine
-should be otherwise idle.
+should be otherwise idle. `--jobs 2`, 4 or 6 sweeps the first 1, 2 or 3 learning rates only.
 """
 
 from __future__ import annotations
@@ -74,11 +74,15 @@ def _jobs(tmp: str) -> list[dict[str, float]]:
     return jobs
 
 
-def sequential(data_root: str | None, train_samples: int | None) -> dict[str, object]:
-    """The 8 single commands, half before the 8-job sweep and half after it (so that the
-    machine's drift falls on both); per-job and total figures."""
+def sequential(
+    data_root: str | None, train_samples: int | None, test_samples: int | None, jobs: int
+) -> dict[str, object]:
+    """The `jobs` single commands, half before the sweep of as many jobs and half after it (so
+    that the machine's drift falls on both); per-job and total figures."""
     subset = [f"data.max_train_samples={train_samples}"] if train_samples else []
-    configs = [(lr, seed) for lr in LRS for seed in SEEDS]
+    subset += [f"data.max_test_samples={test_samples}"] if test_samples else []
+    lrs = LRS[: jobs // len(SEEDS)]
+    configs = [(lr, seed) for lr in lrs for seed in SEEDS]
     singles, single_walls = [], []
 
     def single(lr: str, seed: str) -> None:
@@ -92,7 +96,7 @@ def sequential(data_root: str | None, train_samples: int | None) -> dict[str, ob
     with tempfile.TemporaryDirectory() as tmp:
         start = time.time()
         wall = _train(
-            ["-m", "experiment=fast", f"optimizer.lr={','.join(LRS)}",
+            ["-m", "experiment=fast", f"optimizer.lr={','.join(lrs)}",
              f"trainer.seed={','.join(SEEDS)}", *subset],
             tmp, data_root,
         )  # fmt: skip
@@ -139,18 +143,23 @@ def parallel(data_root: str | None, train_samples: int, epochs: int) -> dict[str
     return figures
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=os.environ.get("MNIST_EXP_DATA"))
     parser.add_argument("--train-samples", type=int, help="a subset (default: all 60,000)")
+    parser.add_argument("--test-samples", type=int, help="a subset (default: all 10,000)")
+    parser.add_argument(
+        "--jobs", type=int, choices=(2, 4, 6, 8), default=8, help="2 a learning rate (default: 8)"
+    )
     parser.add_argument("--parallel", action="store_true", help="also joblib n_jobs 1 vs 2")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    jobs, half = args.jobs, args.jobs // 2
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     figures: dict[str, object] = {"cores": cores, "train_samples": args.train_samples or 60000}
-    seq = sequential(args.data_root, args.train_samples)
+    seq = sequential(args.data_root, args.train_samples, args.test_samples, jobs)
     figures["sequential"] = seq
-    print(f"8-job sequential sweep of experiment=fast on {cores} cores")
+    print(f"{jobs}-job sequential sweep of experiment=fast on {cores} cores")
     print("job  images/s  vs single  start-up s  epoch s  after s  wall s  overhead s")
     for i, job in enumerate(seq["jobs"], 1):  # type: ignore[arg-type]
         print(
@@ -160,13 +169,14 @@ def main() -> None:
         )
     low, high = seq["single_images_per_s_range"]  # type: ignore[misc]
     print(
-        f"single commands, 4 before the sweep and 4 after: {seq['single_images_per_s']} "
-        f"images/s (median; from {low} to {high}); the 8 took {seq['singles_wall_s']:.1f} s"
+        f"single commands, {half} before the sweep and {half} after: "
+        f"{seq['single_images_per_s']} images/s (median; from {low} to {high}); "
+        f"the {jobs} took {seq['singles_wall_s']:.1f} s"
     )
     print(
-        f"sweep: {seq['sweep_wall_s']:.1f} s against a target of 8 x (epoch + 1.5 s) = "
+        f"sweep: {seq['sweep_wall_s']:.1f} s against a target of {jobs} x (epoch + 1.5 s) = "
         f"{seq['target_s']:.1f} s; {seq['singles_wall_s'] / seq['sweep_wall_s']:.2f}x the "
-        f"speed of 8 single commands"
+        f"speed of {jobs} single commands"
     )
     if args.parallel:
         par = parallel(args.data_root, 15000, 1)

@@ -46,6 +46,15 @@ def _rerun(capfd, *args: str, uri: str):
     return in_process(rerun.main, [*args, f"mlflow.tracking_uri={uri}"], capfd)
 
 
+def test_a_rerun_says_at_once_which_run_it_fetches_from_which_store(tracking_uri, capfd):
+    """The store's first answer takes seconds (MLflow's import, the run's files): the command
+    says what it is doing before it waits."""
+    ended = _rerun(capfd, "0123456789abcdef0123456789abcdef", uri=tracking_uri)
+    said = f"fetching the recorded config of 0123456789abcdef0123456789abcdef from {tracking_uri}"
+    assert ended.out.splitlines() == [f"{said}..."]
+    assert ended.code == 1 and "no MLflow run" in ended.err
+
+
 @pytest.mark.slow
 def test_a_rerun_is_bit_identical_and_tagged_and_takes_overrides_on_top(
     mnist_train, tracking_uri, tmp_path, capfd
@@ -53,7 +62,9 @@ def test_a_rerun_is_bit_identical_and_tagged_and_takes_overrides_on_top(
     assert mnist_train("optimizer=sgd", "optimizer.lr=0.02", *SMALL).code == 0
     (original,) = runs_in(tracking_uri)
     run_id = original.info.run_id
-    assert _rerun(capfd, run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri).code == 0
+    ended = _rerun(capfd, run_id, f"hydra.run.dir={tmp_path}/rerun", uri=tracking_uri)
+    assert ended.code == 0
+    assert f"rerunning {run_id} as a new run...\n" in ended.out
     again = only_run(tracking_uri, **{"mnist_exp.rerun_of": run_id})
     assert again.info.status == "FINISHED"
     assert again.info.run_name.startswith("rerun of ")

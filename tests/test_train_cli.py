@@ -160,6 +160,24 @@ def test_impossible_values_are_one_clear_line_without_a_run(
     assert runs_in(tracking_uri) == []
 
 
+def test_a_refused_command_leaves_no_folder_but_those_that_were_there(mnist_train, tmp_path):
+    """Hydra makes the run's folder (and a new day's) before the value is refused: both go
+    again; a day's folder holding another run, and a folder the user made, stay."""
+    outputs = tmp_path / "outputs"
+    earlier = outputs / "2026-12-01" / "10-00-00"
+    earlier.mkdir(parents=True)
+    for run_dir in ("2026-12-01/10-00-05", "2026-12-02/09-00-00"):
+        refused = mnist_train("trainer.epochs=-1", f"hydra.run.dir={outputs}/{run_dir}")
+        assert refused.code == 1 and refused.err.startswith("error: trainer.epochs=-1")
+    assert sorted(outputs.rglob("*")) == [earlier.parent, earlier]
+    sweep = mnist_train("-m", "trainer.epochs=-1", f"hydra.sweep.dir={outputs}/multirun/day")
+    assert sweep.code == 1 and not (outputs / "multirun").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert mnist_train("trainer.epochs=-1", f"hydra.run.dir={mine}").code == 1
+    assert mine.is_dir()
+
+
 @pytest.mark.slow
 def test_missing_dataset_is_one_clear_line(mnist_train, tracking_uri, tmp_path: Path):
     ended = mnist_train(f"data.root={tmp_path}/empty", "data.download=false")

@@ -13,7 +13,7 @@ from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
 from mnist_exp.runner.naming import describing
 from mnist_exp.tracking.http import configure_requests
-from mnist_exp.tracking.store import get_run, open_store
+from mnist_exp.tracking.redaction import redact
 
 # Groups that only matter to a sweep, never replayed into a single run.
 _NOT_REPLAYED = ("hydra/", "hparams_search")
@@ -25,6 +25,10 @@ def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir
     cfg = compose_config([o for o in overrides if o.startswith("mlflow.")])
     configure_requests(cfg.mlflow)
     uri = cfg.mlflow.tracking_uri
+    # Said before MLflow's import: it, the store and the run's files take seconds.
+    print(f"fetching the recorded config of {source} from {redact(uri)}...", flush=True)
+    from mnist_exp.tracking.store import get_run, open_store
+
     # A run being resumed waits for a tracking server that is briefly away, as its run does.
     retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0) if resume else 0.0
     client, experiment_id = open_store(uri, cfg.mlflow.experiment_name, retry_for_s)

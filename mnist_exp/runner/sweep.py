@@ -1,13 +1,16 @@
 """The one Hydra callback (conf/config.yaml): a sweep's folder, config and search checked once,
 the MLflow parent run opened, and after the last job its outcome recorded; a single run's folder
-checked writable."""
+checked writable. A refused command's folder, made for nothing, is removed again."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from mnist_exp.tracking.mlflow_run import MlflowRun
 
 log = logging.getLogger("mnist_exp")
+# The folders this command made for its run or sweep (that folder first, then the parents made
+# with it) and Hydra's subfolder in it: `refusals_leave_no_folder` removes them again.
+_made: list[tuple[list[Path], str | None]] = []
 
 
 class SweepCallback(Callback):
@@ -37,7 +43,7 @@ class SweepCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
-            _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+            _check_writable(Path(config.hydra.run.dir), "hydra.run.dir", config.hydra.output_subdir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
@@ -91,8 +97,10 @@ class SweepCallback(Callback):
             self.parent.end("FAILED")
 
 
-def _check_writable(folder: Path, key: str) -> None:
+def _check_writable(folder: Path, key: str, hydra_subdir: str | None = None) -> None:
     """Hydra creates the run folder before the run and would answer with a stack trace."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    _made[:] = [(made, hydra_subdir)] if made else []
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -101,3 +109,29 @@ def _check_writable(folder: Path, key: str) -> None:
             f"cannot write the run folder {folder} ({exc.strerror or exc}): "
             f"set {key} to a writable folder, or free space on its disk"
         ) from exc
+
+
+@contextlib.contextmanager
+def refusals_leave_no_folder() -> Iterator[None]:
+    """A command refused in one line (`SystemExit`) removes the run or sweep folder it made
+    when nothing is in it but Hydra's copy of the config and empty logs: each refusal had left
+    an empty outputs/DATE/TIME/. A folder that was there before is left alone."""
+    _made.clear()
+    try:
+        yield
+    except SystemExit:
+        if _made:
+            _remove_if_unused(*_made.pop())
+        raise
+
+
+def _remove_if_unused(made: list[Path], hydra_subdir: str | None) -> None:
+    folder, *parents = made
+    for path in folder.rglob("*"):
+        hydra_file = path.relative_to(folder).parts[0] == hydra_subdir
+        if path.is_file() and path.stat().st_size and not hydra_file:
+            return  # the run began: its folder stays
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in parents:
+        with contextlib.suppress(OSError):  # not empty: another command's folder is in it
+            parent.rmdir()
