@@ -78,6 +78,8 @@ def test_a_failed_job_is_counted_and_the_sweep_goes_on(mnist_train, tracking_uri
     assert parent.info.status == "FINISHED"
 
 
+# Optuna warns as the sweeper asks for trials outside `Study.optimize`: not in a search's output.
+@pytest.mark.filterwarnings("error:Heartbeat of storage:UserWarning")
 def test_optuna_optimises_the_validation_accuracy(mnist_train, tracking_uri, tmp_path):
     ended = mnist_train(
         "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.val_size=200", *SMALL
