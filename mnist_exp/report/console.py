@@ -67,8 +67,21 @@ class Console(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        shown = ", ".join(f"{k} {number(v)}" for k, v in metrics.items())
         log.info(f"Epoch [{epoch}/{self._epochs}] done: {shown}")
+
+
+def number(value: float) -> str:
+    """A metric as the lines show it: `10,070` from a thousand up (not `1.007e+04`), else
+    four significant digits (`0.9556`)."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def accuracy_line(test: EvalResult) -> str:
+    """The seed's line, its percentage to two decimals (`95.56 %`, not `95.55555555555556 %`)."""
+    return (
+        f"Test Accuracy of the model on the {test.total} test images: {100 * test.accuracy:.2f} %"
+    )
 
 
 def summary(
