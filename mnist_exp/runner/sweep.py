@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from mnist_exp.config.checks import check_config, check_search_space
 from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import OPTUNA_PLOTS
+from mnist_exp.runner import slurm
 from mnist_exp.runner.naming import SWEPT_ENV, swept_keys
 from mnist_exp.search import PLUGIN_NAME
 from mnist_exp.tracking.http import configure_requests
@@ -43,6 +44,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
             self.check(config)
+        slurm.warn_once()
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import open_parent
 
