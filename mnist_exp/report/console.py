@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from torch import Tensor
 from tqdm import tqdm
 
+from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.training.engine import Callback, EvalResult
 
 log = logging.getLogger("mnist_exp")
@@ -99,7 +101,7 @@ def summary(
     if tracking_uri.startswith(("http://", "https://")):
         ui = f"{tracking_uri.rstrip('/')}/{page}"
     else:
-        ui = f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+        ui = f"{ui_command(tracking_uri)}, then http://127.0.0.1:5000/{page}"
     lines = [
         f"Run {run_id}" + (f" ({run_name})" if run_name else "") + " finished",
         f"  test accuracy  {test.accuracy:.2%} ({test.correct} of {test.total} test images)",
@@ -109,3 +111,13 @@ def summary(
         lines.append(f"  model          runs:/{run_id}/model (try: mnist-predict {run_id} IMAGE)")
     lines.append(f"  MLflow UI      {ui}")
     return "\n".join(lines)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """scripts/ui.sh on this store (`mlflow` is on the PATH only in the active virtualenv),
+    in full but from the project's folder."""
+    script = Path("scripts", "ui.sh")
+    shown = script if Path.cwd() == PROJECT_ROOT else PROJECT_ROOT / script
+    default = f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+    store = "" if tracking_uri == default else f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} "
+    return f"{store}bash {shlex.quote(str(shown))}"
