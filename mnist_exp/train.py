@@ -24,6 +24,7 @@ from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import composition_refusal
 from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import COMMAND_TAG
+from mnist_exp.runner import slurm
 from mnist_exp.runner.experiment import run_experiment
 from mnist_exp.runner.sweep import refusals_leave_no_folder
 
@@ -79,13 +80,8 @@ def run_command(args: list[str], command: str | None = None) -> bool:
 
         if not isinstance(exc, FailedJobError):
             raise
-        # sbatch refused the sweep's jobs: more CPUs or memory than a node has, say.
-        said = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
-        sys.exit(
-            f"error: the cluster refused the sweep's jobs ({said}): ask for what its nodes have "
-            "(sinfo --Node --long) through hydra.launcher.cpus_per_task, mem_gb, gpus_per_node "
-            "or partition"
-        )
+        # sbatch refused the sweep's jobs: more CPUs or memory than a node has, or no cluster.
+        sys.exit(f"error: {slurm.refusal(str(exc))}")
     finally:
         _composing(False)
         _invocation.owns_full_error = False

@@ -173,7 +173,7 @@ def test_without_a_terminal_plain_lines_and_a_summary(mnist_train, tracking_uri,
     assert (run_dir / "model.ckpt").is_file()
     assert f"test accuracy  {run.data.metrics['test_accuracy']:.2%}" in summary
     assert f"model          runs:/{run_id}/model" in summary
-    assert f"mlflow ui --backend-store-uri {tracking_uri}" in summary
+    assert f"MLFLOW_TRACKING_URI={tracking_uri} bash " in summary
     assert re.search(rf"http://127\.0\.0\.1:5000/#/experiments/\d+/runs/{run_id}", summary)
 
 

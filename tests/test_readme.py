@@ -7,20 +7,23 @@
   of `mnist_exp/names.py`;
 - every `mnist-*` command is an entry point of pyproject.toml, every `python -m mnist_exp.*`
   a runnable module, every project path a file or folder, and every `mnist-train` command's
-  overrides compose into a config that passes the range checks.
+  overrides compose into a config that passes the range checks; the Python example's error
+  is the one `train` raises.
 
-Nothing here trains or starts a process: it reads files and composes configs.
+Nothing here trains or starts a process: it reads files, composes configs and has `train`
+refuse a value.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from mnist_exp import names
+from mnist_exp import UserError, api, names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import compose_config
 
@@ -115,6 +118,21 @@ def test_the_reference_names_every_option_of_every_group() -> None:
         assert name in rows, f"docs/reference.md's configuration table has no row for {name}"
         for option in sorted(f.stem for f in group.glob("*.yaml")):
             assert f"`{option}`" in rows[name], f"docs/reference.md: {name} lacks `{option}`"
+
+
+def test_the_python_examples_error_is_the_one_train_raises(tmp_path: Path) -> None:
+    """The README's `except UserError` example prints what `train` raises (refused before it
+    trains: nothing but its run folder, here under tmp_path, is made)."""
+    example = re.search(
+        r"^try:\n    train\((\[.*?\])\)\nexcept UserError as exc:\n    # (.*)\n    print\(exc\)$",
+        _section("Tour"),
+        re.M,
+    )
+    assert example, "README.md's Tour has no `try: train([...]) except UserError` example"
+    overrides = [*ast.literal_eval(example.group(1)), f"hydra.run.dir={tmp_path}/run"]
+    with pytest.raises(UserError) as refused:
+        api.train(overrides)
+    assert str(refused.value) == example.group(2)
 
 
 def test_the_reference_names_every_metric_and_tag() -> None:

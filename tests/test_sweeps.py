@@ -76,8 +76,16 @@ def test_a_failed_job_is_counted_and_the_sweep_goes_on(mnist_train, tracking_uri
     assert parent.data.metrics["sweep_failed"] == 1
     assert parent.data.metrics["sweep_finished"] == 1
     assert parent.info.status == "FINISHED"
+    # Each job prints the name MLflow shows: its swept override, not `optimizer=sgd,...` too.
+    for child in children:
+        assert f"MLflow run {child.info.run_id} ({child.info.run_name})" in ended.out, ended.out
+    assert sorted(c.info.run_name for c in children) == ["lr=0.01", "lr=1e+38"]
+    (finished,) = [c for c in children if c.info.status == "FINISHED"]
+    assert f"Run {finished.info.run_id} (lr=0.01) finished" in ended.out
 
 
+# Optuna warns as the sweeper asks for trials outside `Study.optimize`: not in a search's output.
+@pytest.mark.filterwarnings("error:Heartbeat of storage:UserWarning")
 def test_optuna_optimises_the_validation_accuracy(mnist_train, tracking_uri, tmp_path):
     ended = mnist_train(
         "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "data.val_size=200", *SMALL

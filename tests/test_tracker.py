@@ -10,14 +10,39 @@ from pathlib import Path
 
 import pytest
 from conftest import loss_history
+from mlflow.entities import Run, RunData, RunInfo
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import UserError
 from mnist_exp.errors import TrackerLost
 from mnist_exp.runner.lifecycle import recording
 from mnist_exp.tracking import tracker
+from mnist_exp.tracking.messages import Store
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.tracking.store import open_store
+
+
+def test_a_run_ended_on_a_tracking_server_gets_no_view_run_lines_of_mlflows(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """MLflow prints `View run NAME at: URL` and `View experiment at: URL` as it ends a run on
+    a server. The tracker takes on the variables of the training process, which imports no
+    MLflow and so lacks store.py's defaults: the summary is still the output's last word."""
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    sent = Store("http://127.0.0.1:5000", "mnist-exp")  # in the training process
+    environment = dict(os.environ)
+    try:
+        sent.take_environment()  # in the tracker
+        client = MlflowClient(sent.tracking_uri)
+        server = client._tracking_client.store  # answers as a server would, without one
+        info = RunInfo("r1", "1", "me", "RUNNING", 0, None, "active", run_name="lr=0.001")
+        monkeypatch.setattr(server, "get_run", lambda run_id: Run(info, RunData()))
+        monkeypatch.setattr(server, "update_run_info", lambda *args, **kwargs: None)
+        client.set_terminated("r1", "FINISHED")
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    assert "View run" not in capfd.readouterr().out
 
 
 @pytest.mark.slow  # starts a tracker process, which imports MLflow

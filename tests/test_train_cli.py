@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mnist_exp import compare, predict, rerun, train
+from mnist_exp.runner import slurm
 from mnist_exp.training.networks import ConvNet
 
 NO_RUN = "0123456789abcdef0123456789abcdef"
@@ -198,6 +199,60 @@ def test_fewer_classes_than_the_data_has_is_one_clear_line(mnist_train, tracking
         "change it on the command line or in conf/"
     ]
     assert runs_in(tracking_uri) == []
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_imported_is_one_line_saying_where_to_put_it(
+    mnist_train, tracking_uri
+):
+    """One's own `_target_` whose module is not on the path: Hydra's four lines, once."""
+    ended = mnist_train("model._target_=nosuch.Model", *SMALL)
+    assert ended.code == 1
+    assert ended.err.strip().splitlines() == [
+        "error: model._target_=nosuch.Model cannot be imported (No module named 'nosuch'): put "
+        "its module on PYTHONPATH (e.g. PYTHONPATH=. mnist-train ...) or install its package"
+    ]
+    assert runs_in(tracking_uri) == []
+
+
+# What sbatch writes on a machine with no SLURM configuration (Debian's slurm-wlm 22.05).
+SBATCH_NO_CONFIG = """\
+sbatch: error: resolve_ctls_from_dns_srv: res_nsearch error: Unknown host
+sbatch: error: fetch_config: DNS SRV lookup failed
+sbatch: error: _establish_config_source: failed to fetch config
+sbatch: fatal: Could not establish a configuration source
+"""
+
+
+def test_sbatch_finding_no_cluster_is_told_so_not_blamed_on_resources() -> None:
+    """submitit prints sbatch's lines; the error after them says what they come to, once."""
+    assert slurm.refusal(SBATCH_NO_CONFIG) == (
+        "SLURM is not configured or reachable on this machine (sbatch: fatal: Could not "
+        "establish a configuration source): run the sweep on the cluster's login node, or "
+        "set SLURM_CONF to the cluster's slurm.conf"
+    )
+    refused = (
+        "sbatch: error: Batch job submission failed: Requested node configuration is not available"
+    )
+    assert "hydra.launcher.cpus_per_task" in slurm.refusal(refused + "\n")
+
+
+def test_submitits_repeated_sacct_warning_is_shown_once(monkeypatch, caplog) -> None:
+    """Where sacct fails (no accounting), submitit warns at each look at the sweep's jobs."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    def sacct(command, **kwargs):
+        raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(subprocess, "check_output", sacct)
+    slurm.warn_once()
+    watcher = SlurmInfoWatcher()
+    watcher.register_job("12345")
+    for _ in range(3):
+        watcher.update()
+    warned = [r.getMessage() for r in caplog.records if "sacct error" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("Call #1 - Bypassing sacct error")
 
 
 @pytest.mark.slow

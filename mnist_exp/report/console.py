@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from torch import Tensor
 from tqdm import tqdm
 
+from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.training.engine import Callback, EvalResult
 
 log = logging.getLogger("mnist_exp")
@@ -67,8 +69,21 @@ class Console(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        shown = ", ".join(f"{k} {number(v)}" for k, v in metrics.items())
         log.info(f"Epoch [{epoch}/{self._epochs}] done: {shown}")
+
+
+def number(value: float) -> str:
+    """A metric as the lines show it: `10,070` from a thousand up (not `1.007e+04`), else
+    four significant digits (`0.9556`)."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def accuracy_line(test: EvalResult) -> str:
+    """The seed's line, its percentage to two decimals (`95.56 %`, not `95.55555555555556 %`)."""
+    return (
+        f"Test Accuracy of the model on the {test.total} test images: {100 * test.accuracy:.2f} %"
+    )
 
 
 def summary(
@@ -86,7 +101,7 @@ def summary(
     if tracking_uri.startswith(("http://", "https://")):
         ui = f"{tracking_uri.rstrip('/')}/{page}"
     else:
-        ui = f"mlflow ui --backend-store-uri {tracking_uri}, then http://127.0.0.1:5000/{page}"
+        ui = f"{ui_command(tracking_uri)}, then http://127.0.0.1:5000/{page}"
     lines = [
         f"Run {run_id}" + (f" ({run_name})" if run_name else "") + " finished",
         f"  test accuracy  {test.accuracy:.2%} ({test.correct} of {test.total} test images)",
@@ -96,3 +111,13 @@ def summary(
         lines.append(f"  model          runs:/{run_id}/model (try: mnist-predict {run_id} IMAGE)")
     lines.append(f"  MLflow UI      {ui}")
     return "\n".join(lines)
+
+
+def ui_command(tracking_uri: str) -> str:
+    """scripts/ui.sh on this store (`mlflow` is on the PATH only in the active virtualenv),
+    in full but from the project's folder."""
+    script = Path("scripts", "ui.sh")
+    shown = script if Path.cwd() == PROJECT_ROOT else PROJECT_ROOT / script
+    default = f"sqlite:///{PROJECT_ROOT / 'mlruns' / 'mlflow.db'}"
+    store = "" if tracking_uri == default else f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} "
+    return f"{store}bash {shlex.quote(str(shown))}"

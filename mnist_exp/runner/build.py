@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import Module
@@ -15,7 +16,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp.config.refusals import refusal
-from mnist_exp.errors import UserError, one_line
+from mnist_exp.errors import UserError, first_line, one_line
 from mnist_exp.training import allocator, checkpoint, compute, data, image_folder
 
 log = logging.getLogger("mnist_exp")
@@ -57,16 +58,16 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
         folder=_folder_options(cfg),
     )
     _check_classes(cfg, dataset)
-    model = instantiate(cfg.model).to(device)
+    model = _instantiate(cfg.model, "model").to(device)
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    optimizer = _instantiate(cfg.optimizer, "optimizer")(model.parameters())
     scheduler = None
     if cfg.get("scheduler"):
         steps_per_epoch = -(-len(dataset.train) // cfg.data.batch_size)
         total_steps = max(1, steps_per_epoch * cfg.trainer.epochs)
         try:
-            scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=total_steps)
+            scheduler = _instantiate(cfg.scheduler, "scheduler")(optimizer, total_steps=total_steps)
         except (ValueError, ZeroDivisionError) as exc:  # e.g. a warm-up of exactly one step
             raise UserError(
                 f"scheduler: cannot schedule {total_steps} steps with these settings "
@@ -82,6 +83,23 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
                 f"model, optimizer and scheduler ({one_line(exc)[:200]})"
             ) from exc
     return Setup(model, optimizer, scheduler, dataset, device)
+
+
+def _instantiate(node: DictConfig, key: str) -> Any:
+    """`instantiate(node)`; a `_target_` that cannot be imported (one's own model, say) is
+    refused in one line, not Hydra's four."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        if not str(exc).startswith("Error locating target"):
+            raise
+        cause: BaseException = exc
+        while cause.__cause__ is not None:  # Hydra's ImportError, then the import's own
+            cause = cause.__cause__
+        raise UserError(
+            f"{key}._target_={node._target_} cannot be imported ({first_line(cause)}): put its "
+            f"module on PYTHONPATH (e.g. PYTHONPATH=. mnist-train ...) or install its package"
+        ) from exc
 
 
 def _folder_options(cfg: DictConfig) -> image_folder.FolderOptions:

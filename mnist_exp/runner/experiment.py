@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import TrackingUnavailable
 from mnist_exp.runner import job_log, lifecycle
-from mnist_exp.runner.naming import name_from
+from mnist_exp.runner.naming import SWEPT_ENV, name_from
 from mnist_exp.tracking import processes
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.redaction import redact
@@ -88,9 +89,10 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     log.info(f"Training on {setup.device}; recording in {redact(uri)}")
     # hydra.output_subdir=null: Hydra kept no copy of the config, so there is none to record.
     files = out_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
+    swept = os.environ.get(SWEPT_ENV, "").split()  # in a sweep's job, the keys it varies
     if state is None:
         recorder.start(
-            run_name=cfg.mlflow.run_name or name_from(overrides),
+            run_name=cfg.mlflow.run_name or name_from(overrides, swept),
             config=config,
             tags=tags,
             project_root=PROJECT_ROOT,

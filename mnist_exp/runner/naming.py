@@ -1,9 +1,17 @@
-"""A run's default name, from the overrides that say what the experiment is."""
+"""A run's default name, from the overrides that say what the experiment is (in a sweep's job,
+those the sweep varies: the name it prints is the one MLflow shows)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+
 from mnist_exp.report.table import short_name
 
+# The keys a sweep varies, space-separated: set by the sweep callback for the jobs it launches.
+SWEPT_ENV = "MNIST_EXP_SWEPT_KEYS"
 # Override prefixes that say where things are, not what the experiment is; left out of names.
 _NOT_IN_NAME = (
     "hydra.",
@@ -20,7 +28,20 @@ def describing(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(_NOT_IN_NAME)]
 
 
-def name_from(overrides: list[str]) -> str | None:
-    """`optimizer.lr=0.003 data.batch_size=128` -> `lr=0.003,batch_size=128`; None if none."""
+def name_from(overrides: list[str], swept: Collection[str] = ()) -> str | None:
+    """`optimizer.lr=0.003 data.batch_size=128` -> `lr=0.003,batch_size=128`, only the `swept`
+    keys when it has any; None if none."""
     pairs = dict(o.lstrip("+~").partition("=")[::2] for o in describing(overrides))
-    return short_name(pairs) or None
+    return short_name({k: v for k, v in pairs.items() if k in swept} or pairs) or None
+
+
+def swept_keys(params: Mapping[str, str], overrides: list[str]) -> list[str]:
+    """The keys a sweep varies: its `hydra.sweeper.params` and command line (which wins) that
+    hold a sweep (`0.1,0.2`, `choice(...)`, `interval(...)`)."""
+    lines = [f"{k}={v}" for k, v in params.items()] + overrides
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except OverrideParseException:  # the sweeper refuses them, in its words
+        return []
+    swept = {o.key_or_group: o.is_sweep_override() for o in parsed}
+    return [key for key, sweeps in swept.items() if sweeps]

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 from mnist_exp.config.checks import check_config, check_search_space
 from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import OPTUNA_PLOTS
+from mnist_exp.runner import slurm
+from mnist_exp.runner.naming import SWEPT_ENV, swept_keys
 from mnist_exp.search import PLUGIN_NAME
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.redaction import redact
@@ -48,12 +50,15 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
             self.check(config)
+        slurm.warn_once()
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import open_parent
 
         with exit_on_user_error():
             self.parent = open_parent(config)
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
+        params = config.hydra.sweeper.get("params") or {}
+        os.environ[SWEPT_ENV] = " ".join(swept_keys(params, list(config.hydra.overrides.task)))
         atexit.register(self._abandon)
         log.info(f"Sweep parent run {self.parent.run_id} in {redact(config.mlflow.tracking_uri)}")
 
@@ -63,6 +68,7 @@ class SweepCallback(Callback):
 
         parent, self.parent = self.parent, None
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEPT_ENV, None)
         if parent is None:
             return
         lines = [record_outcome(parent, config)]

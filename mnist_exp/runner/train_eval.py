@@ -15,7 +15,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnist_exp import names
 from mnist_exp.report import plots
-from mnist_exp.report.console import Console, wants_progress_bar
+from mnist_exp.report.console import Console, accuracy_line, wants_progress_bar
 from mnist_exp.runner import servable
 from mnist_exp.runner.build import Setup, channels_last
 from mnist_exp.runner.callbacks import Checkpointer, MetricsLogger
@@ -92,10 +92,7 @@ def train_and_evaluate(
         channels_last=layout,
         keep_predictions=True,
     )
-    log.info(
-        f"Test Accuracy of the model on the {test.total} test images: "
-        f"{100 * test.correct / max(test.total, 1)} %"
-    )
+    log.info(accuracy_line(test))
     assert test.targets is not None and test.predictions is not None
     confusion = plots.confusion_matrix(test.targets, test.predictions, cfg.model.num_classes)
     classes = class_names(setup.data.classes, len(confusion))

@@ -96,6 +96,14 @@ def trial_ids(storage: RDBStorage, study_name: str, numbers: Sequence[int]) -> l
     return [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in numbers]
 
 
+def ask(study: optuna.Study) -> optuna.Trial:
+    """The study's next trial (one enqueued again first). Optuna warns when a storage with
+    heartbeats is asked outside `Study.optimize`; the sweeper beats them itself (`heartbeat`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+        return study.ask()
+
+
 def fail_stale(study: optuna.Study) -> None:
     """Fail the running trials whose heartbeat stopped, enqueuing each again (see above)."""
     with _quietly():

@@ -103,7 +103,7 @@ class OptunaSweeper(Sweeper):
         trials: list[optuna.Trial] = []
         batch: list[Sequence[str]] = []
         for _ in range(size):
-            trial = study.ask()  # a trial enqueued again is asked first, with its values
+            trial = studies.ask(study)  # a trial enqueued again comes first, with its values
             study.sampler = self.settings.sampler_for(trial.number)
             trials.append(trial)
             batch.append([*space.overrides(trial), f"hydra.sweeper.trial={trial.number}"])

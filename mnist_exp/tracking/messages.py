@@ -42,9 +42,11 @@ class Store:
         for key in _environment().keys() - self.environment.keys():
             del os.environ[key]
         os.environ.update(self.environment)
-        # store.py's default, which the training process may have dropped: MLflow's download
-        # bar would land in its output (the tracker's stderr is its).
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        from mnist_exp.tracking.store import quiet_mlflow  # imported already, in the tracker
+
+        # Its defaults, which the training process (importing no MLflow) lacks: the tracker's
+        # output is the run's.
+        quiet_mlflow()
 
 
 @dataclass

@@ -8,7 +8,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -65,13 +64,10 @@ def open_parent(config: DictConfig) -> MlflowRun:
 
 
 def record_outcome(parent: MlflowRun, config: DictConfig) -> str:
-    """Name each child after its swept overrides and record on the parent how many jobs
-    finished and failed, the best child by `optimized_metric` and the sweep's picture;
-    returns the summary line."""
+    """Record on the parent how many jobs finished and failed, the best child by
+    `optimized_metric` and the sweep's picture; returns the summary line."""
     client = parent.client
-    run = client.get_run(parent.run_id)
-    _name_by_swept_overrides(client, sweep_runs(client, run))
-    children = sweep_runs(client, run)
+    children = sweep_runs(client, client.get_run(parent.run_id))
     # A job that failed before it could open a run left only its folder behind.
     jobs = max(len(list(Path(config.hydra.sweep.dir).glob("*/.hydra"))), len(children))
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -114,12 +110,3 @@ def _study_parent(client: MlflowClient, experiment_id: str, study: dict[str, str
     )
     found = [r for r in runs if all(r.data.tags.get(k) == v for k, v in study.items())]
     return found[0].info.run_id if found else None
-
-
-def _name_by_swept_overrides(client: MlflowClient, children: list[Run]) -> None:
-    """Rename each child after the overrides that differ between jobs: `lr=0.003,batch_size=128`."""
-    keys, given = table.swept_overrides(children)
-    for run, overrides in zip(children, given, strict=True):
-        name = table.short_name({k: overrides[k] for k in keys if k in overrides})
-        if name and name != run.info.run_name:
-            client.set_tag(run.info.run_id, names.RUN_NAME_TAG, name)

@@ -24,10 +24,16 @@ from mnist_exp.tracking import processes
 from mnist_exp.tracking.outage import Outage, reason
 from mnist_exp.tracking.redaction import redact
 
-# A run's output has no room for MLflow's download bars, its link to each run it ends (the
-# URI unredacted), each new SQLite store's migration, or urllib3's warning at each retry.
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+def quiet_mlflow() -> None:
+    """A run's output has no room for MLflow's download bars or its "View run" link to each run
+    it ends on a server (the URI unredacted): off unless the user's environment says."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+quiet_mlflow()
+# Nor for each new SQLite store's migration, or urllib3's warning at each retry.
 for _name in ("mlflow.store.db.utils", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
