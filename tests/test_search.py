@@ -277,7 +277,7 @@ def test_a_bad_region_of_learning_rates_is_pruned(mnist_train, tracking_uri, cap
     argv = [parent.info.run_id, "--format", "csv", "--tracking-uri", tracking_uri]
     shown = in_process(compare.main, argv, capfd)
     assert shown.code == 0, shown.err
-    table = list(csv.DictReader(shown.out.strip().splitlines()[1:]))
+    table = list(csv.DictReader(shown.out.strip().splitlines()))  # stdout: only the CSV
     rows = {row["trial"]: (row["trial_state"], row["stopped_at_epoch"]) for row in table}
     for trial in study.get_trials():
         stopped = str(max(trial.intermediate_values, default=0) or "")

@@ -59,7 +59,7 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
 
     shown = in_process(compare.main, ["--tracking-uri", tracking_uri, "--format", "csv"], capfd)
     assert shown.code == 0, shown.err
-    header, *rows = shown.out.strip().splitlines()[1:]
+    header, *rows = shown.out.strip().splitlines()  # stdout: only the CSV
     assert header.split(",")[:4] == ["run_id", "run_name", "status", "optimizer.lr"]
     assert rows[0].split(",")[0] == best.info.run_id
     assert len(rows) == 2
