@@ -170,9 +170,11 @@ def test_a_killed_search_resumes_its_study_and_parent(train_command, mnist_train
     )
     try:
         deadline = time.monotonic() + 300
+        watched = None  # loaded once: a load a poll took a busy machine a second, a trial's length
         while time.monotonic() < deadline and proc.poll() is None:
             try:
-                trials = _study(tracking_uri).get_trials()
+                watched = watched or _study(tracking_uri)
+                trials = watched.get_trials()
             except Exception:  # no study yet
                 trials = []
             ended = sum(t.state.is_finished() for t in trials)
