@@ -1,4 +1,5 @@
-"""`data=image_folder`: a folder of one's own images, read as MNIST is, converted once and cached.
+"""`data=image_folder`: a folder of one's own images, read as MNIST is, converted once and cached;
+the models sized by `data.image_size`, and a model that does not fit the images refused.
 
 The folders are written in each test from MNIST's own images (as PNGs, and a few as other
 formats and sizes), so what the loader returns can be checked against MNIST's tensors.
@@ -7,20 +8,26 @@ formats and sizes), so what the loader returns can be checked against MNIST's te
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import in_process, runs_in
 from PIL import Image
 
+from mnist_exp import predict
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
+from mnist_exp.runner.build import check_fit, model_arguments
 from mnist_exp.training import image_folder
-from mnist_exp.training.data import IMAGE_FOLDER, load
+from mnist_exp.training.data import IMAGE_FOLDER, Data, Split, load
 from mnist_exp.training.image_folder import FolderOptions
 from mnist_exp.training.images import mnist_pixels
+from mnist_exp.training.networks import ConvNet
 
 # pytest-xdist runs the file on one worker: its image folders, made once.
 pytestmark = pytest.mark.xdist_group("image_folder")
@@ -172,3 +179,134 @@ def test_data_image_folder_needs_a_root_and_a_test_fraction_below_one():
         UserError, match=r"^data.test_fraction=1.0 must be a number between 0 and 1"
     ):
         check_config(compose_config(["data=image_folder", "data.root=x", "data.test_fraction=1.0"]))
+
+
+@pytest.fixture(scope="module")
+def digits(mnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MNIST's images as PNGs in train/ and test/ class folders; read at 32x32, they are cached
+    beside them (`data.cache_dir`), once for the module."""
+    folder = tmp_path_factory.mktemp("digits")
+    write_pngs(folder / "images" / "train", mnist.train.images, mnist.train.labels)
+    write_pngs(folder / "images" / "test", mnist.test.images, mnist.test.labels)
+    return folder
+
+
+def at_32(digits: Path) -> list[str]:
+    """The overrides of `data=image_folder` on `digits` converted to 32x32."""
+    return [
+        "data=image_folder",
+        f"data.root={digits / 'images'}",
+        f"data.cache_dir={digits / 'cache'}",
+        "data.image_size=32",
+        "trainer.epochs=1",
+    ]
+
+
+@pytest.mark.slow
+def test_the_convnet_trains_on_32x32_images_and_its_model_predicts_at_that_size(
+    mnist_train, tracking_uri, digits, tmp_path, capfd
+):
+    ended = mnist_train(*at_32(digits), "mlflow.log_model=true")
+    assert ended.code == 0, ended.err
+    (run,) = runs_in(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.image_size"] == "32"  # followed data.image_size
+    assert 0 <= run.data.metrics["test_accuracy"] <= 1
+    weights = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
+    assert weights["fc.weight"].shape == (10, 8 * 8 * 32)  # 32 -> 16 -> 8 a side
+
+    image = next((digits / "images" / "test" / "seven").iterdir())
+    argv = [run.info.run_id, str(image), "--tracking-uri", tracking_uri]
+    shown = in_process(predict.main, argv, capfd)
+    assert shown.code == 0, shown.err
+    assert re.fullmatch(rf"{re.escape(str(image))}: \w+ \(\d+\.\d%\)\n", shown.out), shown.out
+
+
+# A model of one's own made for 28x28 images, or for five classes, whatever it is told.
+FIXED_NET = """
+import torch
+
+
+class Net(torch.nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = torch.nn.Linear(28 * 28, 5)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["model._target_=fixed_net.Net"],
+            "error: model fixed_net.Net does not fit the data's 1x32x32 images (RuntimeError: "
+            "mat1 and mat2 shapes cannot be multiplied (2x1024 and 784x5)): make its layers "
+            "fit 32x32 images: take image_size as the ConvNet does (README: Your own model), "
+            "or set data.image_size to the size it takes",
+        ),
+        (
+            ["model.image_size=28"],
+            "error: model mnist_exp.models.ConvNet does not fit the data's 1x32x32 images "
+            "(RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x2048 and 1568x10)): "
+            "set model.image_size=32, the data's size",
+        ),
+        (
+            ["model._target_=fixed_net.Net", "data.image_size=28"],
+            "error: model fixed_net.Net returns 2x5 for 2 images of 1x28x28, not 2x10 (a score "
+            "per image and class): make its last layer give model.num_classes outputs",
+        ),
+    ],
+    ids=["own model for 28x28", "convnet told 28", "too few outputs"],
+)
+def test_a_model_that_does_not_fit_the_images_is_one_line_without_a_run(
+    mnist_train, tracking_uri, digits, tmp_path, monkeypatch, overrides, expected
+):
+    (tmp_path / "fixed_net.py").write_text(FIXED_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fixed_net", raising=False)  # gone again after the test
+    ended = mnist_train(*at_32(digits), *overrides)
+    sys.modules.pop("fixed_net", None)
+    assert ended.code == 1
+    assert ended.err.strip().splitlines()[-1] == expected
+    assert runs_in(tracking_uri) == []
+
+
+def test_image_size_goes_only_to_a_model_that_takes_it(tmp_path, monkeypatch):
+    """A model of one's own written before the key existed is built as it was."""
+    (tmp_path / "fixed_net.py").write_text(
+        FIXED_NET + "\ndef any_net(**kwargs):\n    return kwargs\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fixed_net", raising=False)
+    on_32 = ["data=image_folder", "data.root=x", "data.image_size=32"]
+    convnet = model_arguments(compose_config(on_32))
+    assert convnet == {"_target_": "mnist_exp.models.ConvNet", "num_classes": 10, "image_size": 32}
+    own = model_arguments(compose_config([*on_32, "model._target_=fixed_net.Net"]))
+    assert own == {"_target_": "fixed_net.Net", "num_classes": 10}
+    open_ended = model_arguments(compose_config([*on_32, "model._target_=fixed_net.any_net"]))
+    assert open_ended["image_size"] == 32
+    assert model_arguments(compose_config([]))["image_size"] == 28  # MNIST's
+
+
+def test_the_check_changes_neither_the_model_nor_the_random_draws():
+    """Two images through the model in eval mode: batch norm's statistics, the training mode
+    and torch's RNG stay as they were, so a run trains exactly as it would without it."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    split = Split(images, torch.tensor([0, 1, 2, 3]))
+    cfg = compose_config(["data=image_folder", "data.root=x", "data.image_size=32"])
+    model = ConvNet(image_size=32).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_fit(cfg, model, Data(split, None, split), torch.device("cpu"))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    with pytest.raises(
+        UserError, match=r"^model mnist_exp.models.ConvNet does not fit the data's 1x32x32 images"
+    ):
+        check_fit(cfg, ConvNet(), Data(split, None, split), torch.device("cpu"))

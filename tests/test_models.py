@@ -92,3 +92,17 @@ def test_the_wide_convnet_has_the_seeds_blocks_with_more_filters() -> None:
     assert shapes["layer2.0.weight"] == (64, 32, 5, 5)
     assert shapes["fc.weight"] == (10, 7 * 7 * 64)
     assert [type(m) for m in wide.layer2] == [type(m) for m in ConvNet().layer2]
+
+
+@pytest.mark.parametrize("image_size", [32, 30, 16])
+def test_image_size_sizes_the_classifier_and_28_is_the_seeds(image_size) -> None:
+    """Two 2x2 pools, rounding down: a side of 32 leaves 8x8 features, 30 leaves 7x7."""
+    side = image_size // 4
+    for net, channels in [
+        (ConvNet(image_size=image_size), 32),
+        (WideConvNet(image_size=image_size), 64),
+    ]:
+        assert net.fc.in_features == side * side * channels
+        assert net(torch.rand(2, 1, image_size, image_size)).shape == (2, 10)
+    seed = {k: v.shape for k, v in SeedConvNet().state_dict().items()}
+    assert {k: v.shape for k, v in ConvNet(image_size=28).state_dict().items()} == seed

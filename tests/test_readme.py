@@ -213,3 +213,16 @@ def test_every_mnist_train_command_composes(args: tuple[str, ...]) -> None:
             value = value.split(",")[0]
         overrides.append(f"{key}={value}")
     check_config(compose_config(overrides))
+
+
+@pytest.mark.parametrize("image_size", [28, 32])
+def test_the_readmes_own_model_fits_the_image_size_it_is_given(image_size: int) -> None:
+    """The `TinyNet` of 'Your own model', as a user copies it: built as the runner builds it
+    (`num_classes` and `image_size`), one score per class for images of that size."""
+    import torch
+
+    (code,) = re.findall(r"```python\n(.*?class TinyNet.*?)```", README.read_text(), re.S)
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - the README's own example
+    net = namespace["TinyNet"](num_classes=10, image_size=image_size)
+    assert net(torch.rand(2, 1, image_size, image_size)).shape == (2, 10)

@@ -76,6 +76,8 @@ def check_config(cfg: DictConfig) -> None:
     if _get(cfg, "data.test_fraction") is not None:  # data=image_folder
         _number(cfg, "data.test_fraction", lambda v: 0 < v < 1, between)
         _integer(cfg, "data.image_size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
+    if "image_size" in cfg.model:  # after data.image_size, which it follows (own models: optional)
+        _integer(cfg, "model.image_size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
     for key in ("data.dataset", "data.root", "mlflow.experiment_name", "mlflow.tracking_uri"):
         if not str(_get(cfg, key)).strip():
             raise refusal(key, _get(cfg, key), "must not be blank")
@@ -132,7 +134,7 @@ GROUPS = {
 }
 FLAGS = schema.bool_keys()  # `group.key` -> whether null is allowed too
 MAX_SHIFT = 27  # pixels: a larger shift moves every 28x28 image out of its frame
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # pixels a side of data=image_folder's images
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024  # pixels a side of data=image_folder's images (model's)
 MAX_CLASSES, MAX_CHANNELS, MAX_THREADS = 10_000, 1024, 1024
 MAX_INT = 2**31 - 1  # counts beyond this are typos, and overflow torch's index arithmetic
 

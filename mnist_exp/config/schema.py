@@ -28,9 +28,15 @@ class ModelSchema:  # conf/model/convnet.yaml; a user's own model may extend it 
 
 
 @dataclass
+class ConvNetSchema(ModelSchema):  # conf/model/convnet.yaml
+    image_size: int = MISSING
+
+
+@dataclass
 class WideConvNetSchema(ModelSchema):  # conf/model/wide_convnet.yaml
     channels: list[int] = MISSING
     dropout: float = MISSING
+    image_size: int = MISSING
 
 
 @dataclass
@@ -127,6 +133,7 @@ class MlflowSchema:  # conf/mlflow/local.yaml
 SCHEMAS: dict[tuple[str, str], type] = {
     ("", "base_config"): ConfigSchema,
     ("model", "base_model"): ModelSchema,
+    ("model", "base_convnet"): ConvNetSchema,
     ("model", "base_wide_convnet"): WideConvNetSchema,
     ("optimizer", "base_adam"): AdamSchema,
     ("optimizer", "base_sgd"): SgdSchema,

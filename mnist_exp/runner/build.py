@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -58,9 +61,10 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
         folder=_folder_options(cfg),
     )
     _check_classes(cfg, dataset)
-    model = _instantiate(cfg.model, "model").to(device)
+    model = _instantiate(model_arguments(cfg), "model").to(device)
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
+    check_fit(cfg, model, dataset, device)
     optimizer = _instantiate(cfg.optimizer, "optimizer")(model.parameters())
     scheduler = None
     if cfg.get("scheduler"):
@@ -85,7 +89,7 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
     return Setup(model, optimizer, scheduler, dataset, device)
 
 
-def _instantiate(node: DictConfig, key: str) -> Any:
+def _instantiate(node: Mapping[str, Any], key: str) -> Any:
     """`instantiate(node)`; a `_target_` that cannot be imported (one's own model, say) is
     refused in one line, not Hydra's four."""
     try:
@@ -97,7 +101,7 @@ def _instantiate(node: DictConfig, key: str) -> Any:
         while cause.__cause__ is not None:  # Hydra's ImportError, then the import's own
             cause = cause.__cause__
         raise UserError(
-            f"{key}._target_={node._target_} cannot be imported ({first_line(cause)}): put its "
+            f"{key}._target_={node['_target_']} cannot be imported ({first_line(cause)}): put its "
             f"module on PYTHONPATH (e.g. PYTHONPATH=. mnist-train ...) or install its package"
         ) from exc
 
@@ -112,12 +116,93 @@ def _folder_options(cfg: DictConfig) -> image_folder.FolderOptions:
     )
 
 
+IMAGE_SIZE = "image_size"  # the model key that follows data.image_size
+
+
+def model_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """The model's `_target_` and arguments: the `model` keys, resolved, but `image_size` for a
+    class of one's own whose `__init__` does not take it (the project's files give every model
+    the key, and such a model was built without it before the ConvNet was sized by it)."""
+    tree = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(tree, dict)
+    arguments = {str(k): v for k, v in tree.items()}
+    if IMAGE_SIZE in arguments and not _takes(str(arguments["_target_"]), IMAGE_SIZE):
+        del arguments[IMAGE_SIZE]
+    return arguments
+
+
+def _takes(target: str, argument: str) -> bool:
+    """Whether `target` (a class or function) takes `argument`; yes when it cannot be told."""
+    try:
+        parameters = inspect.signature(get_object(target)).parameters.values()
+    except Exception:  # not importable, or no signature: instantiate says what is wrong
+        return True
+    return any(p.name == argument or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+# What torch says when a tensor's shape does not fit a layer (a linear layer's inputs, a
+# convolution's channels, a view, a pool on too small an image); other errors are the model's.
+_SHAPE_ERROR = re.compile(r"shape|size|channel|dimension|\bdim\b", re.IGNORECASE)
+
+
+def check_fit(cfg: DictConfig, model: Module, dataset: data.Data, device: torch.device) -> None:
+    """Refuse a model that does not fit the data, in one line before any run exists: two
+    training images through it on `device`, without gradients or RNG draws, must give one
+    score per class each. Its errors other than a shape's are left for the run to record."""
+    if not len(dataset.train):
+        return
+    batch = dataset.train.inputs(torch.arange(min(2, len(dataset.train)))).to(device)
+    image = "x".join(map(str, batch.shape[1:]))  # channels x height x width
+    target = cfg.model._target_
+    was_training = model.training
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    try:
+        with torch.no_grad(), rng:
+            outputs = model.eval()(batch)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError) or not _SHAPE_ERROR.search(str(exc)):
+            return
+        raise UserError(
+            f"model {target} does not fit the data's {image} images ({one_line(exc)[:160]}): "
+            f"{_fit_fix(cfg, batch.shape[-1])}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    classes = _classes(dataset)
+    shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None
+    if shape is None or len(shape) != 2 or shape[0] != len(batch) or shape[1] < classes:
+        got = "x".join(map(str, shape)) if shape is not None else f"a {type(outputs).__name__}"
+        raise UserError(
+            f"model {target} returns {got} for {len(batch)} images of {image}, not "
+            f"{len(batch)}x{classes} (a score per image and class): make its last layer give "
+            f"model.num_classes outputs"
+        )
+
+
+def _fit_fix(cfg: DictConfig, side: int) -> str:
+    """How to make the model fit the data's images, `side` pixels a side."""
+    if IMAGE_SIZE in model_arguments(cfg):
+        if cfg.model.get(IMAGE_SIZE) != side:
+            return f"set model.{IMAGE_SIZE}={side}, the data's size"
+        return f"make its layers fit {side}x{side} images (it was given {IMAGE_SIZE}={side})"
+    also = ", or set data.image_size to the size it takes" if IMAGE_SIZE in cfg.data else ""
+    return (
+        f"make its layers fit {side}x{side} images: take {IMAGE_SIZE} as the ConvNet does "
+        f"(README: Your own model){also}"
+    )
+
+
+def _classes(dataset: data.Data) -> int:
+    """The classes in the data: its labels' largest index plus one, or its named classes."""
+    labels = [dataset.train.labels, dataset.test.labels]
+    classes = int(max(int(split.max()) for split in labels if len(split))) + 1
+    return max(classes, len(dataset.classes))
+
+
 def _check_classes(cfg: DictConfig, dataset: data.Data) -> None:
     """Refuse a model with fewer outputs than the data has classes: its loss cannot be taken."""
     wanted = cfg.model.get("num_classes")
-    labels = [dataset.train.labels, dataset.test.labels]
-    classes = int(max(int(split.max()) for split in labels if len(split))) + 1
-    classes = max(classes, len(dataset.classes))
+    classes = _classes(dataset)
     if wanted is not None and wanted < classes:
         raise refusal(
             "model.num_classes", wanted, f"must be at least {classes}, the classes in data.dataset"

@@ -7,19 +7,17 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mnist_exp.report.model_spec import ModelSpec
-from mnist_exp.runner.build import Setup
+from mnist_exp.runner.build import Setup, model_arguments
 
 EXAMPLES = 3  # test images kept in the model as its input example
 
 
 def describe(cfg: DictConfig, setup: Setup, step: int) -> ModelSpec:
     """What `report.serving` needs to serve `setup.model`, as trained at global step `step`."""
-    tree = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(tree, dict)
-    kwargs = {str(k): v for k, v in tree.items()}
+    kwargs = model_arguments(cfg)  # as the model was built: image_size=32 for 32x32 images
     target = str(kwargs.pop("_target_"))
     images = setup.data.test.images[:EXAMPLES].cpu()
     channels, height, width = images.shape[1:]

@@ -9,14 +9,15 @@ class ConvNet(nn.Module):
     """Two conv-BN-ReLU-pool blocks and a linear classifier, exactly as the seed script.
 
     The attribute names and layer order are part of the contract: a `model.ckpt` written by
-    the seed loads into this class and the other way round.
+    the seed loads into this class and the other way round. `image_size` (the images' side)
+    sizes the classifier; at 28, MNIST's, every parameter has the seed's shape.
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, image_size: int = 28) -> None:
         super().__init__()
         self.layer1 = _block(1, 16)
         self.layer2 = _block(16, 32)
-        self.fc = nn.Linear(7 * 7 * 32, num_classes)
+        self.fc = nn.Linear(features(image_size, 32), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = _run_block(self.layer2, _run_block(self.layer1, x))
@@ -25,21 +26,33 @@ class ConvNet(nn.Module):
 
 class WideConvNet(nn.Module):
     """The seed's design with the two blocks' widths `channels` (the seed's: 16 and 32) and
-    dropout (the share of features zeroed in training) before the classifier."""
+    dropout (the share of features zeroed in training) before the classifier; `image_size`
+    as the ConvNet's."""
 
     def __init__(
-        self, num_classes: int = 10, channels: Sequence[int] = (32, 64), dropout: float = 0.25
+        self,
+        num_classes: int = 10,
+        channels: Sequence[int] = (32, 64),
+        dropout: float = 0.25,
+        image_size: int = 28,
     ) -> None:
         super().__init__()
         first, second = channels
         self.layer1 = _block(1, first)
         self.layer2 = _block(first, second)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(7 * 7 * second, num_classes)
+        self.fc = nn.Linear(features(image_size, second), num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = _run_block(self.layer2, _run_block(self.layer1, x))
         return self.fc(self.dropout(out.reshape(out.size(0), -1)))
+
+
+def features(image_size: int, channels: int) -> int:
+    """The flattened features after two blocks on `image_size` x `image_size` images: each
+    2x2 pool halves the side, rounding down (28 -> 14 -> 7: the seed's 7 * 7 * 32)."""
+    side = image_size // 2 // 2
+    return side * side * channels
 
 
 def _block(in_channels: int, out_channels: int) -> nn.Sequential:
