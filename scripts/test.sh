@@ -16,6 +16,7 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/mypy mnist_exp
 # pytest exits 5 when it collects no test: that is a failure here, as any non-zero code.
-# One pytest-xdist worker per core, each on a core of its own (tests/conftest.py); a file
-# marked xdist_group runs on one worker, so its daemons and module fixtures start once.
-.venv/bin/python -m pytest --numprocesses auto --dist loadgroup "$@"
+# One pytest-xdist worker per core, each on a core of its own (tests/conftest.py). Each file
+# runs on one worker, so its daemons and module fixtures start once, and in the order
+# tests/conftest.py sorts them: the files with the most processes first.
+.venv/bin/python -m pytest --numprocesses auto --dist loadfile --no-loadscope-reorder "$@"

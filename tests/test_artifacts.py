@@ -28,9 +28,6 @@ from mnist_exp.api import train
 from mnist_exp.training.data import load
 from mnist_exp.training.networks import ConvNet
 
-# pytest-xdist runs the file on one worker: its recorded runs, made once.
-pytestmark = pytest.mark.xdist_group("artifacts")
-
 TEST_IMAGES = 500
 
 

@@ -29,9 +29,6 @@ from mnist_exp.training.image_folder import FolderOptions
 from mnist_exp.training.images import mnist_pixels
 from mnist_exp.training.networks import ConvNet
 
-# pytest-xdist runs the file on one worker: its image folders, made once.
-pytestmark = pytest.mark.xdist_group("image_folder")
-
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 

@@ -29,11 +29,7 @@ from mnist_exp import compare, predict, rerun
 from mnist_exp import train as mnist_train
 from mnist_exp.training.data import load
 
-# pytest-xdist runs the file on one worker: its sweep and model server, made once.
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xdist_group("own_model"),
-]  # a sweep of two runs, a rerun, a model server
+pytestmark = pytest.mark.slow  # a sweep of two runs, a rerun, a model server
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SIZE = 24  # data.image_size: not MNIST's 28, so nothing may assume it
 PACKAGE = "my_nets"

@@ -24,9 +24,6 @@ from mnist_exp.tracking.tracker import ORPHANED
 from mnist_exp.training import checkpoint, engine
 from mnist_exp.training.networks import ConvNet
 
-# pytest-xdist runs the file on one worker: its stopped run, made once.
-pytestmark = pytest.mark.xdist_group("rerun")
-
 # Long enough to be stopped halfway: 3000 steps an epoch, seconds long, so that the buffered
 # train_loss values (sent every few seconds and at each epoch's end) reach the store mid-epoch.
 STEPS_PER_EPOCH = 3000

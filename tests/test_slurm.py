@@ -17,8 +17,7 @@ from slurm_cluster import SlurmCluster
 
 from mnist_exp import names
 
-# pytest-xdist runs the file on one worker: its cluster, made once.
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SMALL = (
     "data.max_train_samples=256",

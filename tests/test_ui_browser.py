@@ -21,12 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_exp import train
 
-# pytest-xdist runs the file on one worker: its sweep, UI server and browser, made once.
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.slow,
-    pytest.mark.xdist_group("ui_browser"),
-]  # and a sweep to show
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # and a sweep to show
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
