@@ -1,18 +1,25 @@
 """The benchmarks of docs/performance.md still run: each script's `main` on tiny inputs, as
 `python scripts/benchmark*.py ARGS` runs, prints its figures. The figures themselves are the
-machine's and are not checked."""
+machine's and are not checked; the `mnist-train` commands the scripts start run in the test's
+process here."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 from conftest import ROOT, Ended, in_process
+
+from mnist_exp import train
+
+STARTS_TRAIN = ("benchmark_sweep", "benchmark_search")  # with subprocess.run, as train_here
 
 
 @pytest.fixture
@@ -23,8 +30,20 @@ def script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd):
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
+    def train_here(cmd: list[str], **_: object) -> None:
+        """`subprocess.run([python, "-m", "mnist_exp.train", *ARGS], check=True)`, here."""
+        assert cmd[1:3] == ["-m", "mnist_exp.train"], cmd
+        so_far = capfd.readouterr()  # the script's own output, put back after the command's
+        ended = in_process(train.run_command, cmd[3:], capfd)
+        sys.stdout.write(so_far.out)
+        sys.stderr.write(so_far.err)
+        if ended.code:
+            raise subprocess.CalledProcessError(ended.code, cmd, ended.out, ended.err)
+
     def run(name: str, *argv: str) -> Ended:
         module: ModuleType = importlib.import_module(f"scripts.{name}")
+        if name in STARTS_TRAIN:
+            monkeypatch.setattr(module, "subprocess", SimpleNamespace(run=train_here))
         ended = in_process(module.main, list(argv), capfd)
         assert ended.code == 0, ended.err
         return ended
@@ -62,10 +81,8 @@ def test_benchmark_times_each_loop_on_a_few_images(script, data_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.process
 def test_benchmark_sweep_and_search_time_their_commands(script, data_root):
-    """Both start `mnist-train` commands: a 2-job sweep and its 2 single commands, and a
-    one-trial search, each on 64 images."""
+    """A 2-job sweep and its 2 single commands, and a one-trial search, each on 64 images."""
     tiny = ("--data-root", str(data_root), "--train-samples", "64")
     out = script("benchmark_sweep", *tiny, "--test-samples", "64", "--jobs", "2").out
     assert "2-job sequential sweep of experiment=fast" in out

@@ -2,8 +2,8 @@
 
 A session fixture runs PostgreSQL on loopback in a temporary folder and
 `scripts/tracking-server.sh` on a free port; a search of two trials at once on submitit_local,
-a server restart in the middle of a run and a resume waiting for the server, a server that
-never comes back, and four runs at once through a restart are checked in what MLflow holds
+a resume waiting for the server, a server that does not come back in time, and three runs at
+once through a restart are checked in what MLflow holds
 afterwards. Each waits on what the runs say or write, never on a sleep. PostgreSQL missing is
 a failure, not a skip: `.ci/run` installs it.
 """
@@ -34,8 +34,7 @@ from mlflow.tracking import MlflowClient
 from mnist_exp import names
 from mnist_exp.sync import main as sync_main
 
-# pytest-xdist runs the file on one worker: its PostgreSQL and tracking server, made once.
-pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("server")]
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 # 1024 images at batch 64: 16 steps an epoch.
 SMALL = (
@@ -249,13 +248,13 @@ class Command:
         return self.proc.wait(timeout=timeout)
 
 
-# 3 epochs of 2048 images at batch 16: 384 steps, sent at the end of each epoch of 128.
+# 2 epochs of 2048 images at batch 16: 256 steps, sent at the end of each epoch of 128.
 LONGER = (
     "data.max_train_samples=2048",
     "data.batch_size=16",
     "data.max_test_samples=100",
     "data.val_size=0",
-    "trainer.epochs=3",
+    "trainer.epochs=2",
     "trainer.print_every_n_steps=0",
 )
 
@@ -264,12 +263,10 @@ UNREACHABLE = "MLflow tracking server unreachable"
 
 
 @pytest.mark.process
-def test_a_server_restart_mid_run_loses_nothing_and_a_resume_waits_for_it(
-    train_command, server, tracking_uri, tmp_path
-):
+def test_a_resume_waits_for_a_server_that_is_down(train_command, server, tracking_uri, tmp_path):
     """A run stopped (SIGTERM) after its first epoch is resumed while the server is down: the
-    resume waits for it (up to mlflow.retry_for_s); the server is then restarted after the
-    resumed run's next epoch, and the run ends with every step and epoch on the server."""
+    resume waits for it (up to mlflow.retry_for_s) and ends with every step and epoch on the
+    server. (A restart while runs train: the three-runs test below.)"""
     run = Command(
         train_command, "mlflow=server", "mlflow.experiment_name=restart", *LONGER,
         log=tmp_path / "run.log",
@@ -288,18 +285,12 @@ def test_a_server_restart_mid_run_loses_nothing_and_a_resume_waits_for_it(
     )  # fmt: skip
     resume.wait_until("waiting for the server", lambda: UNREACHABLE in resume.said())
     server.start()
-    checkpoint = tmp_path / "resumed" / names.RESUME_CHECKPOINT
-    resume.wait_until("the resumed run's first epoch", checkpoint.exists)
-    warned = resume.said().count(UNREACHABLE)
-    server.kill()  # one epoch before the end
-    resume.wait_until("the outage noticed", lambda: resume.said().count(UNREACHABLE) > warned)
-    server.start()
     assert resume.ended() == 0, resume.said()
     assert "MLflow tracking server back after" in resume.said()
     client = MlflowClient(tracking_uri)
     run_id = stopped.info.run_id
-    _assert_complete(client, client.get_run(run_id), 3 * 128, tmp_path)
-    assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [128, 256, 384]
+    _assert_complete(client, client.get_run(run_id), 2 * 128, tmp_path)
+    assert [m.step for m in client.get_metric_history(run_id, "epoch")] == [128, 256]
 
 
 @pytest.mark.process
@@ -336,12 +327,9 @@ def test_a_server_away_past_retry_for_s_loses_nothing_and_mnist_sync_completes_t
     assert synced.out.strip().endswith(
         f"MLflow run {recorded.info.run_id} in {tracking_uri}: FINISHED"
     )
-    _assert_complete(client, recorded, 3 * 128, tmp_path)
-    assert [m.step for m in client.get_metric_history(recorded.info.run_id, "epoch")] == [
-        128,
-        256,
-        384,
-    ]
+    _assert_complete(client, recorded, 2 * 128, tmp_path)
+    epochs = client.get_metric_history(recorded.info.run_id, "epoch")
+    assert [m.step for m in epochs] == [128, 256]
     assert names.ERROR_TAG not in recorded.data.tags
     logged = {a.path for a in client.list_artifacts(recorded.info.run_id, "plots")}
     assert "plots/learning_curves.png" in logged
@@ -368,13 +356,13 @@ def _watch_points(uri: str, experiment: str, seen: list[tuple[float, int]], done
 
 
 @pytest.mark.process
-def test_four_runs_at_once_through_a_server_restart_all_land_whole(
+def test_three_runs_at_once_through_a_server_restart_all_land_whole(
     train_command, server, tracking_uri, tmp_path
 ):
-    """Load: 4 commands logging every step at batch 16, the server restarted mid-way (issue 17
-    measured 8; on CI's 2 cores, 4 keep the concurrency at half the time)."""
+    """Load: 3 commands logging every step at batch 16, the server restarted mid-way (issue 17
+    measured 8, docs/performance.md says how; on one of CI's 2 cores, 3 are the concurrency)."""
     # 4096 images at batch 16: each run's points land in several batches while it trains.
-    runs, steps = 4, 256
+    runs, steps = 3, 256
     done, seen = threading.Event(), []
     watcher = threading.Thread(target=_watch_points, args=(tracking_uri, "load", seen, done))
     started = time.monotonic()
