@@ -1,4 +1,5 @@
-"""The project from Python (README.md, "From Python"): `train(overrides)` and `runs()`.
+"""The project from Python (README.md, "From Python"): `train(overrides)`, `runs()` and
+`register(name)`.
 
 `train` runs a Hydra job through `mnist-train`'s runner (the same MLflow run, tagged
 `mnist_exp.source=python`), never exits, and puts back Hydra's state, logging and signals.
@@ -27,8 +28,9 @@ from mnist_exp.runner.experiment import RunResult, run_experiment
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow.entities.model_registry import ModelVersion
 
-__all__ = ["RunResult", "runs", "train"]
+__all__ = ["RunResult", "register", "runs", "train"]
 
 
 def train(overrides: Sequence[str] = ()) -> RunResult:
@@ -101,6 +103,38 @@ def runs(
             mlflow.set_tracking_uri(previous)
     assert not isinstance(found, list)
     return found
+
+
+def register(
+    name: str,
+    parent_run_id: str | None = None,
+    alias: str | None = None,
+    metric: str | None = None,
+    experiment_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> ModelVersion:
+    """`mnist-compare [PARENT] --register NAME [--alias ALIAS]`: the best run of a sweep (the
+    latest by default; best by `metric`, else the sweep's) as a new version of the registered
+    model `name`, which `alias` then names (`models:/NAME@ALIAS`)."""
+    import mlflow
+
+    from mnist_exp.compare import find_sweep, register_best, sweep_metric
+    from mnist_exp.tracking.http import configure_requests
+    from mnist_exp.tracking.queries import sweep_runs
+    from mnist_exp.tracking.store import open_store
+
+    cfg = compose_config()
+    uri = tracking_uri or str(cfg.mlflow.tracking_uri)
+    previous = mlflow.get_tracking_uri()
+    with _environment_restored():
+        configure_requests(cfg.mlflow)
+        client, experiment_id = open_store(uri, experiment_name or cfg.mlflow.experiment_name)
+        parent = find_sweep(client, experiment_id, parent_run_id)
+        chosen_by = metric or sweep_metric(parent) or str(cfg.optimized_metric)
+        try:
+            return register_best(client, sweep_runs(client, parent), chosen_by, name, alias)[1]
+        finally:
+            mlflow.set_tracking_uri(previous)
 
 
 def _unique_run_dir(cfg: DictConfig, overrides: list[str]) -> None:

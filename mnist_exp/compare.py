@@ -37,9 +37,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--per-seed", action="store_true", help="a row a run, not a configuration")
     registry = "register the best run's model as a new version of NAME in MLflow's Model Registry"
     parser.add_argument("--register", metavar="NAME", help=registry)
+    aliased = "with --register: point this alias of NAME at the new version (models:/NAME@ALIAS)"
+    parser.add_argument("--alias", help=aliased)
     parser.add_argument("--format", choices=("table", "csv", "markdown"), default="table")
     parser.add_argument("--output", type=Path, help="write to this file instead of the terminal")
     args = parser.parse_args(argv)
+    if args.alias is not None and not args.register:
+        parser.error("--alias names an alias of the version --register NAME makes: add --register")
     with exit_on_user_error():
         cfg = compose_config()
         configure_requests(cfg.mlflow)
@@ -50,31 +54,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         found = client.search_runs([experiment_id], max_results=10000)
         runs = [r for r in found if r.data.tags.get(names.SWEEP_TAG) != "true"]
     else:
-        try:
-            parent = (
-                client.get_run(args.parent) if args.parent else latest_sweep(client, experiment_id)
-            )
-        except Exception:
-            sys.exit(
-                f"error: no run {args.parent!r} in {redact(uri)}: pass a sweep's parent run id"
-            )
-        if parent is None:
-            sys.exit(
-                f"error: no sweep in {redact(uri)}: run one with `mnist-train -m ...` "
-                f"or use --experiment"
-            )
+        with exit_on_user_error():
+            parent = find_sweep(client, experiment_id, args.parent)
         runs = sweep_runs(client, parent)
-    swept = parent and parent.data.tags.get(names.METRIC_TAG)  # the sweep's optimized metric
-    metric = args.metric or swept or cfg.optimized_metric
+    metric = args.metric or sweep_metric(parent) or cfg.optimized_metric
     if not runs:
         sys.exit("error: no runs to compare")
     if name := args.register:
         with exit_on_user_error():
-            best, version = register_best(client, runs, metric, name)
+            best, version = register_best(client, runs, metric, name, args.alias)
+        alias = f", models:/{name}@{args.alias}" if args.alias else ""
         print(
             f"registered {name} version {version.version}: the model of run {best.info.run_id} "
             f"({best.info.run_name}), {metric} {best.data.metrics[metric]:.4g}; "
-            f"load it as models:/{name}/{version.version} or models:/{name}/latest"
+            f"load it as models:/{name}/{version.version}{alias} or models:/{name}/latest"
         )
     headers, rows = table(runs, metric, args.per_seed)
     text = render(headers, rows, args.format)
@@ -97,11 +90,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(text, end="")
 
 
+def find_sweep(client: MlflowClient, experiment_id: str, parent_id: str | None) -> Run:
+    """The sweep whose parent run is `parent_id`, else the one begun last in the experiment."""
+    uri = redact(str(client.tracking_uri))
+    try:
+        parent = client.get_run(parent_id) if parent_id else latest_sweep(client, experiment_id)
+    except Exception as exc:
+        raise UserError(f"no run {parent_id!r} in {uri}: pass a sweep's parent run id") from exc
+    if parent is None:
+        raise UserError(
+            f"no sweep in {uri}: run one with `mnist-train -m ...`, or compare the experiment's "
+            f"runs (mnist-compare --experiment)"
+        )
+    return parent
+
+
+def sweep_metric(parent: Run | None) -> str | None:
+    """The metric the sweep optimised, as its parent run records it."""
+    return parent.data.tags.get(names.METRIC_TAG) if parent else None
+
+
 def register_best(
-    client: MlflowClient, runs: list[Run], metric: str, name: str
+    client: MlflowClient, runs: list[Run], metric: str, name: str, alias: str | None = None
 ) -> tuple[Run, ModelVersion]:
     """A new version of the registered model `name` (made if new): the model of the best
-    finished run of `runs` by `metric`, tagged with the run, `metric` and its value."""
+    finished run of `runs` by `metric`, tagged with the run, `metric` and its value and the
+    run's test accuracy; `alias` (e.g. champion) then points at it."""
     finished = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
     if not finished:
         raise UserError(f"no finished run has {metric}: nothing to register")
@@ -117,8 +131,13 @@ def register_best(
         names.REGISTERED_METRIC_TAG: metric,
         names.REGISTERED_VALUE_TAG: str(best.data.metrics.get(metric)),
     }
+    if names.TEST_ACCURACY in best.data.metrics:
+        tags[names.REGISTERED_TEST_ACCURACY_TAG] = str(best.data.metrics[names.TEST_ACCURACY])
     mlflow.set_tracking_uri(client.tracking_uri)  # register_model works on the global store
-    return best, mlflow.register_model(source, name, await_registration_for=0, tags=tags)
+    version = mlflow.register_model(source, name, await_registration_for=0, tags=tags)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return best, version
 
 
 if __name__ == "__main__":

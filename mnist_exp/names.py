@@ -94,6 +94,7 @@ UNSENT = "mlflow-unsent"
 REGISTERED_RUN_TAG = "mnist_exp.run_id"
 REGISTERED_METRIC_TAG = "mnist_exp.metric"  # the metric the run was chosen by ...
 REGISTERED_VALUE_TAG = "mnist_exp.metric_value"  # ... and its value
+REGISTERED_TEST_ACCURACY_TAG = "mnist_exp.test_accuracy"  # the run's, whatever it was chosen by
 
 # Values of trainer.precision: fp32, as the seed, or bfloat16 autocast.
 PRECISIONS = ("32", "bf16-mixed")

@@ -25,7 +25,7 @@ from conftest import Uncaptured, copy_store, in_process, mlflow_uri, runs_in, se
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_exp import compare, predict, rerun
+from mnist_exp import api, compare, predict, rerun
 from mnist_exp import train as mnist_train
 from mnist_exp.training.data import load
 
@@ -138,10 +138,13 @@ def test_each_run_is_an_mlflow_3_logged_model_with_its_metrics_and_per_class_nam
 
 
 def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept: Swept, capfd):
-    argv = [swept.parent_id, "--register", "digits", "--tracking-uri", swept.uri]
-    done = in_process(compare.main, argv, capfd)
+    argv = [swept.parent_id, "--register", "digits", "--alias", "champion"]
+    done = in_process(compare.main, [*argv, "--tracking-uri", swept.uri], capfd)
     assert done.code == 0, done.err
     assert f"registered digits version 1: the model of run {swept.best_id}" in done.out
+    assert "load it as models:/digits/1, models:/digits@champion or models:/digits/latest" in (
+        done.out
+    )
     client = MlflowClient(swept.uri)
     (version,) = client.search_model_versions("name = 'digits'")
     accuracy = client.get_run(swept.best_id).data.metrics["test_accuracy"]
@@ -150,11 +153,23 @@ def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept
         "mnist_exp.run_id": swept.best_id,
         "mnist_exp.metric": "test_accuracy",
         "mnist_exp.metric_value": str(accuracy),
+        "mnist_exp.test_accuracy": str(accuracy),
     }
+    assert int(client.get_model_version_by_alias("digits", "champion").version) == 1
+    # From Python: a second version, chosen by another metric, under another alias.
+    second = api.register(
+        "digits", swept.parent_id, alias="challenger", metric="test_loss", tracking_uri=swept.uri
+    )
+    assert int(second.version) == 2
+    assert int(client.get_model_version_by_alias("digits", "challenger").version) == 2
+    assert int(client.get_model_version_by_alias("digits", "champion").version) == 1
+    assert second.tags["mnist_exp.metric"] == "test_loss"
+    refused = in_process(compare.main, [swept.parent_id, "--alias", "champion"], capfd)
+    assert refused.code == 2 and "add --register" in refused.err
 
     files, names = swept.test_files[:40], swept.test_names[:40]
     assert PACKAGE not in sys.modules
-    argv = ["models:/digits/latest", *map(str, files), "--tracking-uri", swept.uri]
+    argv = ["models:/digits@champion", *map(str, files), "--tracking-uri", swept.uri]
     shown = in_process(predict.main, argv, capfd)
     assert shown.code == 0, shown.err
     lines = shown.out.strip().splitlines()
