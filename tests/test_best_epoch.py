@@ -3,15 +3,18 @@ chooses and stops as the uninterrupted one did. Runs go in the test's process, o
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import copy_store, loss_history, mlflow_uri, runs_in
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from mnist_exp import api, names
 from mnist_exp.runner.callbacks import Checkpointer
+from mnist_exp.runner.rerun_config import write_rerun_config
 from mnist_exp.training import checkpoint, engine
 from mnist_exp.training.data import Data, Split
 from mnist_exp.training.monitor import Monitor
@@ -30,6 +33,7 @@ NOISY = (
 EPOCHS = 5
 STOPPING = (*NOISY, "trainer.epochs=10", "trainer.early_stopping.patience=2")
 Weights = dict[str, torch.Tensor]
+RECORDED = Path(__file__).resolve().parent / "data" / "recorded_run"  # by older code (02e1143)
 
 
 def _keep_epochs(patch: pytest.MonkeyPatch) -> dict[int, Weights]:
@@ -238,3 +242,13 @@ def test_a_checkpoint_of_older_code_leaves_the_monitor_fresh() -> None:
     monitor = Monitor(model, names.VAL_ACCURACY, "max")
     assert checkpoint.restore_training_state(state, model, optimizer, None, monitor) == (1, 2)
     assert monitor.epoch == 0 and monitor.best_epoch is None
+
+
+def test_a_run_recorded_before_the_best_epoch_reruns_testing_its_last_epoch(
+    tracking_uri: str, tmp_path: Path
+) -> None:
+    """Its recorded config has no trainer.test_best: the rerun tests the last epoch, as it did."""
+    folder = tmp_path / "recorded"
+    shutil.copytree(RECORDED / "artifacts" / names.HYDRA_FILES, folder / ".hydra")
+    write_rerun_config(str(folder), [f"mlflow.tracking_uri={tracking_uri}"], False, tmp_path)
+    assert OmegaConf.load(tmp_path / "rerun.yaml").trainer.test_best is False
