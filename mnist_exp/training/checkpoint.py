@@ -9,7 +9,7 @@ import random
 import warnings
 from pathlib import Path
 from pickle import UnpicklingError
-from typing import Any
+from typing import Any, Protocol
 from zipfile import BadZipFile
 
 import numpy as np
@@ -18,12 +18,21 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp.errors import UserError, first_line
-from mnist_exp.training.monitor import Monitor
 
 FORMAT = "mnist-exp/resume-v1"
 KEYS = ("epoch", "step", "model", "optimizer", "rng", "run_id")
 # What torch.load raises on a damaged file (OSError: its zip reader on some truncations).
 _UNREADABLE = (UnpicklingError, RuntimeError, EOFError, BadZipFile, ValueError, OSError)
+
+
+class Stateful(Protocol):
+    """What keeps a state of its own in the checkpoint: the best epoch's `monitor.Monitor`.
+    Named by its methods, not its class: the monitor imports the loop, which imports the data
+    module, which imports this one."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def training_state(
@@ -32,7 +41,7 @@ def training_state(
     scheduler: LRScheduler | None,
     epoch: int,
     step: int,
-    monitor: Monitor | None = None,
+    monitor: Stateful | None = None,
 ) -> dict[str, Any]:
     """Everything to continue after `epoch` exactly, in tensors and plain Python values only
     (it loads with `torch.load(weights_only=True)`); `monitor`'s state too, if there is one."""
@@ -61,7 +70,7 @@ def restore_training_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler | None,
-    monitor: Monitor | None = None,
+    monitor: Stateful | None = None,
 ) -> tuple[int, int]:
     """Load a `training_state` into model, optimizer, scheduler, RNGs and `monitor` (which a
     checkpoint of older code leaves as it is: it holds no monitor); returns (epoch, step)."""
