@@ -18,6 +18,20 @@ TEST_LOSS = "test_loss"
 TEST_ACCURACY = "test_accuracy"  # a fraction in [0, 1]
 TEST_ACCURACY_CLASS = "test_accuracy_class_"  # + the class's name (see class_metric)
 STARTUP_S = "startup_s"  # from the start of the process to the first optimizer step
+TEST_PREFIX = "test_"  # metrics of the test set, measured once, after training
+# A run that watches trainer.monitor (a validation split, or early stopping): its best epoch,
+# that epoch's value as `<monitor>_best`, and when the best epoch's weights are tested, the
+# test accuracy of the last epoch's.
+BEST_EPOCH = "best_epoch"
+BEST_SUFFIX = "_best"
+TEST_ACCURACY_LAST_EPOCH = "test_accuracy_last_epoch"
+# What `trainer.monitor` may name, the per-epoch metrics, and whether higher or lower is better.
+MONITORABLE_METRICS = {
+    VAL_ACCURACY: "max",
+    VAL_LOSS: "min",
+    TRAIN_IMAGES_PER_S: "max",
+    EPOCH_SECONDS: "min",
+}
 # What `optimized_metric` may name, and whether higher ("max") or lower ("min") is better.
 OPTIMIZABLE_METRICS = {
     TEST_ACCURACY: "max",
@@ -48,6 +62,9 @@ FAILURE_TAGS = (ERROR_TAG, FAILED_STEP_TAG, FAILED_EPOCH_TAG)
 RESUMED_FROM_EPOCH_TAG = "mnist_exp.resumed_from_epoch"
 TRACKER_RESTARTS_TAG = "mnist_exp.tracker_restarts"  # trackers that took over from a dead one
 RERUN_OF_TAG, RERUN_OVERRIDES_TAG = "mnist_exp.rerun_of", "mnist_exp.rerun_overrides"
+# A run that early stopping ended before trainer.epochs, and the epoch it stopped after.
+EARLY_STOPPED_TAG = "mnist_exp.early_stopped"
+EARLY_STOPPED_AT_EPOCH_TAG = "mnist_exp.early_stopped_at_epoch"
 # MLflow's own tags.
 RUN_NAME_TAG = "mlflow.runName"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -80,6 +97,7 @@ SEED_PARAM = "trainer.seed"  # mnist-compare takes runs that differ only in it t
 CHECKPOINTS = "checkpoints"  # model.ckpt (the final state_dict) and last.ckpt (for resuming)
 FINAL_WEIGHTS = "model.ckpt"  # also its name in the run folder
 RESUME_CHECKPOINT = "checkpoints/last.ckpt"  # also its path inside the run folder
+BEST_WEIGHTS = "checkpoints/best.ckpt"  # the best epoch's state_dict; also in the run folder
 HYDRA_FILES = "hydra"  # config.yaml, overrides.yaml, hydra.yaml; resumed-N/ for each resume
 REQUIREMENTS = "environment/requirements.txt"
 MODEL = "model"
@@ -103,3 +121,8 @@ PRECISIONS = ("32", "bf16-mixed")
 def class_metric(name: str) -> str:
     """`test_accuracy_class_<name>` (index or folder name), characters MLflow refuses made `_`."""
     return TEST_ACCURACY_CLASS + re.sub(r"[^\w\-. /:]", "_", name)
+
+
+def best_metric(monitor: str) -> str:
+    """`<monitor>_best` (`val_accuracy_best`): the best epoch's value of `trainer.monitor`."""
+    return monitor + BEST_SUFFIX

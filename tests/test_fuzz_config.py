@@ -61,6 +61,10 @@ KEYS = QUICK_KEYS + [
     "mlflow.experiment_name",
     "mlflow.tracking_uri",
     "experiment",
+    "trainer.monitor",
+    "trainer.test_best",
+    "trainer.early_stopping.patience",
+    "trainer.early_stopping.min_delta",
 ]
 SPECIAL = [
     "null", "true", "false", "[]", "[1,2]", "{}", "{a: 1}", "''", "???", "nan", "inf", "-inf",

@@ -145,6 +145,8 @@ def test_the_reference_names_every_metric_and_tag() -> None:
     named |= {names.EPOCH, names.TRAIN_IMAGES_PER_S, names.SWEEP_JOBS, names.SWEEP_FINISHED}
     named |= {names.SWEEP_FAILED, names.TRIALS_COMPLETE, names.TRIALS_PRUNED}
     named |= {names.TRIALS_FAILED, names.RUN_LOG, names.REQUIREMENTS, names.FINAL_WEIGHTS}
+    named |= {names.BEST_EPOCH, names.TEST_ACCURACY_LAST_EPOCH, names.BEST_WEIGHTS}
+    named |= {names.best_metric(names.VAL_ACCURACY)}
     missing = sorted(n for n in named if n not in text)
     assert not missing, f"docs/reference.md does not say what these are: {missing}"
 

@@ -72,6 +72,13 @@ BAD = [
     ("mlflow.retry_for_s=-5", "mlflow.retry_for_s"),
     ("optimized_metric=accuracy", "optimized_metric"),
     ("optimized_metric=[1]", "optimized_metric"),
+    ("trainer.monitor=test_accuracy", "trainer.monitor"),
+    ("trainer.monitor=accuracy", "trainer.monitor"),
+    ("trainer.early_stopping.patience=0", "trainer.early_stopping.patience"),
+    ("trainer.early_stopping.patience=soon", "trainer.early_stopping.patience"),
+    ("trainer.early_stopping.patience=3", "trainer.early_stopping.patience"),  # no split
+    ("trainer.early_stopping.min_delta=-0.1", "trainer.early_stopping.min_delta"),
+    ("trainer.test_best=2", "trainer.test_best"),
 ]
 
 
@@ -170,6 +177,8 @@ def test_a_schema_is_not_an_option_to_pick() -> None:
         "+mlflow.tags.team=vision",
         "mlflow.request_timeout_s=5",
         "mlflow.run_name=123",
+        "trainer.monitor=val_loss",
+        "trainer.early_stopping.min_delta=0.01",
     ],
 )
 def test_good_values_pass(override: str) -> None:

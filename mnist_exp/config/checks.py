@@ -16,7 +16,7 @@ from mnist_exp.config import schema
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import MAX_SHOWN, composition_refusal, refusal
 from mnist_exp.errors import UserError, first_line
-from mnist_exp.names import OPTIMIZABLE_METRICS, PRECISIONS
+from mnist_exp.names import MONITORABLE_METRICS, OPTIMIZABLE_METRICS, PRECISIONS, TEST_PREFIX
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -68,6 +68,7 @@ def check_config(cfg: DictConfig) -> None:
     if metric.startswith("val_") and not _get(cfg, "data.val_size"):
         why = "is never logged without a split: set data.val_size"
         raise refusal("optimized_metric", metric, why)
+    _check_monitor(cfg)
     between = "must be a number between 0 and 1"
     if _get(cfg, "scheduler"):
         _number(cfg, "scheduler.pct_start", lambda v: 0 < v < 1, between, optional=True)
@@ -85,6 +86,27 @@ def check_config(cfg: DictConfig) -> None:
     if name is not None and not str(name).strip():
         why = "must not be blank (null: named after the overrides)"
         raise refusal("mlflow.run_name", name, why)
+
+
+def _check_monitor(cfg: DictConfig) -> None:
+    """`trainer.monitor` names a metric of every epoch, not the test set's; with early stopping,
+    one that this run logs."""
+    metric = _get(cfg, "trainer.monitor")
+    if isinstance(metric, str) and metric.startswith(TEST_PREFIX):
+        why = (
+            "must be a metric of every epoch, not the test set's (measured once, after training, "
+            "it must not choose the model): monitor val_accuracy or val_loss, with data.val_size"
+        )
+        raise refusal("trainer.monitor", metric, why)
+    if not isinstance(metric, str) or metric not in MONITORABLE_METRICS:
+        why = f"must be a metric of every epoch: one of {', '.join(MONITORABLE_METRICS)}"
+        raise refusal("trainer.monitor", metric, why)
+    _integer(cfg, "trainer.early_stopping.patience", low=1, optional=True)
+    _number(cfg, "trainer.early_stopping.min_delta", lambda v: v >= 0, "must be a number >= 0")
+    patience = _get(cfg, "trainer.early_stopping.patience")
+    if patience is not None and metric.startswith("val_") and not _get(cfg, "data.val_size"):
+        why = f"must watch a metric that is logged: trainer.monitor={metric} needs data.val_size"
+        raise refusal("trainer.early_stopping.patience", patience, why)
 
 
 def check_overrides(args: list[str]) -> None:

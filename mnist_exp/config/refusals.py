@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import re
 import types
+from dataclasses import is_dataclass
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -123,12 +124,19 @@ def _hint(key: str, cause: OmegaConfBaseException) -> str:
 
 
 def _kind(key: str) -> str:
-    """What the schemas say `key` holds, in words ("a whole number or null")."""
-    group, _, name = key.rpartition(".")
-    for (schema_group, _), schema_type in schema.SCHEMAS.items():
-        hints = get_type_hints(schema_type)
-        if schema_group == group and name in hints:
-            return _describe(hints[name])
+    """What the schemas say `key` holds, in words ("a whole number or null"), also a key of a
+    schema inside a group's (`trainer.early_stopping.patience`)."""
+    for (group, _), schema_type in schema.SCHEMAS.items():
+        if group and not key.startswith(f"{group}."):
+            continue
+        hint: Any = schema_type
+        for name in key.removeprefix(f"{group}." if group else "").split("."):
+            hints = get_type_hints(hint) if is_dataclass(hint) else {}
+            if name not in hints:
+                break
+            hint = hints[name]
+        else:
+            return _describe(hint)
     return "of the type its schema gives"
 
 

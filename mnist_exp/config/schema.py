@@ -100,6 +100,12 @@ class DeviceSchema:  # conf/device/*.yaml
 
 
 @dataclass
+class EarlyStoppingSchema:  # conf/trainer/default.yaml's early_stopping
+    patience: int | None = MISSING
+    min_delta: float = MISSING
+
+
+@dataclass
 class TrainerSchema:  # conf/trainer/default.yaml
     epochs: int = MISSING
     seed: int = MISSING
@@ -114,6 +120,9 @@ class TrainerSchema:  # conf/trainer/default.yaml
     cuda_graph: bool = MISSING
     num_threads: int | None = MISSING
     resume: str | None = MISSING
+    monitor: str = MISSING
+    test_best: bool = MISSING
+    early_stopping: EarlyStoppingSchema = MISSING
 
 
 @dataclass

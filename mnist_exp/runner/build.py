@@ -18,9 +18,11 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from mnist_exp import names
 from mnist_exp.config.refusals import refusal
 from mnist_exp.errors import UserError, first_line, one_line
 from mnist_exp.training import allocator, checkpoint, compute, data, image_folder
+from mnist_exp.training.monitor import Monitor
 
 log = logging.getLogger("mnist_exp")
 
@@ -34,10 +36,12 @@ class Setup:
     scheduler: LRScheduler | None
     data: data.Data
     device: torch.device
+    monitor: Monitor | None  # the best epoch's: with a validation split or early stopping
 
 
 def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | None) -> Setup:
-    """Data, model, optimizer and scheduler; restored from `state` when resuming.
+    """Data, model, optimizer, scheduler and the best epoch's monitor; restored from `state`
+    when resuming.
 
     `launcher` is the sweep's launcher config inside a multirun (None for a single run): a
     parallel job takes its share of the cores.
@@ -78,15 +82,32 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
                 f"({exc or type(exc).__name__}): change scheduler.pct_start, trainer.epochs or "
                 f"data.batch_size"
             ) from exc
+    monitor = _monitor(cfg, model)
     if state is not None:
         try:
-            checkpoint.restore_training_state(state, model, optimizer, scheduler)
+            checkpoint.restore_training_state(state, model, optimizer, scheduler, monitor)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(
                 f"trainer.resume: the checkpoint of run {state['run_id']} does not fit this "
                 f"model, optimizer and scheduler ({one_line(exc)[:200]})"
             ) from exc
-    return Setup(model, optimizer, scheduler, dataset, device)
+        if monitor is not None and "monitor" not in state:
+            log.warning(
+                f"the checkpoint of run {state['run_id']} was written by older code, without a "
+                f"best epoch: the best {monitor.metric} is looked for after epoch {state['epoch']}"
+            )
+    return Setup(model, optimizer, scheduler, dataset, device, monitor)
+
+
+def _monitor(cfg: DictConfig, model: Module) -> Monitor | None:
+    """The monitor of `trainer.monitor`, for a run with a validation split or early stopping:
+    without either, a run keeps no best epoch, as before there were any."""
+    stopping = cfg.trainer.early_stopping
+    if not cfg.data.val_size and stopping.patience is None:
+        return None
+    metric = str(cfg.trainer.monitor)
+    mode = names.MONITORABLE_METRICS[metric]
+    return Monitor(model, metric, mode, patience=stopping.patience, min_delta=stopping.min_delta)
 
 
 def _instantiate(node: Mapping[str, Any], key: str) -> Any:

@@ -43,18 +43,29 @@ class MetricsLogger(engine.Callback):
 
 
 class Checkpointer(engine.Callback):
-    """After each epoch, an atomic resume checkpoint, kept in the run folder and in MLflow.
+    """After each epoch, an atomic resume checkpoint, kept in the run folder and in MLflow;
+    with a monitor, the best epoch's weights beside it (`best`) whenever an epoch is the best.
 
     The upload follows every loss logged so far (the recorder keeps its requests in order),
     so MLflow's copy never claims steps whose losses MLflow does not hold. While the tracking
     server is away the local copy is written all the same and the upload waits (`defer`).
     """
 
-    def __init__(self, setup: Setup, run: RemoteRun, path: Path) -> None:
-        self.setup, self.run, self.path = setup, run, path
+    def __init__(self, setup: Setup, run: RemoteRun, path: Path, best: Path) -> None:
+        self.setup, self.run, self.path, self.best = setup, run, path, best
+        self.best_written: int | None = None  # the epoch whose weights this wrote to `best`
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         s = self.setup
-        state = checkpoint.training_state(s.model, s.optimizer, s.scheduler, epoch, step)
+        monitor = s.monitor
+        if monitor is not None:
+            monitor.observe(epoch, metrics)  # maybe before its own callback: it takes each once
+            # Before the resume checkpoint, and again after a resume: a run cut short between
+            # the two files, resumed, never leaves `best` holding other weights than its own.
+            if monitor.best_weights is not None and monitor.best_epoch != self.best_written:
+                checkpoint.write_atomic(monitor.best_weights, self.best)
+                self.run.log_artifact(self.best, names.CHECKPOINTS, defer=True)
+                self.best_written = monitor.best_epoch
+        state = checkpoint.training_state(s.model, s.optimizer, s.scheduler, epoch, step, monitor)
         checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
         self.run.log_artifact(self.path, names.CHECKPOINTS, defer=True)

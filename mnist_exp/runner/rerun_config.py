@@ -17,6 +17,8 @@ from mnist_exp.tracking.redaction import redact
 
 # Groups that only matter to a sweep, never replayed into a single run.
 _NOT_REPLAYED = ("hydra/", "hparams_search")
+# Keys added since, at the value that repeats what a run recorded before them did.
+_BEFORE_ADDED = {"trainer.test_best": False}  # it tested its last epoch, not its best
 
 
 def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir: Path) -> str:
@@ -62,6 +64,9 @@ def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir
     defaults.append("_self_")
     assert isinstance(recorded, DictConfig)
     recorded.trainer.resume = None
+    for key, value in _BEFORE_ADDED.items():
+        if OmegaConf.select(recorded, key) is None:
+            OmegaConf.update(recorded, key, value)
     if not resume:
         name = recorded_tags.get(names.RUN_NAME_TAG) or run_id
         changed = " ".join(describing(overrides))

@@ -38,7 +38,9 @@ def train_and_evaluate(
 ) -> tuple[engine.EvalResult, dict[str, float]]:
     """Train after `start` (epoch, step), checkpointing each epoch; test; save `model.ckpt`.
 
-    `callbacks` listen to the loop beside the run's own (a search's pruning).
+    `callbacks` listen to the loop beside the run's own (a search's pruning). With a monitor
+    (`setup.monitor`), training may stop early, and what is tested, saved and served are the
+    best epoch's weights (`trainer.test_best`), the last epoch's test accuracy recorded too.
 
     Then per-class test accuracy, the pictures (`mlflow.log_plots`) and the servable model
     (`mlflow.log_model`). Returns the test result and the last value of each metric logged.
@@ -55,19 +57,24 @@ def train_and_evaluate(
     )
     logger = MetricsLogger(run, cfg.trainer.log_every_n_steps, startup_s)
     progress_bar = wants_progress_bar(cfg.trainer.progress_bar, in_sweep)
+    monitor = setup.monitor
     listeners = [
         logger,
         Console(cfg.trainer.print_every_n_steps, cfg.data.batch_size, progress_bar),
-        Checkpointer(setup, run, out_dir / names.RESUME_CHECKPOINT),
+        Checkpointer(setup, run, out_dir / names.RESUME_CHECKPOINT, out_dir / names.BEST_WEIGHTS),
+        *([monitor] if monitor is not None else []),
         *callbacks,
     ]
+    epochs = cfg.trainer.epochs
+    if monitor is not None and monitor.stopped_at is not None:
+        epochs = start[0]  # it had stopped early when it was cut short: only test and record
     with logging_redirect_tqdm():
         step = engine.fit(
             net,
             setup.optimizer,
             setup.data,
             engine.Schedule(
-                epochs=cfg.trainer.epochs,
+                epochs=epochs,
                 batch_size=cfg.data.batch_size,
                 eval_batch_size=cfg.data.eval_batch_size,
                 seed=cfg.trainer.seed,
@@ -84,14 +91,13 @@ def train_and_evaluate(
             scheduler=setup.scheduler,
             callbacks=listeners,
         )
-    test = engine.evaluate(
-        net,
-        setup.data.test.to(setup.device),
-        batch_size=cfg.data.eval_batch_size,
-        precision=steps.precision,
-        channels_last=layout,
-        keep_predictions=True,
-    )
+    if monitor is not None and monitor.stopped_at is not None:
+        stopped = {names.EARLY_STOPPED_TAG: "true"}
+        run.set_tags(stopped | {names.EARLY_STOPPED_AT_EPOCH_TAG: str(monitor.stopped_at)})
+    test = _test(net, setup, cfg.data.eval_batch_size, steps)
+    best: dict[str, float] = {}
+    if monitor is not None and monitor.best_epoch is not None:
+        test, best = _best_epoch(net, setup, cfg, steps, test)
     log.info(accuracy_line(test))
     assert test.targets is not None and test.predictions is not None
     confusion = plots.confusion_matrix(test.targets, test.predictions, cfg.model.num_classes)
@@ -99,7 +105,12 @@ def train_and_evaluate(
     per_class = {
         names.class_metric(classes[k]): v for k, v in plots.per_class_accuracy(confusion).items()
     }
-    test_metrics = {names.TEST_LOSS: test.loss, names.TEST_ACCURACY: test.accuracy, **per_class}
+    test_metrics = {
+        names.TEST_LOSS: test.loss,
+        names.TEST_ACCURACY: test.accuracy,
+        **per_class,
+        **best,
+    }
     run.log_metrics(test_metrics, step)
     weights = out_dir / names.FINAL_WEIGHTS
     # Saved from the CPU whatever the device, so that it loads on a machine without a GPU.
@@ -111,6 +122,49 @@ def train_and_evaluate(
     if cfg.mlflow.log_plots:
         _record_plots(run, test, confusion, setup.data.test.images, classes, out_dir / names.PLOTS)
     return test, logger.latest | test_metrics
+
+
+def _test(
+    net: Module, setup: Setup, batch_size: int, steps: engine.StepOptions
+) -> engine.EvalResult:
+    """The test set's loss, accuracy and predictions, with `net`'s weights as they are now."""
+    return engine.evaluate(
+        net,
+        setup.data.test.to(setup.device),
+        batch_size=batch_size,
+        precision=steps.precision,
+        channels_last=steps.channels_last,
+        keep_predictions=True,
+    )
+
+
+def _best_epoch(
+    net: Module,
+    setup: Setup,
+    cfg: DictConfig,
+    steps: engine.StepOptions,
+    last: engine.EvalResult,
+) -> tuple[engine.EvalResult, dict[str, float]]:
+    """The test result to record, `last` (the last epoch's) or with `trainer.test_best` the best
+    epoch's, its weights loaded into the model; and the best epoch's metrics."""
+    monitor = setup.monitor
+    assert monitor is not None and monitor.best_epoch is not None
+    assert monitor.best_value is not None and monitor.best_weights is not None
+    best = {
+        names.BEST_EPOCH: float(monitor.best_epoch),
+        names.best_metric(monitor.metric): monitor.best_value,
+    }
+    if not cfg.trainer.test_best:
+        return last, best
+    best[names.TEST_ACCURACY_LAST_EPOCH] = last.accuracy
+    if monitor.best_epoch == monitor.epoch:
+        return last, best
+    log.info(
+        f"Last epoch ({monitor.epoch}): {accuracy_line(last)}; testing epoch "
+        f"{monitor.best_epoch}, the best {monitor.metric} ({monitor.best_value:.4f})"
+    )
+    setup.model.load_state_dict(monitor.best_weights)  # in place: `net` (compiled) follows
+    return _test(net, setup, cfg.data.eval_batch_size, steps), best
 
 
 def class_names(named: Sequence[str], num_classes: int) -> list[str]:

@@ -1,5 +1,5 @@
 """Resume checkpoints: the state a run continues from (weights, optimizer, schedule, RNGs,
-counters), written atomically, read back only if they are ours and whole."""
+counters, the best epoch so far), written atomically, read back only if ours and whole."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import random
 import warnings
 from pathlib import Path
 from pickle import UnpicklingError
-from typing import Any
+from typing import Any, Protocol
 from zipfile import BadZipFile
 
 import numpy as np
@@ -25,15 +25,26 @@ KEYS = ("epoch", "step", "model", "optimizer", "rng", "run_id")
 _UNREADABLE = (UnpicklingError, RuntimeError, EOFError, BadZipFile, ValueError, OSError)
 
 
+class Stateful(Protocol):
+    """What keeps a state of its own in the checkpoint: the best epoch's `monitor.Monitor`.
+    Named by its methods, not its class: the monitor imports the loop, which imports the data
+    module, which imports this one."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 def training_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler | None,
     epoch: int,
     step: int,
+    monitor: Stateful | None = None,
 ) -> dict[str, Any]:
     """Everything to continue after `epoch` exactly, in tensors and plain Python values only
-    (it loads with `torch.load(weights_only=True)`)."""
+    (it loads with `torch.load(weights_only=True)`); `monitor`'s state too, if there is one."""
     rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -41,7 +52,7 @@ def training_state(
     assert isinstance(numpy_state, tuple)
     kind, keys, pos, has_gauss, gauss = numpy_state
     rng["numpy"] = [kind, keys.tolist(), pos, has_gauss, gauss]
-    return {
+    state: dict[str, Any] = {
         "epoch": epoch,
         "step": step,
         "model": model.state_dict(),
@@ -49,6 +60,9 @@ def training_state(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": rng,
     }
+    if monitor is not None:
+        state["monitor"] = monitor.state_dict()
+    return state
 
 
 def restore_training_state(
@@ -56,8 +70,10 @@ def restore_training_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler | None,
+    monitor: Stateful | None = None,
 ) -> tuple[int, int]:
-    """Load a `training_state` into model, optimizer, scheduler and RNGs; returns (epoch, step)."""
+    """Load a `training_state` into model, optimizer, scheduler, RNGs and `monitor` (which a
+    checkpoint of older code leaves as it is: it holds no monitor); returns (epoch, step)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     _lay_out_like_params(optimizer)
@@ -73,6 +89,8 @@ def restore_training_state(
     if "numpy" in rng:
         kind, keys, pos, has_gauss, gauss = rng["numpy"]
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if monitor is not None and "monitor" in state:
+        monitor.load_state_dict(state["monitor"])
     return state["epoch"], state["step"]
 
 
