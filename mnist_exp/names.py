@@ -101,6 +101,10 @@ BEST_WEIGHTS = "checkpoints/best.ckpt"  # the best epoch's state_dict; also in t
 HYDRA_FILES = "hydra"  # config.yaml, overrides.yaml, hydra.yaml; resumed-N/ for each resume
 REQUIREMENTS = "environment/requirements.txt"
 MODEL = "model"
+# Each kept epoch's weights, a LoggedModel at its step (mlflow.log_checkpoints).
+CHECKPOINT_MODEL = "checkpoint"
+CHECKPOINT_MODEL_WEIGHTS = "checkpoints/epochs"  # their files in the run folder, epoch-N.ckpt
+LOG_CHECKPOINTS = ("improved", "every", "none")  # values of mlflow.log_checkpoints
 PLOTS = "plots"
 OPTUNA_PLOTS = "optuna"  # an Optuna search's parent: Optuna's pictures of its study
 # Hydra's job log (what the terminal showed); a resumed run's next part in logs/resumed-<epoch>/.

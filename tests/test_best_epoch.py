@@ -252,3 +252,36 @@ def test_a_run_recorded_before_the_best_epoch_reruns_testing_its_last_epoch(
     shutil.copytree(RECORDED / "artifacts" / names.HYDRA_FILES, folder / ".hydra")
     write_rerun_config(str(folder), [f"mlflow.tracking_uri={tracking_uri}"], False, tmp_path)
     assert OmegaConf.load(tmp_path / "rerun.yaml").trainer.test_best is False
+
+
+@pytest.mark.slow
+def test_each_improving_epoch_is_a_logged_model_ranked_by_its_validation_metrics(
+    mnist_train, tracking_uri: str, tmp_path: Path
+) -> None:
+    import mlflow
+
+    ended = mnist_train(*NOISY, f"trainer.epochs={EPOCHS}", "mlflow.log_model=true")
+    assert ended.code == 0, ended.err
+    (run,) = runs_in(tracking_uri)
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, names.VAL_ACCURACY)
+    improving, best = [], -1.0
+    for point in sorted(history, key=lambda m: m.step):
+        if point.value > best:
+            improving.append(point)
+            best = point.value
+    with mlflow_uri(tracking_uri):
+        ranked = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id],
+            filter_string=f"name = 'checkpoint' AND source_run_id = '{run.info.run_id}'",
+            order_by=[{"field_name": "metrics.val_accuracy", "ascending": False}],
+            output_format="list",
+        )
+        linked = [{m.key: (m.value, m.step) for m in model.metrics} for model in ranked]
+        assert [v[names.VAL_ACCURACY] for v in linked] == [
+            (p.value, p.step) for p in sorted(improving, key=lambda p: -p.value)
+        ]
+        assert all(names.VAL_LOSS in v for v in linked)
+        best_model = mlflow.pyfunc.load_model(f"models:/{ranked[0].model_id}")
+    kept = torch.load(tmp_path / "run" / names.BEST_WEIGHTS, weights_only=True)
+    served = best_model.unwrap_python_model().net.state_dict()
+    assert _same({k: v.cpu() for k, v in served.items()}, kept)

@@ -16,7 +16,13 @@ from mnist_exp.config import schema
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import MAX_SHOWN, composition_refusal, refusal
 from mnist_exp.errors import UserError, first_line
-from mnist_exp.names import MONITORABLE_METRICS, OPTIMIZABLE_METRICS, PRECISIONS, TEST_PREFIX
+from mnist_exp.names import (
+    LOG_CHECKPOINTS,
+    MONITORABLE_METRICS,
+    OPTIMIZABLE_METRICS,
+    PRECISIONS,
+    TEST_PREFIX,
+)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -58,6 +64,11 @@ def check_config(cfg: DictConfig) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(device)):
         raise refusal("device.type", device, "must be auto, cpu, cuda or cuda:N")
     _integer(cfg, "trainer.num_threads", low=1, high=MAX_THREADS, optional=True)
+    checkpoints = _get(cfg, "mlflow.log_checkpoints")
+    if str(checkpoints) not in LOG_CHECKPOINTS:
+        raise refusal(
+            "mlflow.log_checkpoints", checkpoints, f"must be one of {', '.join(LOG_CHECKPOINTS)}"
+        )
     _integer(cfg, "mlflow.retry_for_s", low=0)
     _integer(cfg, "mlflow.request_max_retries", low=0)
     _integer(cfg, "mlflow.request_timeout_s", low=1)

@@ -133,6 +133,7 @@ class MlflowSchema:  # conf/mlflow/local.yaml
     tags: dict[str, str] = MISSING
     log_plots: bool = MISSING
     log_model: bool = MISSING
+    log_checkpoints: str = MISSING
     retry_for_s: int = MISSING
     request_max_retries: int = MISSING
     request_timeout_s: int = MISSING

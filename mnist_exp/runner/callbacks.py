@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import Tensor
 
 from mnist_exp import names
+from mnist_exp.report.model_spec import ModelSpec
 from mnist_exp.runner.build import Setup
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.training import checkpoint, engine
@@ -69,3 +70,49 @@ class Checkpointer(engine.Callback):
         state = checkpoint.training_state(s.model, s.optimizer, s.scheduler, epoch, step, monitor)
         checkpoint.save(state | {"run_id": self.run.run_id}, self.path)
         self.run.log_artifact(self.path, names.CHECKPOINTS, defer=True)
+
+
+class CheckpointModels(engine.Callback):
+    """Each improving epoch's weights (`improved`: by the run's monitor) or every epoch's, as an
+    MLflow 3 LoggedModel `checkpoint` at the epoch's step with that step's metrics linked, so
+    that `mlflow.search_logged_models(order_by=...)` ranks a run's checkpoints.
+
+    MLflow links the metrics already recorded at the step: a model is sent at the next epoch's
+    start, or by `flush` after training, once every listener has logged its epoch.
+    """
+
+    def __init__(
+        self,
+        setup: Setup,
+        run: RemoteRun,
+        folder: Path,
+        which: str,
+        spec: Callable[[int], ModelSpec],
+    ) -> None:
+        self.setup, self.run, self.folder, self.which, self.spec = setup, run, folder, which, spec
+        self._due: tuple[Path, int] | None = None
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
+        monitor = self.setup.monitor
+        if self.which == "improved":
+            if monitor is None:
+                return
+            monitor.observe(epoch, metrics)
+            if monitor.best_epoch != epoch:
+                return
+        elif self.which != "every":
+            return
+        path = self.folder / f"epoch-{epoch}.ckpt"
+        state = {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
+        checkpoint.write_atomic(state, path)
+        self._due = (path, step)
+
+    def on_epoch_start(self, epoch: int, num_epochs: int, steps: int) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Send the model of the last kept epoch, if not sent yet."""
+        if self._due is not None:
+            path, step = self._due
+            self._due = None
+            self.run.log_model(path, self.spec(step), names.CHECKPOINT_MODEL)

@@ -18,7 +18,7 @@ from mnist_exp.report import plots
 from mnist_exp.report.console import Console, accuracy_line, wants_progress_bar
 from mnist_exp.runner import servable
 from mnist_exp.runner.build import Setup, channels_last
-from mnist_exp.runner.callbacks import Checkpointer, MetricsLogger
+from mnist_exp.runner.callbacks import Checkpointer, CheckpointModels, MetricsLogger
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.training import checkpoint, engine
 
@@ -58,11 +58,19 @@ def train_and_evaluate(
     logger = MetricsLogger(run, cfg.trainer.log_every_n_steps, startup_s)
     progress_bar = wants_progress_bar(cfg.trainer.progress_bar, in_sweep)
     monitor = setup.monitor
+    models = CheckpointModels(
+        setup,
+        run,
+        out_dir / names.CHECKPOINT_MODEL_WEIGHTS,
+        cfg.mlflow.log_checkpoints if cfg.mlflow.log_model else "none",
+        lambda at: servable.describe(cfg, setup, at),
+    )
     listeners = [
         logger,
         Console(cfg.trainer.print_every_n_steps, cfg.data.batch_size, progress_bar),
         Checkpointer(setup, run, out_dir / names.RESUME_CHECKPOINT, out_dir / names.BEST_WEIGHTS),
         *([monitor] if monitor is not None else []),
+        models,
         *callbacks,
     ]
     epochs = cfg.trainer.epochs
@@ -91,6 +99,7 @@ def train_and_evaluate(
             scheduler=setup.scheduler,
             callbacks=listeners,
         )
+    models.flush()  # the last kept epoch's model, its metrics all logged
     if monitor is not None and monitor.stopped_at is not None:
         stopped = {names.EARLY_STOPPED_TAG: "true"}
         run.set_tags(stopped | {names.EARLY_STOPPED_AT_EPOCH_TAG: str(monitor.stopped_at)})

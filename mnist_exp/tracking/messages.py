@@ -128,9 +128,10 @@ class MetricHistory:
 class LogModel:
     weights: Path
     spec: ModelSpec
+    name: str = names.MODEL  # the run's servable model, or an epoch's (CHECKPOINT_MODEL)
 
     def do(self, run: MlflowRun) -> None:
-        run.log_model(self.weights, self.spec)
+        run.log_model(self.weights, self.spec, self.name)
 
 
 @dataclass

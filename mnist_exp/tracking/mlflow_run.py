@@ -134,8 +134,8 @@ class MlflowRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._call(lambda: self.client.log_text(self.run_id, text, artifact_file))
 
-    def log_model(self, weights: Path, spec: ModelSpec) -> None:
-        """Log the servable model of `weights` as the run's MLflow 3 model `model`, with the
+    def log_model(self, weights: Path, spec: ModelSpec, name: str = names.MODEL) -> None:
+        """Log the servable model of `weights` as the run's MLflow 3 model `name`, with the
         run's metrics at `spec.step` linked to it (see `serving.log`)."""
         import mlflow
 
@@ -144,7 +144,7 @@ class MlflowRun:
         # serving.log works on MLflow's global store and experiment, as mlflow.pyfunc does.
         mlflow.set_tracking_uri(str(self.client.tracking_uri))
         mlflow.set_experiment(experiment_id=self.experiment_id)
-        self._call(lambda: serving.log(self.run_id, names.MODEL, weights, spec))
+        self._call(lambda: serving.log(self.run_id, name, weights, spec))
 
     def end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED."""

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, SupportsFloat
 
+from mnist_exp.names import MODEL
 from mnist_exp.report.model_spec import ModelSpec
 from mnist_exp.tracking import messages as m
 from mnist_exp.tracking import tracker
@@ -103,10 +104,10 @@ class RemoteRun(TrackerLink):
         """(step, value) of every recorded value of each key, by step."""
         return self._send(m.MetricHistory(list(keys)))
 
-    def log_model(self, weights: Path, spec: ModelSpec) -> None:
-        """Log the servable model of `weights` as the run's model (see `MlflowRun.log_model`),
-        returning at once: the tracker builds it while this process goes on."""
-        self._send(m.LogModel(Path(weights), spec), wait=False)
+    def log_model(self, weights: Path, spec: ModelSpec, name: str = MODEL) -> None:
+        """Log the servable model of `weights` as the run's model `name` (see
+        `MlflowRun.log_model`), returning at once: the tracker builds it meanwhile."""
+        self._send(m.LogModel(Path(weights), spec, name), wait=False)
 
     def end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED once all before is recorded; the tracker
