@@ -203,16 +203,19 @@ def test_fewer_classes_than_the_data_has_is_one_clear_line(mnist_train, tracking
 
 @pytest.mark.slow
 def test_a_model_that_cannot_be_imported_is_one_line_saying_where_to_put_it(
-    mnist_train, tracking_uri
+    mnist_train, tracking_uri, tmp_path
 ):
-    """One's own `_target_` whose module is not on the path: Hydra's four lines, once."""
+    """One's own `_target_` whose module is not on the path: one line instead of Hydra's, no
+    run, and no run folder left behind."""
     ended = mnist_train("model._target_=nosuch.Model", *SMALL)
     assert ended.code == 1
     assert ended.err.strip().splitlines() == [
         "error: model._target_=nosuch.Model cannot be imported (No module named 'nosuch'): put "
         "its module on PYTHONPATH (e.g. PYTHONPATH=. mnist-train ...) or install its package"
     ]
+    assert "nosuch" not in ended.out  # Hydra logged its own lines of the failed lookup there
     assert runs_in(tracking_uri) == []
+    assert not (tmp_path / "run").exists()
 
 
 # What sbatch writes on a machine with no SLURM configuration (Debian's slurm-wlm 22.05).

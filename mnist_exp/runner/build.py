@@ -154,10 +154,15 @@ def model_arguments(cfg: DictConfig) -> dict[str, Any]:
 
 def _takes(target: str, argument: str) -> bool:
     """Whether `target` (a class or function) takes `argument`; yes when it cannot be told."""
+    hydra_log = logging.getLogger("hydra.utils")  # get_object logs a failure before raising it
+    level = hydra_log.level
+    hydra_log.setLevel(logging.CRITICAL)
     try:
         parameters = inspect.signature(get_object(target)).parameters.values()
     except Exception:  # not importable, or no signature: instantiate says what is wrong
         return True
+    finally:
+        hydra_log.setLevel(level)
     return any(p.name == argument or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
