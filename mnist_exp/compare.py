@@ -137,6 +137,7 @@ def register_best(
     version = mlflow.register_model(source, name, await_registration_for=0, tags=tags)
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
+        version = client.get_model_version(name, version.version)  # with its alias
     return best, version
 
 

@@ -160,7 +160,7 @@ def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept
     second = api.register(
         "digits", swept.parent_id, alias="challenger", metric="test_loss", tracking_uri=swept.uri
     )
-    assert int(second.version) == 2
+    assert int(second.version) == 2 and second.aliases == ["challenger"]
     assert int(client.get_model_version_by_alias("digits", "challenger").version) == 2
     assert int(client.get_model_version_by_alias("digits", "champion").version) == 1
     assert second.tags["mnist_exp.metric"] == "test_loss"
