@@ -270,6 +270,7 @@ def test_a_model_that_does_not_fit_the_images_is_one_line_without_a_run(
     assert ended.code == 1
     assert ended.err.strip().splitlines()[-1] == expected
     assert runs_in(tracking_uri) == []
+    assert not (tmp_path / "run").exists()  # its log had a line: the run folder went all the same
 
 
 def test_image_size_goes_only_to_a_model_that_takes_it(tmp_path, monkeypatch):

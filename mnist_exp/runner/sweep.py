@@ -32,8 +32,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mnist_exp")
 # The folders this command made for its run or sweep (that folder first, then the parents made
-# with it) and Hydra's subfolder in it: `refusals_leave_no_folder` removes them again.
-_made: list[tuple[list[Path], str | None]] = []
+# with it), until an MLflow run holds them: `refusals_leave_no_folder` removes them again.
+_made: list[list[Path]] = []
+
+
+def keep_folder() -> None:
+    """An MLflow run is about to be opened for this command's folder: it stays, refused or not."""
+    _made.clear()
 
 
 class SweepCallback(Callback):
@@ -45,7 +50,7 @@ class SweepCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
-            _check_writable(Path(config.hydra.run.dir), "hydra.run.dir", config.hydra.output_subdir)
+            _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
@@ -54,6 +59,7 @@ class SweepCallback(Callback):
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import open_parent
 
+        keep_folder()
         with exit_on_user_error():
             self.parent = open_parent(config)
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
@@ -103,10 +109,10 @@ class SweepCallback(Callback):
             self.parent.end("FAILED")
 
 
-def _check_writable(folder: Path, key: str, hydra_subdir: str | None = None) -> None:
+def _check_writable(folder: Path, key: str) -> None:
     """Hydra creates the run folder before the run and would answer with a stack trace."""
     made = [path for path in (folder, *folder.parents) if not path.exists()]
-    _made[:] = [(made, hydra_subdir)] if made else []
+    _made[:] = [made] if made else []
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -119,24 +125,21 @@ def _check_writable(folder: Path, key: str, hydra_subdir: str | None = None) -> 
 
 @contextlib.contextmanager
 def refusals_leave_no_folder() -> Iterator[None]:
-    """A command refused in one line (`SystemExit`) removes the run or sweep folder it made
-    when nothing is in it but Hydra's copy of the config and empty logs: each refusal had left
-    an empty outputs/DATE/TIME/. A folder that was there before is left alone."""
+    """A command refused in one line (`SystemExit`) before any MLflow run was opened removes
+    the run or sweep folder it made (Hydra's copy of the config, the log of what the terminal
+    showed): each refusal had left an outputs/DATE/TIME/. A folder that was there before, or
+    that a run holds (`keep_folder`), stays."""
     _made.clear()
     try:
         yield
     except SystemExit:
         if _made:
-            _remove_if_unused(*_made.pop())
+            _remove(_made.pop())
         raise
 
 
-def _remove_if_unused(made: list[Path], hydra_subdir: str | None) -> None:
+def _remove(made: list[Path]) -> None:
     folder, *parents = made
-    for path in folder.rglob("*"):
-        hydra_file = path.relative_to(folder).parts[0] == hydra_subdir
-        if path.is_file() and path.stat().st_size and not hydra_file:
-            return  # the run began: its folder stays
     shutil.rmtree(folder, ignore_errors=True)
     for parent in parents:
         with contextlib.suppress(OSError):  # not empty: another command's folder is in it
