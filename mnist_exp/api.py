@@ -25,6 +25,7 @@ from mnist_exp.config.checks import check_overrides
 from mnist_exp.config.paths import compose_config, composed
 from mnist_exp.errors import UserError
 from mnist_exp.runner.experiment import RunResult, run_experiment
+from mnist_exp.runner.sweep import check_writable, refusals_leave_no_folder
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,14 +54,15 @@ def train(overrides: Sequence[str] = ()) -> RunResult:
             failures.append(exc)
             raise
 
-    with composed(overrides, with_hydra=True) as cfg:
+    with composed(overrides, with_hydra=True) as cfg, refusals_leave_no_folder():
         _unique_run_dir(cfg, overrides)
+        check_writable(Path(str(cfg.hydra.run.dir)), "hydra.run.dir")
         loader = GlobalHydra.instance().config_loader()
         context = HydraContext(config_loader=loader, callbacks=Callbacks(cfg))
         with _logging_restored(), _environment_restored():
             job = run_job(task, cfg, "hydra.run.dir", None, context, configure_logging=True)
-    if job.status == JobStatus.FAILED:
-        raise failures[0]
+        if job.status == JobStatus.FAILED:
+            raise failures[0]
     result = job.return_value
     assert isinstance(result, RunResult)
     return result

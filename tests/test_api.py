@@ -80,7 +80,7 @@ def test_train_twice_in_one_process_records_two_runs_and_leaves_the_process_as_i
 
 @pytest.mark.new_store  # runs() on it: no store there yet
 def test_bad_values_raise_user_error_in_one_line_and_record_nothing(
-    where, tracking_uri: str
+    where, tracking_uri: str, tmp_path: Path
 ) -> None:
     """A bad value or an unknown key is a `UserError` saying what to change; no run exists."""
     with pytest.raises(UserError, match=r"^trainer\.epochs=-1 must be .*: change it") as bad:
@@ -91,6 +91,7 @@ def test_bad_values_raise_user_error_in_one_line_and_record_nothing(
         train(["-m", *TINY])
     for error in (bad, unknown):
         assert "\n" not in str(error.value)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "unknown").exists()  # no folder
     with pytest.raises(UserError, match="no MLflow store"):
         runs(tracking_uri=tracking_uri)
     with pytest.raises(UserError, match=r"^cannot reach the MLflow tracking server http://"):

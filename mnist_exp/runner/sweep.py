@@ -50,7 +50,7 @@ class SweepCallback(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
-            _check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+            check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
@@ -93,7 +93,7 @@ class SweepCallback(Callback):
 
     def check(self, config: DictConfig) -> None:
         """Refuse (`UserError`) a sweep that cannot work, before anything of it exists."""
-        _check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
         check_config(config)
         configure_requests(config.mlflow)
         if config.hydra.sweeper.get("_target_") == PLUGIN_NAME:
@@ -109,8 +109,9 @@ class SweepCallback(Callback):
             self.parent.end("FAILED")
 
 
-def _check_writable(folder: Path, key: str) -> None:
-    """Hydra creates the run folder before the run and would answer with a stack trace."""
+def check_writable(folder: Path, key: str) -> None:
+    """Hydra creates the run folder before the run and would answer with a stack trace; the
+    folders made here are `refusals_leave_no_folder`'s to remove."""
     made = [path for path in (folder, *folder.parents) if not path.exists()]
     _made[:] = [made] if made else []
     try:
@@ -125,14 +126,14 @@ def _check_writable(folder: Path, key: str) -> None:
 
 @contextlib.contextmanager
 def refusals_leave_no_folder() -> Iterator[None]:
-    """A command refused in one line (`SystemExit`) before any MLflow run was opened removes
-    the run or sweep folder it made (Hydra's copy of the config, the log of what the terminal
-    showed): each refusal had left an outputs/DATE/TIME/. A folder that was there before, or
-    that a run holds (`keep_folder`), stays."""
+    """A command refused in one line (`SystemExit`, or `UserError` from Python) before any
+    MLflow run was opened removes the run or sweep folder it made (Hydra's copy of the config,
+    the log of what the terminal showed): each refusal had left an outputs/DATE/TIME/. A
+    folder that was there before, or that a run holds (`keep_folder`), stays."""
     _made.clear()
     try:
         yield
-    except SystemExit:
+    except (SystemExit, UserError):
         if _made:
             _remove(_made.pop())
         raise
