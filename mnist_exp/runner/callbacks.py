@@ -98,12 +98,14 @@ class CheckpointModels(engine.Callback):
             if monitor is None:
                 return
             monitor.observe(epoch, metrics)
-            if monitor.best_epoch != epoch:
+            if monitor.best_epoch != epoch or monitor.best_weights is None:
                 return
-        elif self.which != "every":
+            state = monitor.best_weights  # this epoch's, already copied to the CPU
+        elif self.which == "every":
+            state = {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
+        else:
             return
         path = self.folder / f"epoch-{epoch}.ckpt"
-        state = {k: v.detach().cpu() for k, v in self.setup.model.state_dict().items()}
         checkpoint.write_atomic(state, path)
         self._due = (path, step)
 
