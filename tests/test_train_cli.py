@@ -291,6 +291,7 @@ def test_a_tracking_server_that_is_down_is_one_line_from_every_command(
         assert ended.code == 1, main.__module__
         assert ended.err.strip().splitlines()[-1].startswith(down), (main.__module__, ended.err)
         assert "Traceback" not in ended.err, main.__module__
+    assert not (tmp_path / "run").exists()  # no run holds the folder the command made
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import TrackingUnavailable
 from mnist_exp.runner import job_log, lifecycle
 from mnist_exp.runner.naming import SWEPT_ENV, name_from
-from mnist_exp.runner.sweep import keep_folder
+from mnist_exp.runner.sweep import hold_folder
 from mnist_exp.tracking import processes
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.redaction import redact
@@ -91,7 +91,7 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     # hydra.output_subdir=null: Hydra kept no copy of the config, so there is none to record.
     files = out_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
     swept = os.environ.get(SWEPT_ENV, "").split()  # in a sweep's job, the keys it varies
-    keep_folder()  # the run about to be opened records it as its output_dir
+    hold_folder(recorder.opened)  # the run about to be opened records it as its output_dir
     if state is None:
         recorder.start(
             run_name=cfg.mlflow.run_name or name_from(overrides, swept),

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,11 +34,19 @@ log = logging.getLogger("mnist_exp")
 # The folders this command made for its run or sweep (that folder first, then the parents made
 # with it), until an MLflow run holds them: `refusals_leave_no_folder` removes them again.
 _made: list[list[Path]] = []
+# Whether the MLflow run that records this command's folder was opened (`hold_folder`).
+_held: list[Callable[[], bool]] = []
 
 
 def keep_folder() -> None:
-    """An MLflow run is about to be opened for this command's folder: it stays, refused or not."""
+    """An MLflow run was opened for this command's folder: it stays, refused or not."""
     _made.clear()
+
+
+def hold_folder(opened: Callable[[], bool]) -> None:
+    """An MLflow run is being opened for this command's folder: it stays, refused or not, once
+    `opened()` says the run exists (a server down from the start leaves no run to hold it)."""
+    _held[:] = [opened]
 
 
 class SweepCallback(Callback):
@@ -59,9 +67,9 @@ class SweepCallback(Callback):
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import open_parent
 
-        keep_folder()
         with exit_on_user_error():
             self.parent = open_parent(config)
+        keep_folder()
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
         params = config.hydra.sweeper.get("params") or {}
         os.environ[SWEPT_ENV] = " ".join(swept_keys(params, list(config.hydra.overrides.task)))
@@ -129,12 +137,13 @@ def refusals_leave_no_folder() -> Iterator[None]:
     """A command refused in one line (`SystemExit`, or `UserError` from Python) before any
     MLflow run was opened removes the run or sweep folder it made (Hydra's copy of the config,
     the log of what the terminal showed): each refusal had left an outputs/DATE/TIME/. A
-    folder that was there before, or that a run holds (`keep_folder`), stays."""
+    folder that was there before, or that a run holds (`keep_folder`, `hold_folder`), stays."""
     _made.clear()
+    _held.clear()
     try:
         yield
     except (SystemExit, UserError):
-        if _made:
+        if _made and not (_held and _held[0]()):
             _remove(_made.pop())
         raise
 
