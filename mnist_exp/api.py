@@ -25,6 +25,7 @@ from mnist_exp.config.checks import check_overrides
 from mnist_exp.config.paths import compose_config, composed
 from mnist_exp.errors import UserError
 from mnist_exp.runner.experiment import RunResult, run_experiment
+from mnist_exp.runner.source import caller_source
 from mnist_exp.runner.sweep import check_writable, refusals_leave_no_folder
 
 if TYPE_CHECKING:
@@ -45,7 +46,11 @@ def train(overrides: Sequence[str] = ()) -> RunResult:
         )
     check_overrides(overrides)
     failures: list[Exception] = []  # what the job raised: Hydra's job keeps only a wrapper
-    tags = {names.SOURCE_TAG: "python", names.COMMAND_TAG: f"mnist_exp.api.train({overrides!r})"}
+    tags = {
+        names.SOURCE_TAG: "python",
+        names.COMMAND_TAG: f"mnist_exp.api.train({overrides!r})",
+        **caller_source(),  # the script or notebook calling
+    }
 
     def task(cfg: DictConfig) -> RunResult:
         try:

@@ -53,7 +53,7 @@ COMMAND_TAG = "mnist_exp.command"
 HOST_TAG, PID_TAG, PID_START_TAG = "mnist_exp.host", "mnist_exp.pid", "mnist_exp.pid_start"
 SLURM_JOB_TAG = "mnist_exp.slurm_job_id"  # as squeue and sacct name it (`123_4`: array task 4)
 VERSION_TAG = "mnist_exp.version."  # + a package name, or python
-GIT_DIRTY_TAG = "mnist_exp.git.dirty"
+GIT_DIRTY_TAG = "mnist_exp.git.dirty"  # as MLFLOW_GIT_DIRTY_TAG, for runs recorded before it
 SOURCE_TAG = "mnist_exp.source"  # "python" on a run started through mnist_exp.api
 # Why a run FAILED, and where; a run resumed later drops them.
 ERROR_TAG = "mnist_exp.error"
@@ -69,6 +69,10 @@ EARLY_STOPPED_AT_EPOCH_TAG = "mnist_exp.early_stopped_at_epoch"
 RUN_NAME_TAG = "mlflow.runName"
 PARENT_RUN_TAG = "mlflow.parentRunId"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+GIT_BRANCH_TAG, GIT_REPO_URL_TAG = "mlflow.source.git.branch", "mlflow.source.git.repoURL"
+MLFLOW_GIT_DIRTY_TAG = "mlflow.source.git.dirty"  # beside MLflow's: "True" or "False"
+# What started the run, as the UI's source column shows it: the user's command or notebook.
+SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"
 
 # Tags of a sweep's parent run.
 SWEEP_TAG = "mnist_exp.sweep"  # "true"

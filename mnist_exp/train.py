@@ -10,7 +10,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -26,6 +25,7 @@ from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner import slurm
 from mnist_exp.runner.experiment import run_experiment
+from mnist_exp.runner.source import command_source, program
 from mnist_exp.runner.sweep import refusals_leave_no_folder
 
 log = logging.getLogger("mnist_exp")
@@ -62,7 +62,7 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     `mnist-rerun` calls. True when all is recorded; a one-line exit on bad input or Ctrl-C."""
     with exit_on_user_error():
         check_overrides(args)
-    _invocation.command = command or " ".join([Path(sys.argv[0]).name, *args])
+    _invocation.command = command or " ".join([program(), *args])
     _invocation.recorded = False
     _invocation.owns_full_error = _FULL_ERROR not in os.environ
     _composing(True)
@@ -102,7 +102,8 @@ def _main(cfg: DictConfig) -> float:
     _composing(False)
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        metrics = run_experiment(cfg, {COMMAND_TAG: _invocation.command}).metrics
+        cmd = _invocation.command
+        metrics = run_experiment(cfg, {COMMAND_TAG: cmd, **command_source(cmd)}).metrics
         _invocation.recorded = True
         key = cfg.optimized_metric
         if key not in metrics:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -145,8 +147,6 @@ def test_python_and_the_command_line_record_the_same_run(
     where, train_command, tracking_uri: str
 ) -> None:
     """The same overrides through train() and mnist-train: the same keys and test accuracy."""
-    import subprocess
-
     from conftest import ROOT
 
     from_python = train([*TINY, *where("python")])
@@ -162,7 +162,8 @@ def test_python_and_the_command_line_record_the_same_run(
     assert cli_run.data.tags.keys() <= python_run.data.tags.keys()
     assert python_run.data.metrics["test_accuracy"] == cli_run.data.metrics["test_accuracy"]
     # Each records how it was started: the command line, or the call.
-    assert cli_run.data.tags["mnist_exp.command"] == " ".join(["train.py", *cmd[3:]])
+    assert cli_run.data.tags["mnist_exp.command"] == " ".join(["python", *cmd[1:]])
+    assert cli_run.data.tags["mlflow.source.name"] == "python -m mnist_exp.train"
     assert python_run.data.tags["mnist_exp.command"].startswith("mnist_exp.api.train([")
 
     def artifacts(run_id: str, path: str = "") -> set[str]:
@@ -186,3 +187,58 @@ def test_runs_lists_one_sweeps_children(mnist_train, tracking_uri: str) -> None:
     assert len(children) == 2
     assert set(children["params.trainer.seed"]) == {"0", "1"}
     assert set(children["tags.mlflow.parentRunId"]) == {parent}
+
+
+def _git(*args: str) -> str:
+    from conftest import ROOT
+
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def test_a_run_shows_its_source_git_state_and_system_metrics_in_mlflows_own_names(
+    where, tracking_uri: str
+) -> None:
+    """What MLflow's UI shows of a run: the script that called train() as the source of the run
+    and of its model (not the tracker's file), the checkout under mlflow.source.git.*, and the
+    CPU and memory sampled while it trained."""
+    result = train([
+        *TINY, *where("run"), "mlflow.log_model=true", "mlflow.system_metrics_interval_s=0.1",
+    ])  # fmt: skip
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    script = str(Path(sys.argv[0]).resolve())  # pytest's, the program calling train() here
+    assert run.data.tags["mlflow.source.name"] == script
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.tags["mlflow.source.name"] == script
+
+    commit = _git("rev-parse", "HEAD")
+    if commit:  # CI's checkout is a clone: on its branch, with its origin
+        tags = run.data.tags
+        assert tags["mlflow.source.git.commit"] == commit
+        assert tags.get("mlflow.source.git.branch", "") == _git("symbolic-ref", "--short", "HEAD")
+        assert tags.get("mlflow.source.git.repoURL", "") == _git("remote", "get-url", "origin")
+        assert tags["mlflow.source.git.dirty"] == tags["mnist_exp.git.dirty"]
+        assert tags["mlflow.source.git.dirty"] in ("True", "False")
+
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert client.get_metric_history(result.run_id, key), key
+
+
+def test_a_run_from_a_notebook_names_the_notebook(monkeypatch) -> None:
+    """In a Jupyter kernel the source is the notebook, where Jupyter says which it is."""
+    import types
+
+    from mnist_exp.runner.source import caller_source
+
+    shell = types.SimpleNamespace(config={"IPKernelApp": {}}, user_ns={})
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/me/explore.ipynb")
+    assert caller_source() == {
+        "mlflow.source.name": "/home/me/explore.ipynb",
+        "mlflow.source.type": "NOTEBOOK",
+    }
+    monkeypatch.delenv("JPY_SESSION_NAME")
+    shell.user_ns["__vsc_ipynb_file__"] = "/home/me/vscode.ipynb"
+    assert caller_source()["mlflow.source.name"] == "/home/me/vscode.ipynb"

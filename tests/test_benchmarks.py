@@ -94,3 +94,10 @@ def test_benchmark_sweep_and_search_time_their_commands(script, data_root):
     out = script("benchmark_search", *tiny, *search).out
     assert "1 trials x 1 epochs, 64 training images" in out
     assert re.search(rf"^none +{NUMBER} +0 +0 +1 +{NUMBER} +0% +\+0.00$", out, re.M)
+
+
+def test_benchmark_system_metrics_prices_a_sample_against_an_epoch(script, data_root):
+    out = script("benchmark_system_metrics", "--samples", "2", "--images", "160",
+                 "--data-root", str(data_root)).out  # fmt: skip
+    assert re.search(rf"^one sample: {NUMBER} ms CPU, {NUMBER} ms wall \(mean of 2\)$", out, re.M)
+    assert re.search(rf"^sampling costs {NUMBER} ms CPU per epoch: {NUMBER}% of it$", out, re.M)

@@ -69,6 +69,8 @@ def check_config(cfg: DictConfig) -> None:
         raise refusal(
             "mlflow.log_checkpoints", checkpoints, f"must be one of {', '.join(LOG_CHECKPOINTS)}"
         )
+    seconds = "must be a number of seconds above 0"
+    _number(cfg, "mlflow.system_metrics_interval_s", lambda v: v > 0, seconds)
     _integer(cfg, "mlflow.retry_for_s", low=0)
     _integer(cfg, "mlflow.request_max_retries", low=0)
     _integer(cfg, "mlflow.request_timeout_s", low=1)

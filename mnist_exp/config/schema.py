@@ -134,6 +134,8 @@ class MlflowSchema:  # conf/mlflow/local.yaml
     log_plots: bool = MISSING
     log_model: bool = MISSING
     log_checkpoints: str = MISSING
+    log_system_metrics: bool = MISSING
+    system_metrics_interval_s: float = MISSING
     retry_for_s: int = MISSING
     request_max_retries: int = MISSING
     request_timeout_s: int = MISSING

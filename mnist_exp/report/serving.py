@@ -16,7 +16,7 @@ import json
 import logging
 import tempfile
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -119,8 +119,11 @@ def save(path: Path, weights: Path, spec: ModelSpec) -> None:
         mlflow.pyfunc.save_model(str(path), **flavor)
 
 
-def log(run_id: str, name: str, weights: Path, spec: ModelSpec) -> str:
-    """Log the model of the `state_dict` in `weights` as the run's model `name`; its id.
+def log(
+    run_id: str, name: str, weights: Path, spec: ModelSpec, tags: Mapping[str, str] | None = None
+) -> str:
+    """Log the model of the `state_dict` in `weights` as the run's model `name`, with `tags`
+    (they win over MLflow's guesses from this process); its id.
 
     MLflow 3 makes it a LoggedModel of the run (listed by `mlflow.search_logged_models`,
     loaded as `runs:/RUN_ID/name` or `models:/MODEL_ID`) and links to it the run's metrics
@@ -135,6 +138,7 @@ def log(run_id: str, name: str, weights: Path, spec: ModelSpec) -> str:
             flavor=_UNCHECKED_PYFUNC,
             run_id=run_id,
             step=spec.step,
+            tags=dict(tags or {}),
             # Else MLflow loads the model to predict on the input example, importing torch
             # into the tracker process, which more than doubles its memory.
             validate_serving_input=False,

@@ -57,6 +57,8 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     config = {str(k): v for k, v in tree.items()}
     configure_requests(cfg.mlflow)
     retry_for_s = float(cfg.mlflow.get("retry_for_s") or 0)
+    sampled = cfg.mlflow.get("log_system_metrics")  # absent in configs recorded before it
+    system_metrics_s = float(cfg.mlflow.system_metrics_interval_s) if sampled else None
     tags = {
         names.OVERRIDES_TAG: " ".join(overrides),
         names.OUTPUT_DIR_TAG: str(out_dir),
@@ -101,13 +103,15 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
             files=(files, names.HYDRA_FILES) if files else None,
             retry_for_s=retry_for_s,
             unsent=out_dir / names.UNSENT,
+            system_metrics_s=system_metrics_s,
         )
     else:
         tags[names.RESUMED_FROM_EPOCH_TAG] = str(start[0])
         resumed = (files, f"{names.HYDRA_FILES}/resumed-{start[0]}") if files else None
         recorder.reopen(
-            run_id, tags=tags, files=resumed, retry_for_s=retry_for_s, unsent=out_dir / names.UNSENT
-        )
+            run_id, tags=tags, files=resumed, retry_for_s=retry_for_s,
+            unsent=out_dir / names.UNSENT, system_metrics_s=system_metrics_s,
+        )  # fmt: skip
         log.info(f"Resuming MLflow run {run_id} after epoch {start[0]} (step {start[1]})")
     with (
         lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]),

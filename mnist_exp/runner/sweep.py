@@ -22,6 +22,7 @@ from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import OPTUNA_PLOTS
 from mnist_exp.runner import slurm
 from mnist_exp.runner.naming import SWEPT_ENV, swept_keys
+from mnist_exp.runner.source import command_source, program
 from mnist_exp.search import PLUGIN_NAME
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.redaction import redact
@@ -68,7 +69,7 @@ class SweepCallback(Callback):
         from mnist_exp.tracking.parent import open_parent
 
         with exit_on_user_error():
-            self.parent = open_parent(config)
+            self.parent = open_parent(config, command_source(program()))
         keep_folder()
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
         params = config.hydra.sweeper.get("params") or {}

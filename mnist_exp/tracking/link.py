@@ -188,7 +188,8 @@ class TrackerLink:
 
             client = MlflowClient(self._store.tracking_uri)
             retry_for_s = self._opening.retry_for_s if self._opening else 0.0
-            self._local = MlflowRun(client, client.get_run(run_id).info, {}, retry_for_s)
+            run = client.get_run(run_id)
+            self._local = MlflowRun(client, run.info, {}, retry_for_s, run.data.tags)
         except Exception as exc:
             log.error(f"cannot open MLflow run {run_id} from the training process: {exc}")
         raise self._lost

@@ -63,6 +63,7 @@ class Open:
     params: dict[str, Any] = field(default_factory=dict)
     project_root: Path = Path()  # the source tags' git repository
     unsent: Path | None = None  # where requests are kept once the server stayed away too long
+    system_metrics_s: float | None = None  # MLflow's system metrics sampled this often (None: off)
 
     def do(self, client: MlflowClient, experiment_id: str) -> MlflowRun:
         from mnist_exp.tracking.mlflow_run import MlflowRun, flatten

@@ -25,6 +25,7 @@ PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"  # set by the sweep callback for the 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000  # characters of one param value
+SOURCE_TAGS = (names.SOURCE_NAME_TAG, names.SOURCE_TYPE_TAG)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,12 +50,15 @@ class MlflowRun:
         info: RunInfo,
         recorded: dict[str, int],
         retry_for_s: float = 0.0,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
         self.run_id: str = info.run_id
         self.experiment_id: str = info.experiment_id
         self.name: str = info.run_name
         self._recorded = recorded  # the last step already in MLflow, by metric key
+        # What started the run, also its logged models' source (MLflow would name the tracker).
+        self._source = {k: v for k, v in (tags or {}).items() if k in SOURCE_TAGS}
         self._outage = Outage(str(client.tracking_uri), retry_for_s)
         self._call = self._outage.call
 
@@ -80,7 +84,7 @@ class MlflowRun:
             tags.setdefault(names.PARENT_RUN_TAG, os.environ[PARENT_RUN_ENV])
         outage = Outage(str(client.tracking_uri), retry_for_s)
         info = outage.call(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
-        run = cls(client, info.info, {}, retry_for_s)
+        run = cls(client, info.info, {}, retry_for_s, tags)
         items = [Param(k, param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             chunk = items[i : i + MAX_PARAMS_PER_BATCH]
@@ -103,7 +107,7 @@ class MlflowRun:
         tags = [RunTag(k, v) for k, v in processes.process_tags().items()]
         outage.call(lambda: client.log_batch(run_id, tags=tags))
         outage.call(lambda: client.update_run(run_id, status="RUNNING"))
-        return cls(client, info.info, recorded, retry_for_s)
+        return cls(client, info.info, recorded, retry_for_s, info.data.tags)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         items = [RunTag(k, redact(str(v))) for k, v in tags.items()]
@@ -144,7 +148,7 @@ class MlflowRun:
         # serving.log works on MLflow's global store and experiment, as mlflow.pyfunc does.
         mlflow.set_tracking_uri(str(self.client.tracking_uri))
         mlflow.set_experiment(experiment_id=self.experiment_id)
-        self._call(lambda: serving.log(self.run_id, name, weights, spec))
+        self._call(lambda: serving.log(self.run_id, name, weights, spec, self._source))
 
     def end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED."""

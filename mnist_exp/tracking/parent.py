@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -20,8 +21,9 @@ from mnist_exp.tracking.queries import sweep_runs
 from mnist_exp.tracking.redaction import redact
 
 
-def open_parent(config: DictConfig) -> MlflowRun:
-    """Start the sweep's parent run, or reopen the one of the study a search continues."""
+def open_parent(config: DictConfig, source: Mapping[str, str]) -> MlflowRun:
+    """Start the sweep's parent run, or reopen the one of the study a search continues;
+    `source`: the tags naming the command that started it."""
     client, experiment_id = store.open_store(
         config.mlflow.tracking_uri, config.mlflow.experiment_name
     )
@@ -32,7 +34,7 @@ def open_parent(config: DictConfig) -> MlflowRun:
     if study_name and storage:
         study = {names.STUDY_TAG: str(study_name), names.STORAGE_TAG: redact(str(storage))}
     params = sweeper.get("params") or {}
-    tags = store.source_tags(Path.cwd()) | study
+    tags = store.source_tags(Path.cwd()) | dict(source) | study
     tags |= {
         names.SWEEP_TAG: "true",
         names.METRIC_TAG: config.optimized_metric,

@@ -37,12 +37,14 @@ class RemoteRun(TrackerLink):
         files: tuple[Path, str] | None = None,
         retry_for_s: float = 0.0,
         unsent: Path | None = None,
+        system_metrics_s: float | None = None,
     ) -> None:
         """Open a new run with `config` as params, returning at once (see `messages.Open`)."""
         params = dict(config)
         self._opening = m.Open(
-            dict(tags), files, retry_for_s, None, run_name, params, project_root, unsent
-        )
+            dict(tags), files, retry_for_s, None, run_name, params, project_root, unsent,
+            system_metrics_s,
+        )  # fmt: skip
         self._write(self._opening)
 
     def reopen(
@@ -53,9 +55,12 @@ class RemoteRun(TrackerLink):
         files: tuple[Path, str] | None,
         retry_for_s: float = 0.0,
         unsent: Path | None = None,
+        system_metrics_s: float | None = None,
     ) -> None:
         """Continue a stopped run (see `MlflowRun.reopen`), adding tags and files as `start`."""
-        self._opening = m.Open(dict(tags), files, retry_for_s, run_id, unsent=unsent)
+        self._opening = m.Open(
+            dict(tags), files, retry_for_s, run_id, unsent=unsent, system_metrics_s=system_metrics_s
+        )
         self._write(self._opening)
 
     @property

@@ -128,10 +128,11 @@ def fail_orphans(client: MlflowClient, experiment_id: str) -> list[str]:
 
 
 def source_tags(project_root: Path) -> dict[str, str]:
-    """Where a run came from: git commit and dirtiness, user, host, versions, command line."""
+    """Where a run came from: git commit, branch, remote and dirtiness, user, host, versions,
+    command line (the training process's tags name its command: `runner.source`)."""
     tags = {
-        "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": "mnist_exp.train",
+        names.SOURCE_TYPE_TAG: "LOCAL",
+        names.SOURCE_NAME_TAG: "mnist_exp.train",
         "mlflow.user": getpass.getuser(),
         names.COMMAND_TAG: redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
         names.HOST_TAG: platform.node(),
@@ -143,7 +144,13 @@ def source_tags(project_root: Path) -> dict[str, str]:
     commit = _git(project_root, "rev-parse", "HEAD")
     if commit:
         tags[names.GIT_COMMIT_TAG] = commit
-        tags[names.GIT_DIRTY_TAG] = str(bool(_git(project_root, "status", "--porcelain")))
+        dirty = str(bool(_git(project_root, "status", "--porcelain")))
+        tags[names.GIT_DIRTY_TAG] = tags[names.MLFLOW_GIT_DIRTY_TAG] = dirty
+        branch = _git(project_root, "symbolic-ref", "--short", "-q", "HEAD")  # none: detached
+        remote = _git(project_root, "remote", "get-url", "origin")
+        for key, value in ((names.GIT_BRANCH_TAG, branch), (names.GIT_REPO_URL_TAG, remote)):
+            if value:
+                tags[key] = redact(value)
     return tags
 
 

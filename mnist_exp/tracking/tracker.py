@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnist_exp import names
 from mnist_exp.errors import TrackingUnavailable, UserError, one_line
+from mnist_exp.tracking import system_metrics
 from mnist_exp.tracking.messages import End, Open, Request, SetTags, Store
 from mnist_exp.tracking.unsent import Journal
 
@@ -96,6 +97,9 @@ def _record_one(conn: Connection) -> bool:
         conn.send((False, _error(exc)))
         return False
     conn.send((True, (run.run_id, run.name, run.experiment_id)))
+    resumed = opening.run_id is not None
+    every_s = opening.system_metrics_s
+    sampler = system_metrics.start(run.run_id, store.tracking_uri, every_s, resumed)
     if not gc.isenabled():
         gc.freeze()  # left out of later passes, the first of which fell on the first metric
         gc.enable()
@@ -103,6 +107,8 @@ def _record_one(conn: Connection) -> bool:
     while True:
         try:
             request: Request = conn.recv()
+            if isinstance(request, End) and sampler is not None:
+                sampler.finish()  # its last samples while the run is still RUNNING
             answer: tuple[bool, Any]
             try:
                 answer = (True, journal.keep(request) if journal else request.do(run))
@@ -119,6 +125,8 @@ def _record_one(conn: Connection) -> bool:
             break
         if isinstance(request, End):
             return True
+    if sampler is not None:
+        sampler.finish()
     try:
         for request in (SetTags({names.ERROR_TAG: ORPHANED}), End("FAILED")):
             if journal:
