@@ -53,6 +53,8 @@ COMMAND_TAG = "mnist_exp.command"
 HOST_TAG, PID_TAG, PID_START_TAG = "mnist_exp.host", "mnist_exp.pid", "mnist_exp.pid_start"
 SLURM_JOB_TAG = "mnist_exp.slurm_job_id"  # as squeue and sacct name it (`123_4`: array task 4)
 VERSION_TAG = "mnist_exp.version."  # + a package name, or python
+DEVICE_TAG = "mnist_exp.device"  # cpu, cuda:0, ...: a parallel sweep's job gets its own GPU
+TORCH_THREADS_TAG = "mnist_exp.torch_threads"  # a parallel job's share of the cores
 GIT_DIRTY_TAG = "mnist_exp.git.dirty"  # as MLFLOW_GIT_DIRTY_TAG, for runs recorded before it
 SOURCE_TAG = "mnist_exp.source"  # "python" on a run started through mnist_exp.api
 # Why a run FAILED, and where; a run resumed later drops them.

@@ -6,15 +6,18 @@ joblib starts the command, whose two workers open a brand-new store at once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import in_process, runs_in
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from mnist_exp import compare
 from mnist_exp.api import train as api_train
+from mnist_exp.runner.build import job_device, share_of_cores
 
 pytestmark = pytest.mark.slow  # each test runs a sweep or a run
 
@@ -56,6 +59,9 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     assert best.data.params["optimizer.lr"] in parent.data.tags["mnist_exp.best_overrides"]
     artifacts = [a.path for a in MlflowClient(tracking_uri).list_artifacts(parent.info.run_id)]
     assert "sweep.png" in artifacts
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # each of 2 jobs takes half the cores
+    assert {c.data.tags["mnist_exp.torch_threads"] for c in children} == {str(share)}
+    assert {c.data.tags["mnist_exp.device"] for c in children} == {"cpu"}
 
     shown = in_process(compare.main, ["--tracking-uri", tracking_uri, "--format", "csv"], capfd)
     assert shown.code == 0, shown.err
@@ -163,3 +169,36 @@ def test_each_job_of_a_sequential_sweep_counts_only_its_own_start_up(mnist_train
     for earlier, later in zip(by_seed, by_seed[1:], strict=False):
         since = (later.info.start_time - earlier.info.start_time) / 1000
         assert later.data.metrics["startup_s"] < since, (startups, since)
+
+
+def test_parallel_local_jobs_take_a_gpu_each_and_a_share_of_the_cores() -> None:
+    """Job i of a joblib or submitit_local sweep on G GPUs gets GPU i mod G (else all took the
+    first); a device asked for by number, a single run and the cluster launchers keep theirs."""
+    joblib = OmegaConf.create(
+        {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+         "n_jobs": 4}
+    )  # fmt: skip
+    local = OmegaConf.create(
+        {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+         "cpus_per_task": 2}
+    )  # fmt: skip
+    slurm = OmegaConf.create(
+        {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}
+    )
+    assert [job_device("auto", joblib, i, 2) for i in range(4)] == ["cuda:0", "cuda:1"] * 2
+    assert [job_device("cuda", local, i, 3) for i in range(4)] == [
+        "cuda:0", "cuda:1", "cuda:2", "cuda:0",
+    ]  # fmt: skip
+    assert job_device("cuda:1", joblib, 0, 2) == "cuda:1"
+    assert job_device("cpu", joblib, 1, 2) == "cpu"
+    assert job_device("auto", joblib, 1, 1) == "auto"  # one GPU (or none): nothing to choose
+    assert job_device("auto", None, 1, 2) == "auto"  # a single run
+    assert job_device("auto", slurm, 1, 2) == "auto"  # SLURM gives each job its own GPUs
+    joblib.n_jobs = 1
+    assert job_device("auto", joblib, 1, 2) == "auto"  # one job at a time
+
+    cores = len(os.sched_getaffinity(0))
+    assert share_of_cores(None) == cores
+    assert share_of_cores(OmegaConf.create({"n_jobs": 2})) == max(1, cores // 2)
+    assert share_of_cores(OmegaConf.create({"n_jobs": -1})) == 1  # joblib: one job per core
+    assert share_of_cores(local) == min(cores, 2)

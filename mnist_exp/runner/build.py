@@ -37,17 +37,25 @@ class Setup:
     data: data.Data
     device: torch.device
     monitor: Monitor | None  # the best epoch's: with a validation split or early stopping
+    threads: int  # torch's CPU threads
+
+    def tags(self) -> dict[str, str]:
+        """What the run records of where it trains: a sweep's jobs get a GPU, a share of cores."""
+        return {names.DEVICE_TAG: str(self.device), names.TORCH_THREADS_TAG: str(self.threads)}
 
 
-def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | None) -> Setup:
+def build(
+    cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | None, job_num: int = 0
+) -> Setup:
     """Data, model, optimizer, scheduler and the best epoch's monitor; restored from `state`
     when resuming.
 
     `launcher` is the sweep's launcher config inside a multirun (None for a single run): a
-    parallel job takes its share of the cores.
+    parallel job takes its share of the cores, and job `job_num` its GPU (`job_device`).
     """
     allocator.keep_freed_memory()
-    device = compute.resolve_device(cfg.device.type)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = compute.resolve_device(job_device(str(cfg.device.type), launcher, job_num, gpus))
     threads = cfg.trainer.num_threads
     if not threads:
         cores = share_of_cores(launcher)
@@ -96,7 +104,7 @@ def build(cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | 
                 f"the checkpoint of run {state['run_id']} was written by older code, without a "
                 f"best epoch: the best {monitor.metric} is looked for after epoch {state['epoch']}"
             )
-    return Setup(model, optimizer, scheduler, dataset, device, monitor)
+    return Setup(model, optimizer, scheduler, dataset, device, monitor, threads)
 
 
 def _monitor(cfg: DictConfig, model: Module) -> Monitor | None:
@@ -245,6 +253,23 @@ def channels_last(cfg: DictConfig, device: torch.device) -> bool:
     return compute.trains_channels_last(
         bool(cfg.trainer.channels_last), device, cfg.data.batch_size, str(cfg.trainer.precision)
     )
+
+
+# Hydra's launchers that run a sweep's jobs side by side on this machine, seeing every GPU
+# (SLURM and Ray give each job its own GPUs, through CUDA_VISIBLE_DEVICES).
+LOCAL_LAUNCHERS = ("JoblibLauncher", "submitit_launcher.LocalLauncher")
+
+
+def job_device(name: str, launcher: DictConfig | None, job_num: int, gpus: int) -> str:
+    """The device of sweep job `job_num` on a machine with `gpus` GPUs: in parallel local jobs,
+    GPU `job_num mod gpus` for `device=auto` or `cuda` (else all would share the first);
+    `name` as asked otherwise (`cuda:N`, `cpu`, a single run, one GPU)."""
+    if launcher is None or gpus < 2 or name not in ("auto", "cuda"):
+        return name
+    target = str(launcher.get("_target_", ""))
+    if not target.endswith(LOCAL_LAUNCHERS) or launcher.get("n_jobs") == 1:
+        return name
+    return f"cuda:{job_num % gpus}"
 
 
 def share_of_cores(launcher: DictConfig | None) -> int:

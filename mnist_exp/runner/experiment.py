@@ -82,7 +82,8 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     try:
         from mnist_exp.runner.build import build
 
-        setup = build(cfg, state, hydra_cfg.launcher if in_sweep else None)
+        launcher = hydra_cfg.launcher if in_sweep else None
+        setup = build(cfg, state, launcher, hydra_cfg.job.num if in_sweep else 0)
     except BaseException:
         recorder.close()
         raise
@@ -90,6 +91,7 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
         gc.freeze()
         gc.enable()
     log.info(f"Training on {setup.device}; recording in {redact(uri)}")
+    tags |= setup.tags()
     # hydra.output_subdir=null: Hydra kept no copy of the config, so there is none to record.
     files = out_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
     swept = os.environ.get(SWEPT_ENV, "").split()  # in a sweep's job, the keys it varies
