@@ -90,6 +90,10 @@ PRUNED_TAG, PRUNED_AT_EPOCH_TAG = "mnist_exp.pruned", "mnist_exp.pruned_at_epoch
 # User attributes of the Optuna study and its trials: the MLflow parent run, each trial's run.
 STUDY_PARENT_RUN_ATTR, TRIAL_RUN_ID_ATTR = "mlflow_parent_run_id", "mlflow_run_id"
 
+# The `mlflow.data.context` of each split's dataset input (MLflow's usual values); each input's
+# digest is `training.data.digest` of exactly the images and labels the run used.
+DATA_TRAINING, DATA_VALIDATION, DATA_TESTING = "training", "validation", "testing"
+
 # Params (the resolved config, dotted) that tools read.
 SEED_PARAM = "trainer.seed"  # mnist-compare takes runs that differ only in it together
 
