@@ -121,6 +121,7 @@ REGISTERED_RUN_TAG = "mnist_exp.run_id"
 REGISTERED_METRIC_TAG = "mnist_exp.metric"  # the metric the run was chosen by ...
 REGISTERED_VALUE_TAG = "mnist_exp.metric_value"  # ... and its value
 REGISTERED_TEST_ACCURACY_TAG = "mnist_exp.test_accuracy"  # the run's, whatever it was chosen by
+REGISTERED_DATA_DIGEST_TAG = "mnist_exp.train_data_digest"  # its training data's (see DATA_*)
 
 # Values of trainer.precision: fp32, as the seed, or bfloat16 autocast.
 PRECISIONS = ("32", "bf16-mixed")

@@ -1,6 +1,6 @@
 """What data a run saw: each split an MLflow dataset input (training, validation, testing) with
-a digest of exactly its images and labels; a rerun on changed data says so. Runs go in the
-test's process, on tiny data."""
+a digest of exactly its images and labels; a rerun on changed data says so; a registered model
+version carries its training data's digest. Runs go in the test's process, on tiny data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import in_process, only_run
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_exp import api, rerun
+from mnist_exp import api, compare, rerun
 from mnist_exp.training.data import digest, load
 
 MNIST = "torchvision.datasets.MNIST"
@@ -111,3 +111,15 @@ def test_a_rerun_after_one_image_changed_says_which_split_differs(
         f"warning: the data differ from what run {run_id} used, by digest: testing "
         f"({after['testing'][1]} here, {before['testing'][1]} recorded); results may differ"
     )
+
+
+def test_a_registered_version_carries_its_training_data_digest(
+    data_root, tracking_uri, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = [f"data.root={data_root}", "data.max_train_samples=32", "data.max_test_samples=16"]
+    run_id = _train(tracking_uri, tmp_path / "run", *data, "mlflow.log_model=true")
+    client = MlflowClient(tracking_uri)
+    _, version = compare.register_best(client, [client.get_run(run_id)], "test_accuracy", "digits")
+    trained_on = _inputs(tracking_uri, run_id)["training"][1]
+    assert version.tags["mnist_exp.train_data_digest"] == trained_on
