@@ -8,10 +8,13 @@ import json
 from pathlib import Path
 
 from conftest import in_process, only_run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from mnist_exp import api, compare, rerun
+from mnist_exp.tracking.datasets import DataSplit
+from mnist_exp.tracking.mlflow_run import MlflowRun
 from mnist_exp.training.data import digest, load
 
 MNIST = "torchvision.datasets.MNIST"
@@ -123,3 +126,25 @@ def test_a_registered_version_carries_its_training_data_digest(
     _, version = compare.register_best(client, [client.get_run(run_id)], "test_accuracy", "digits")
     trained_on = _inputs(tracking_uri, run_id)["training"][1]
     assert version.tags["mnist_exp.train_data_digest"] == trained_on
+
+
+def test_a_dataset_a_parallel_job_stored_meanwhile_is_found_on_the_next_try(
+    tracking_uri, monkeypatch
+):
+    """A sweep's parallel jobs store the same dataset at once: MLflow's insert fails on its key
+    in all but the first (seen with 4 processes on SQLite); the run must not fail for it."""
+    client = MlflowClient(tracking_uri)
+    run = MlflowRun(client, client.create_run(client.create_experiment("x")).info, {})
+    split = DataSplit("training", "mnist-train", MNIST, "/data", "0123abcd", 8, [1, 28, 28], ["0"])
+    stored, tries = client.log_inputs, []
+
+    def after_another_job(*args, **kwargs) -> None:
+        tries.append(args)
+        if len(tries) == 1:
+            raise MlflowException("UNIQUE constraint failed: datasets.experiment_id, ...")
+        stored(*args, **kwargs)
+
+    monkeypatch.setattr(client, "log_inputs", after_another_job)
+    run.log_datasets([split])
+    assert len(tries) == 2
+    assert _inputs(tracking_uri, run.run_id)["training"][:2] == ("mnist-train", "0123abcd")

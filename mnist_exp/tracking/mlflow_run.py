@@ -26,6 +26,9 @@ PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"  # set by the sweep callback for the 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000  # characters of one param value
+# A sweep's parallel jobs store the same dataset at once: MLflow looks for it, then inserts it,
+# and all but the first fail on its key; tried again, each finds it.
+DATASET_ATTEMPTS = 3
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -149,8 +152,18 @@ class MlflowRun:
 
     def log_datasets(self, splits: Sequence[DataSplit]) -> None:
         """Record each split as a dataset input of the run (one recorded already, once)."""
-        inputs = [datasets.dataset_input(split) for split in splits]
-        self._call(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+        from mlflow.exceptions import MlflowException
+
+        log = functools.partial(
+            self.client.log_inputs, self.run_id, [datasets.dataset_input(s) for s in splits]
+        )
+        for attempt in range(1, DATASET_ATTEMPTS + 1):
+            try:
+                self._call(log)
+                return
+            except MlflowException:
+                if attempt == DATASET_ATTEMPTS:
+                    raise
 
     def data_digests(self, run_id: str) -> dict[str, list[str]]:
         """The digests of the data run `run_id` recorded, by context; none if no such run."""
