@@ -21,6 +21,7 @@ from mnist_exp import names
 from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.report.table import rank, render, table
+from mnist_exp.tracking.datasets import data_digests
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.queries import latest_sweep, run_model, sweep_runs
 from mnist_exp.tracking.redaction import redact
@@ -114,8 +115,8 @@ def register_best(
     client: MlflowClient, runs: list[Run], metric: str, name: str, alias: str | None = None
 ) -> tuple[Run, ModelVersion]:
     """A new version of the registered model `name` (made if new): the model of the best
-    finished run of `runs` by `metric`, tagged with the run, `metric` and its value and the
-    run's test accuracy; `alias` (e.g. champion) then points at it."""
+    finished run of `runs` by `metric`, tagged with the run, `metric` and its value, the run's
+    test accuracy and its training data's digest; `alias` (e.g. champion) then points at it."""
     finished = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
     if not finished:
         raise UserError(f"no finished run has {metric}: nothing to register")
@@ -133,6 +134,8 @@ def register_best(
     }
     if names.TEST_ACCURACY in best.data.metrics:
         tags[names.REGISTERED_TEST_ACCURACY_TAG] = str(best.data.metrics[names.TEST_ACCURACY])
+    if trained_on := data_digests(best).get(names.DATA_TRAINING):  # none: recorded before them
+        tags[names.REGISTERED_DATA_DIGEST_TAG] = " ".join(trained_on)
     mlflow.set_tracking_uri(client.tracking_uri)  # register_model works on the global store
     version = mlflow.register_model(source, name, await_registration_for=0, tags=tags)
     if alias:

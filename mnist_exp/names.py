@@ -96,6 +96,10 @@ PRUNED_TAG, PRUNED_AT_EPOCH_TAG = "mnist_exp.pruned", "mnist_exp.pruned_at_epoch
 # User attributes of the Optuna study and its trials: the MLflow parent run, each trial's run.
 STUDY_PARENT_RUN_ATTR, TRIAL_RUN_ID_ATTR = "mlflow_parent_run_id", "mlflow_run_id"
 
+# The `mlflow.data.context` of each split's dataset input (MLflow's usual values); each input's
+# digest is `training.data.digest` of exactly the images and labels the run used.
+DATA_TRAINING, DATA_VALIDATION, DATA_TESTING = "training", "validation", "testing"
+
 # Params (the resolved config, dotted) that tools read.
 SEED_PARAM = "trainer.seed"  # mnist-compare takes runs that differ only in it together
 
@@ -123,6 +127,7 @@ REGISTERED_RUN_TAG = "mnist_exp.run_id"
 REGISTERED_METRIC_TAG = "mnist_exp.metric"  # the metric the run was chosen by ...
 REGISTERED_VALUE_TAG = "mnist_exp.metric_value"  # ... and its value
 REGISTERED_TEST_ACCURACY_TAG = "mnist_exp.test_accuracy"  # the run's, whatever it was chosen by
+REGISTERED_DATA_DIGEST_TAG = "mnist_exp.train_data_digest"  # its training data's (see DATA_*)
 
 # Values of trainer.precision: fp32, as the seed, or bfloat16 autocast.
 PRECISIONS = ("32", "bf16-mixed")

@@ -95,9 +95,11 @@ def test_a_default_run_records_the_same_params_metrics_tags_and_artifacts(
 
 
 def _rerun(capfd, *args: str, tracking_uri: str) -> None:
-    """`mnist-rerun ARGS` as a user types it, in this process; fails on an error."""
+    """`mnist-rerun ARGS` as a user types it, in this process; fails on an error, and on a
+    warning that the data differ: a run recorded before datasets were has none to compare."""
     ended = in_process(rerun.main, [*args, f"mlflow.tracking_uri={tracking_uri}"], capfd)
     assert ended.code == 0, f"mnist-rerun {' '.join(args)} failed:\n{ended.out}\n{ended.err}"
+    assert "data differ" not in ended.out + ended.err
 
 
 def _steps(client: MlflowClient, run_id: str) -> list[tuple[int, float]]:

@@ -147,13 +147,18 @@ def test_the_best_model_registers_and_predicts_by_name_without_the_package(swept
     )
     client = MlflowClient(swept.uri)
     (version,) = client.search_model_versions("name = 'digits'")
-    accuracy = client.get_run(swept.best_id).data.metrics["test_accuracy"]
+    best = client.get_run(swept.best_id)
+    accuracy = best.data.metrics["test_accuracy"]
+    (trained_on,) = [
+        i.dataset.digest for i in best.inputs.dataset_inputs if i.dataset.name == "images-train"
+    ]
     assert version.run_id == swept.best_id
     assert version.tags == {
         "mnist_exp.run_id": swept.best_id,
         "mnist_exp.metric": "test_accuracy",
         "mnist_exp.metric_value": str(accuracy),
         "mnist_exp.test_accuracy": str(accuracy),
+        "mnist_exp.train_data_digest": trained_on,
     }
     assert int(client.get_model_version_by_alias("digits", "champion").version) == 1
     # From Python: a second version, chosen by another metric, under another alias.

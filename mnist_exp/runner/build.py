@@ -202,7 +202,7 @@ def check_fit(cfg: DictConfig, model: Module, dataset: data.Data, device: torch.
         ) from exc
     finally:
         model.train(was_training)
-    classes = _classes(dataset)
+    classes = class_count(dataset)
     shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else None
     if shape is None or len(shape) != 2 or shape[0] != len(batch) or shape[1] < classes:
         got = "x".join(map(str, shape)) if shape is not None else f"a {type(outputs).__name__}"
@@ -226,7 +226,7 @@ def _fit_fix(cfg: DictConfig, side: int) -> str:
     )
 
 
-def _classes(dataset: data.Data) -> int:
+def class_count(dataset: data.Data) -> int:
     """The classes in the data: its labels' largest index plus one, or its named classes."""
     labels = [dataset.train.labels, dataset.test.labels]
     classes = int(max(int(split.max()) for split in labels if len(split))) + 1
@@ -236,7 +236,7 @@ def _classes(dataset: data.Data) -> int:
 def _check_classes(cfg: DictConfig, dataset: data.Data) -> None:
     """Refuse a model with fewer outputs than the data has classes: its loss cannot be taken."""
     wanted = cfg.model.get("num_classes")
-    classes = _classes(dataset)
+    classes = class_count(dataset)
     if wanted is not None and wanted < classes:
         raise refusal(
             "model.num_classes", wanted, f"must be at least {classes}, the classes in data.dataset"

@@ -119,8 +119,14 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
         lifecycle.recording(recorder, out_dir / names.RESUME_CHECKPOINT, start[0]),
         trial.running(recorder.run_id) if trial else contextlib.nullcontext(),
     ):
+        from mnist_exp.runner.data_inputs import record_data
         from mnist_exp.runner.train_eval import train_and_evaluate
 
+        # A rerun's data are compared with its original's, a resumed run's with its own.
+        compare_with = (
+            recorder.run_id if state is not None else cfg.mlflow.tags.get(names.RERUN_OF_TAG)
+        )
+        record_data(cfg, setup.data, recorder, compare_with)
         callbacks = [trial] if trial else []
         test, metrics = train_and_evaluate(
             cfg, setup, recorder, out_dir, start, in_sweep, _startup_s, callbacks=callbacks

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from mnist_exp import names
 from mnist_exp.errors import one_line
+from mnist_exp.tracking.datasets import DataSplit
 from mnist_exp.tracking.redaction import redact
 
 if TYPE_CHECKING:
@@ -136,6 +137,25 @@ class LogModel:
 
 
 @dataclass
+class LogDatasets:
+    splits: list[DataSplit]
+
+    def do(self, run: MlflowRun) -> None:
+        run.log_datasets(self.splits)
+
+
+@dataclass
+class DataDigests:
+    """The digests of the data `run_id` recorded, by context (none for a run older than them,
+    or one not in the store)."""
+
+    run_id: str
+
+    def do(self, run: MlflowRun) -> dict[str, list[str]]:
+        return run.data_digests(self.run_id)
+
+
+@dataclass
 class End:
     status: str
 
@@ -143,7 +163,7 @@ class End:
         run.end(self.status)
 
 
-Request = LogValues | SetTags | Upload | MetricHistory | LogModel | End
+Request = LogValues | SetTags | Upload | MetricHistory | LogModel | LogDatasets | DataDigests | End
 
 
 @dataclass

@@ -13,12 +13,13 @@ from mlflow.entities import Metric, Param, RunInfo, RunTag
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import names
-from mnist_exp.tracking import processes
+from mnist_exp.tracking import datasets, processes
 from mnist_exp.tracking.outage import Outage
 from mnist_exp.tracking.redaction import redact
 
 if TYPE_CHECKING:
     from mnist_exp.report.model_spec import ModelSpec
+    from mnist_exp.tracking.datasets import DataSplit
 
 PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"  # set by the sweep callback for the jobs it launches
 # MLflow's limits on one call.
@@ -26,6 +27,9 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000  # characters of one param value
 SOURCE_TAGS = (names.SOURCE_NAME_TAG, names.SOURCE_TYPE_TAG)
+# A sweep's parallel jobs store the same dataset at once: MLflow looks for it, then inserts it,
+# and all but the first fail on its key; tried again, each finds it.
+DATASET_ATTEMPTS = 3
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -149,6 +153,33 @@ class MlflowRun:
         mlflow.set_tracking_uri(str(self.client.tracking_uri))
         mlflow.set_experiment(experiment_id=self.experiment_id)
         self._call(lambda: serving.log(self.run_id, name, weights, spec, self._source))
+
+    def log_datasets(self, splits: Sequence[DataSplit]) -> None:
+        """Record each split as a dataset input of the run (one recorded already, once)."""
+        from mlflow.exceptions import MlflowException
+
+        log = functools.partial(
+            self.client.log_inputs, self.run_id, [datasets.dataset_input(s) for s in splits]
+        )
+        for attempt in range(1, DATASET_ATTEMPTS + 1):
+            try:
+                self._call(log)
+                return
+            except MlflowException:
+                if attempt == DATASET_ATTEMPTS:
+                    raise
+
+    def data_digests(self, run_id: str) -> dict[str, list[str]]:
+        """The digests of the data run `run_id` recorded, by context; none if no such run."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+        try:
+            return datasets.data_digests(self._call(lambda: self.client.get_run(run_id)))
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            return {}
 
     def end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED."""

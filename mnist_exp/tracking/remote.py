@@ -12,6 +12,7 @@ from mnist_exp.names import MODEL
 from mnist_exp.report.model_spec import ModelSpec
 from mnist_exp.tracking import messages as m
 from mnist_exp.tracking import tracker
+from mnist_exp.tracking.datasets import DataSplit
 from mnist_exp.tracking.link import TrackerLink
 
 FLUSH_EVERY_S = 2.0  # metric values sent at least this often: the MLflow UI follows a run
@@ -113,6 +114,14 @@ class RemoteRun(TrackerLink):
         """Log the servable model of `weights` as the run's model `name` (see
         `MlflowRun.log_model`), returning at once: the tracker builds it meanwhile."""
         self._send(m.LogModel(Path(weights), spec, name), wait=False)
+
+    def log_datasets(self, splits: Sequence[DataSplit]) -> None:
+        """Record the data of each split as the run's dataset inputs, returning at once."""
+        self._send(m.LogDatasets(list(splits)), wait=False)
+
+    def data_digests(self, run_id: str) -> dict[str, list[str]]:
+        """The digests of the data run `run_id` recorded, by context (`names.DATA_TRAINING`...)."""
+        return self._send(m.DataDigests(run_id))
 
     def end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED once all before is recorded; the tracker

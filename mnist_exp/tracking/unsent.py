@@ -43,6 +43,8 @@ class Journal:
         """Write `request` (its files copied) durably; what the training process is answered."""
         if isinstance(request, m.MetricHistory):  # nothing to send: what is kept here
             return {key: [] for key in request.keys}
+        if isinstance(request, m.DataDigests):  # nothing to send, nothing to compare with
+            return {}
         if isinstance(request, m.Upload | m.LogModel):
             path = request.path if isinstance(request, m.Upload) else request.weights
             copy = self.folder / FILES / str(self._count) / path.name

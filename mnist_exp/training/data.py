@@ -4,6 +4,7 @@ or a folder of one's own images (`image_folder`)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import io
 import math
@@ -20,6 +21,7 @@ from mnist_exp.training.image_folder import FolderOptions
 
 # The `data.dataset` that names a folder of one's own images rather than IDX files.
 IMAGE_FOLDER = "torchvision.datasets.ImageFolder"
+DIGEST_CHARS = 8  # hex characters of a split's digest, as MLflow's own dataset digests have
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,17 @@ def load(
     if max_test_samples is not None:
         test = _take(test, slice(0, max_test_samples))
     return Data(train=train, val=val, test=test, classes=classes)
+
+
+def digest(split: Split) -> str:
+    """A fingerprint of exactly these images and labels, the same on any machine: SHA-256 of
+    the images' shape, their uint8 bytes (N x C x H x W, row-major) and the labels as
+    little-endian int64, cut to `DIGEST_CHARS` hex characters."""
+    images = split.images.cpu().contiguous()
+    hashed = hashlib.sha256(repr(tuple(images.shape)).encode())
+    hashed.update(images.numpy().data)
+    hashed.update(split.labels.cpu().numpy().astype("<i8", copy=False).data)
+    return hashed.hexdigest()[:DIGEST_CHARS]
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) -> list[Tensor]:
