@@ -99,7 +99,7 @@ def test_any_format_and_size_is_converted_as_mnist_predict_does_and_at_image_siz
     )
     expected = [mnist_pixels(Image.open(p)).round() for p in sorted(tmp_path.rglob("*.jpg"))]
     assert rows(torch.cat([data.train.images, data.test.images])) == rows(
-        torch.from_numpy(np.stack(expected).astype(np.uint8))[:, None]
+        torch.from_numpy(np.stack(expected).astype(np.uint8))
     )
     small = load(IMAGE_FOLDER, str(tmp_path), folder=FolderOptions(image_size=16, cache_dir=None))
     assert small.train.images.shape[1:] == (1, 16, 16)
