@@ -281,13 +281,22 @@ def test_image_size_goes_only_to_a_model_that_takes_it(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "fixed_net", raising=False)
     on_32 = ["data=image_folder", "data.root=x", "data.image_size=32"]
-    convnet = model_arguments(compose_config(on_32))
-    assert convnet == {"_target_": "mnist_exp.models.ConvNet", "num_classes": 10, "image_size": 32}
-    own = model_arguments(compose_config([*on_32, "model._target_=fixed_net.Net"]))
+    convnet = model_arguments(compose_config(on_32), channels=1)
+    assert convnet == {
+        "_target_": "mnist_exp.models.ConvNet",
+        "num_classes": 10,
+        "image_size": 32,
+        "in_channels": 1,  # null: the data's
+    }
+    own = model_arguments(compose_config([*on_32, "model._target_=fixed_net.Net"]), channels=3)
     assert own == {"_target_": "fixed_net.Net", "num_classes": 10}
-    open_ended = model_arguments(compose_config([*on_32, "model._target_=fixed_net.any_net"]))
-    assert open_ended["image_size"] == 32
-    assert model_arguments(compose_config([]))["image_size"] == 28  # MNIST's
+    open_ended = model_arguments(
+        compose_config([*on_32, "model._target_=fixed_net.any_net"]), channels=3
+    )
+    assert open_ended["image_size"] == 32 and open_ended["in_channels"] == 3
+    assert model_arguments(compose_config([]), channels=1)["image_size"] == 28  # MNIST's
+    told = compose_config(["model=wide_convnet", "model.in_channels=1"])
+    assert model_arguments(told, channels=3)["in_channels"] == 1  # as told: check_fit refuses
 
 
 def test_the_check_changes_neither_the_model_nor_the_random_draws():
