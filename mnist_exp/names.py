@@ -131,6 +131,8 @@ REGISTERED_DATA_DIGEST_TAG = "mnist_exp.train_data_digest"  # its training data'
 
 # Values of trainer.precision: fp32, as the seed, or bfloat16 autocast.
 PRECISIONS = ("32", "bf16-mixed")
+# Values of data.channels (null beside them: from the images) and what images they are.
+IMAGE_CHANNELS = {1: "gray", 3: "RGB"}
 
 
 def class_metric(name: str) -> str:

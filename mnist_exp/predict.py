@@ -1,6 +1,7 @@
 """`mnist-predict MODEL IMAGE...` (also `python -m mnist_exp.predict`): a model on image files.
 
 Prints `IMAGE: LABEL (PROBABILITY)` for each image, LABEL the class's name where it has one.
+Each image is converted to the model's channels: grayscale for a gray model, RGB for a colour one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mlflow.types import TensorSpec
 
 from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError, exit_on_user_error, first_line
+from mnist_exp.names import IMAGE_CHANNELS
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.outage import Outage
 from mnist_exp.tracking.queries import run_model
@@ -40,10 +42,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         mlflow = compose_config().mlflow  # the default store, and how to talk to a server
         configure_requests(mlflow)
         model = load_model(args.model, args.tracking_uri or str(mlflow.tracking_uri))
-        *channels, height, width = input_shape(model)
-        if channels not in ([], [1]) or height != width:
-            raise UserError(f"{args.model} takes images {input_shape(model)}: not grayscale")
-        predictions = model.predict(np.stack([mnist_pixels(image, width) for image in images]))
+        shape = input_shape(model)
+        *channels, height, width = shape
+        channel_count = channels[0] if channels else 1  # (H, W): one channel, as MNIST's
+        if len(channels) > 1 or channel_count not in IMAGE_CHANNELS or height != width:
+            raise UserError(f"{args.model} takes images {shape}: neither gray nor RGB squares")
+        pixels = np.stack([mnist_pixels(image, width, channel_count) for image in images])
+        predictions = model.predict(pixels.reshape(-1, *shape))
     import pandas as pd  # loaded with MLflow by now
 
     assert isinstance(predictions, pd.DataFrame)  # what our classifier (serving.py) returns

@@ -14,6 +14,7 @@ from mnist_exp.config import schema
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import CONF_DIR, PROJECT_ROOT, compose_config
 from mnist_exp.errors import UserError
+from mnist_exp.runner.build import model_arguments
 from mnist_exp.tracking.redaction import redact
 from mnist_exp.training.compute import resolve_device
 
@@ -50,7 +51,8 @@ def test_option_composes_and_instantiates(group: str, option: str) -> None:
     folder = ["data.root=images"] if option == "image_folder" else []  # no default folder
     cfg = compose_config([f"{group}={option}", *folder])
     check_config(cfg)
-    model = instantiate(cfg.model)
+    # As a run builds it: image_folder's in_channels is null, the loaded images' channels.
+    model = instantiate(model_arguments(cfg, channels=1))
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     assert isinstance(optimizer, torch.optim.Optimizer)
     assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr

@@ -162,8 +162,9 @@ def test_a_run_recorded_by_older_code_reruns_as_a_new_run(
     assert again.info.status == "FINISHED"
     assert again.data.tags["mnist_exp.rerun_of"] == run_id
     model = {k: v for k, v in record["params"].items() if k.startswith("model.")}
-    # The key added since (issue 26) at the value that builds the recorded model: the seed's.
+    # The keys added since (issues 26, 28) at the values that build the recorded model: the seed's.
     model["model.image_size"] = "28"
+    model["model.in_channels"] = "1"
     assert {k: v for k, v in again.data.params.items() if k.startswith("model.")} == model
     # Both of the recorded config's epochs: 512 images in batches of 64, a loss per step.
     assert [s for s, _ in _steps(MlflowClient(tracking_uri), again.info.run_id)] == list(

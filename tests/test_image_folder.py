@@ -2,7 +2,8 @@
 the models sized by `data.image_size`, and a model that does not fit the images refused.
 
 The folders are written in each test from MNIST's own images (as PNGs, and a few as other
-formats and sizes), so what the loader returns can be checked against MNIST's tensors.
+formats and sizes), so what the loader returns can be checked against MNIST's tensors; the
+colour ones from red, green and blue of one gray level, which only colour tells apart.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import in_process, runs_in
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mnist_exp import predict
+from mnist_exp import api, predict
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import compose_config
 from mnist_exp.errors import UserError
+from mnist_exp.report.plots import misclassified_grid
 from mnist_exp.runner.build import check_fit, model_arguments
 from mnist_exp.training import image_folder
 from mnist_exp.training.data import IMAGE_FOLDER, Data, Split, load
@@ -99,7 +102,7 @@ def test_any_format_and_size_is_converted_as_mnist_predict_does_and_at_image_siz
     )
     expected = [mnist_pixels(Image.open(p)).round() for p in sorted(tmp_path.rglob("*.jpg"))]
     assert rows(torch.cat([data.train.images, data.test.images])) == rows(
-        torch.from_numpy(np.stack(expected).astype(np.uint8))[:, None]
+        torch.from_numpy(np.stack(expected).astype(np.uint8))
     )
     small = load(IMAGE_FOLDER, str(tmp_path), folder=FolderOptions(image_size=16, cache_dir=None))
     assert small.train.images.shape[1:] == (1, 16, 16)
@@ -281,13 +284,22 @@ def test_image_size_goes_only_to_a_model_that_takes_it(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "fixed_net", raising=False)
     on_32 = ["data=image_folder", "data.root=x", "data.image_size=32"]
-    convnet = model_arguments(compose_config(on_32))
-    assert convnet == {"_target_": "mnist_exp.models.ConvNet", "num_classes": 10, "image_size": 32}
-    own = model_arguments(compose_config([*on_32, "model._target_=fixed_net.Net"]))
+    convnet = model_arguments(compose_config(on_32), channels=1)
+    assert convnet == {
+        "_target_": "mnist_exp.models.ConvNet",
+        "num_classes": 10,
+        "image_size": 32,
+        "in_channels": 1,  # null: the data's
+    }
+    own = model_arguments(compose_config([*on_32, "model._target_=fixed_net.Net"]), channels=3)
     assert own == {"_target_": "fixed_net.Net", "num_classes": 10}
-    open_ended = model_arguments(compose_config([*on_32, "model._target_=fixed_net.any_net"]))
-    assert open_ended["image_size"] == 32
-    assert model_arguments(compose_config([]))["image_size"] == 28  # MNIST's
+    open_ended = model_arguments(
+        compose_config([*on_32, "model._target_=fixed_net.any_net"]), channels=3
+    )
+    assert open_ended["image_size"] == 32 and open_ended["in_channels"] == 3
+    assert model_arguments(compose_config([]), channels=1)["image_size"] == 28  # MNIST's
+    told = compose_config(["model=wide_convnet", "model.in_channels=1"])
+    assert model_arguments(told, channels=3)["in_channels"] == 1  # as told: check_fit refuses
 
 
 def test_the_check_changes_neither_the_model_nor_the_random_draws():
@@ -308,3 +320,134 @@ def test_the_check_changes_neither_the_model_nor_the_random_draws():
         UserError, match=r"^model mnist_exp.models.ConvNet does not fit the data's 1x32x32 images"
     ):
         check_fit(cfg, ConvNet(), Data(split, None, split), torch.device("cpu"))
+
+
+# Red, green and blue of one luminance (L = 0.299 R + 0.587 G + 0.114 B = 100, as Pillow's
+# grayscale rounds it): in gray the three classes look alike, so only colour tells them apart.
+COLOURS = {"red": (241, 40, 40), "green": (40, 142, 40), "blue": (85, 85, 220)}
+NOISE = 10  # each pixel lighter or darker by up to this, alike in R, G and B: L moves with it
+
+
+def write_colours(folder: Path, per_class: int, rng: np.random.Generator) -> None:
+    """`per_class` 28x28 images of each colour as `folder/<colour>/<n>.png`, each its own."""
+    for name, rgb in COLOURS.items():
+        (folder / name).mkdir(parents=True)
+        for n in range(per_class):
+            texture = rng.integers(-NOISE, NOISE + 1, (28, 28, 1))
+            pixels = (np.array(rgb) + texture).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{n}.png")
+
+
+def test_the_colours_differ_only_in_hue():
+    """Whatever the texture, a pixel of each colour has the same gray level: 100 + texture."""
+    for rgb in COLOURS.values():
+        for texture in range(-NOISE, NOISE + 1):
+            pixel = tuple(c + texture for c in rgb)
+            assert all(0 <= c <= 255 for c in pixel)
+            assert Image.new("RGB", (1, 1), pixel).convert("L").getpixel((0, 0)) == 100 + texture
+
+
+def test_colour_is_kept_when_an_image_has_it_and_a_gray_rgb_image_stays_one_channel(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "test" / name).mkdir(parents=True)
+        for n in range(2):
+            gray = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+            Image.fromarray(gray).convert("RGB").save(tmp_path / "train" / name / f"{n}.png")
+            Image.fromarray(gray).save(tmp_path / "test" / name / f"{n}.png")
+    gray = load(IMAGE_FOLDER, str(tmp_path), folder=FolderOptions(cache_dir=None))
+    assert gray.channels == 1 and gray.test.images.shape[1] == 1  # r == g == b: gray
+
+    for part in ("train", "test"):
+        (tmp_path / part / "colour").mkdir()
+    Image.new("RGB", (28, 28), COLOURS["red"]).save(tmp_path / "test" / "colour" / "0.png")
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "train" / "colour" / "0.png")
+    both = load(IMAGE_FOLDER, str(tmp_path), folder=FolderOptions(cache_dir=None))
+    assert both.train.images.shape[1:] == both.test.images.shape[1:] == (3, 28, 28)
+    gray_ones = both.train.images[both.train.labels != both.classes.index("colour")]
+    assert torch.equal(gray_ones, gray_ones[:, :1].expand(-1, 3, -1, -1))  # repeated in R, G, B
+    red = both.test.images[both.test.labels == both.classes.index("colour")][0]
+    assert red.flatten(1).float().mean(1).argmax() == 0  # kept red: not inverted (dark paper)
+
+    forced = load(IMAGE_FOLDER, str(tmp_path), folder=FolderOptions(cache_dir=None, channels=1))
+    assert forced.channels == 1
+    rgb = load(
+        IMAGE_FOLDER, str(tmp_path / "train"), folder=FolderOptions(channels=3, cache_dir=None)
+    )
+    assert rgb.channels == 3
+
+
+def test_colour_is_fitted_as_its_luminance_and_every_channel_alike():
+    """Red ink on white paper, larger than 28x28: inverted, boxed and centred by luminance,
+    with the red, green and blue planes cut, scaled and moved alike."""
+    paper = np.full((90, 60, 3), 255, np.uint8)
+    paper[20:70, 25:40] = (220, 20, 20)
+    image = Image.fromarray(paper)
+    rgb = mnist_pixels(image, channels=None)
+    gray = mnist_pixels(image)
+    assert rgb.shape == (3, 28, 28) and gray.shape == (1, 28, 28)
+    luminance = np.tensordot([0.299, 0.587, 0.114], rgb, axes=1)
+    assert np.abs(luminance - gray[0]).max() < 3  # the same box and place as the gray image's
+    assert ((rgb > 0).any(0) == (gray[0] > 0)).all()
+    assert rgb[0].max() < rgb[1].max()  # inverted: red on white is cyan (R low) on black
+
+
+def test_data_channels_is_1_3_or_null_and_a_model_told_other_channels_is_refused():
+    with pytest.raises(UserError, match=r"^data.channels=2 must be 1 \(gray\), 3 \(RGB\) or null"):
+        check_config(compose_config(["data=image_folder", "data.root=x", "data.channels=2"]))
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    split = Split(images, torch.tensor([0, 1]))
+    cfg = compose_config(["data=image_folder", "data.root=x", "model.in_channels=1"])
+    with pytest.raises(UserError) as info:
+        check_fit(cfg, ConvNet(in_channels=1), Data(split, None, split), torch.device("cpu"))
+    message = str(info.value)
+    assert message.startswith("model mnist_exp.models.ConvNet does not fit the data's 3x28x28")
+    assert message.endswith("set model.in_channels=null (the data's channels) or 3")
+
+
+def test_the_misclassified_images_show_in_colour(tmp_path):
+    images = torch.zeros((2, 3, 28, 28), dtype=torch.uint8)
+    images[:, 0] = 200  # red: shown as its inverse, cyan, as gray images are shown dark on white
+    wrong = misclassified_grid(
+        images, torch.tensor([0, 1]), torch.tensor([1, 1]), tmp_path / "g.png"
+    )
+    assert wrong == 1
+    shown = np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).reshape(-1, 3)
+    assert ((shown[:, 0] == 55) & (shown[:, 1] == 255)).any()
+
+
+@pytest.mark.slow
+def test_three_colours_of_one_luminance_are_learned_and_the_model_predicts_red(
+    tmp_path, tracking_uri, capfd, monkeypatch
+):
+    """Gray conversion makes the classes alike (a third right, at best); colour keeps them."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rng = np.random.default_rng(0)
+    write_colours(tmp_path / "colours" / "train", 40, rng)
+    write_colours(tmp_path / "colours" / "test", 20, rng)
+    result = api.train(
+        [
+            "data=image_folder",
+            f"data.root={tmp_path / 'colours'}",
+            "data.cache_dir=null",
+            "data.batch_size=16",
+            "model.num_classes=3",
+            "trainer.epochs=2",
+            f"mlflow.tracking_uri={tracking_uri}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            "mlflow.log_plots=false",
+        ]
+    )
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert run.data.metrics["test_accuracy"] >= 0.95
+    weights = torch.load(tmp_path / "run" / "model.ckpt", weights_only=True)
+    assert weights["layer1.0.weight"].shape == (16, 3, 5, 5)  # in_channels followed the data
+
+    red = tmp_path / "red.png"
+    Image.new("RGB", (28, 28), COLOURS["red"]).save(red)
+    shown = in_process(
+        predict.main, [result.run_id, str(red), "--tracking-uri", tracking_uri], capfd
+    )
+    assert shown.code == 0, shown.err
+    assert shown.out.startswith(f"{red}: red ("), shown.out

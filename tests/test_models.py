@@ -106,3 +106,16 @@ def test_image_size_sizes_the_classifier_and_28_is_the_seeds(image_size) -> None
         assert net(torch.rand(2, 1, image_size, image_size)).shape == (2, 10)
     seed = {k: v.shape for k, v in SeedConvNet().state_dict().items()}
     assert {k: v.shape for k, v in ConvNet(image_size=28).state_dict().items()} == seed
+
+
+def test_in_channels_sizes_the_first_convolution_and_1_is_the_seeds(tmp_path) -> None:
+    """At in_channels=1 a seed checkpoint loads strictly; at 3 only the first kernel widens."""
+    seed = SeedConvNet()
+    torch.save(seed.state_dict(), tmp_path / "model.ckpt")
+    ConvNet(in_channels=1).load_state_dict(torch.load(tmp_path / "model.ckpt", weights_only=True))
+    shapes = {k: v.shape for k, v in seed.state_dict().items()}
+    rgb = {k: v.shape for k, v in ConvNet(in_channels=3).state_dict().items()}
+    assert {k for k in shapes if rgb[k] != shapes[k]} == {"layer1.0.weight"}
+    assert rgb["layer1.0.weight"] == (16, 3, 5, 5)
+    for net in (ConvNet(in_channels=3), WideConvNet(in_channels=3)):
+        assert net(torch.rand(2, 3, 28, 28)).shape == (2, 10)

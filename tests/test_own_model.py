@@ -194,7 +194,7 @@ def test_mlflow_models_serve_answers_with_the_class_names(swept: Swept):
     # The images as the model takes them: converted as mnist-predict does, at 24x24.
     from mnist_exp.training.images import mnist_pixels, read_image
 
-    pixels = np.stack([mnist_pixels(read_image(f), SIZE) for f in swept.test_files[:20]])
+    pixels = np.stack([mnist_pixels(read_image(f), SIZE)[0] for f in swept.test_files[:20]])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no package on the path
     env["MLFLOW_TRACKING_URI"] = swept.uri
     answer = served_predictions(f"runs:/{swept.best_id}/model", env, pixels)

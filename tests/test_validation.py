@@ -132,6 +132,7 @@ def test_a_users_own_model_keeps_its_own_keys(tmp_path: Path) -> None:
         "_target_": "my.Net",
         "num_classes": 10,
         "image_size": 28,  # given to my.Net only if it takes it (tests/test_image_folder.py)
+        "in_channels": 1,  # likewise
         "hidden": 128,
     }
     (tmp_path / "model").mkdir()

@@ -17,6 +17,7 @@ from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import MAX_SHOWN, composition_refusal, refusal
 from mnist_exp.errors import UserError, first_line
 from mnist_exp.names import (
+    IMAGE_CHANNELS,
     LOG_CHECKPOINTS,
     MONITORABLE_METRICS,
     OPTIMIZABLE_METRICS,
@@ -90,8 +91,15 @@ def check_config(cfg: DictConfig) -> None:
     if _get(cfg, "data.test_fraction") is not None:  # data=image_folder
         _number(cfg, "data.test_fraction", lambda v: 0 < v < 1, between)
         _integer(cfg, "data.image_size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
+        channels = _get(cfg, "data.channels")
+        if channels is not None and (type(channels) is not int or channels not in IMAGE_CHANNELS):
+            allowed = ", ".join(f"{n} ({kind})" for n, kind in IMAGE_CHANNELS.items())
+            why = f"must be {allowed} or null (3 if any image has colour, else 1)"
+            raise refusal("data.channels", channels, why)
     if "image_size" in cfg.model:  # after data.image_size, which it follows (own models: optional)
         _integer(cfg, "model.image_size", low=MIN_IMAGE_SIZE, high=MAX_IMAGE_SIZE)
+    if "in_channels" in cfg.model:  # null: the data's
+        _integer(cfg, "model.in_channels", low=1, high=MAX_CHANNELS, optional=True)
     for key in ("data.dataset", "data.root", "mlflow.experiment_name", "mlflow.tracking_uri"):
         if not str(_get(cfg, key)).strip():
             raise refusal(key, _get(cfg, key), "must not be blank")

@@ -30,6 +30,7 @@ class ModelSchema:  # conf/model/convnet.yaml; a user's own model may extend it 
 @dataclass
 class ConvNetSchema(ModelSchema):  # conf/model/convnet.yaml
     image_size: int = MISSING
+    in_channels: int | None = MISSING
 
 
 @dataclass
@@ -37,6 +38,7 @@ class WideConvNetSchema(ModelSchema):  # conf/model/wide_convnet.yaml
     channels: list[int] = MISSING
     dropout: float = MISSING
     image_size: int = MISSING
+    in_channels: int | None = MISSING
 
 
 @dataclass
@@ -91,6 +93,7 @@ class DataSchema:  # conf/data/mnist.yaml, and fashion_mnist.yaml through it
 class ImageFolderSchema(DataSchema):  # conf/data/image_folder.yaml: a folder of one's own images
     test_fraction: float = MISSING
     image_size: int = MISSING
+    channels: int | None = MISSING
     cache_dir: str | None = MISSING
 
 

@@ -85,24 +85,27 @@ def misclassified_grid(
     class_names: Sequence[str] = (),
     limit: int = 36,
 ) -> int:
-    """The first `limit` misclassified images (uint8 `N x 1 x H x W`), titled `true -> predicted`
-    by name or index, as one mosaic (one `imshow` is much faster than a subplot each); the count."""
+    """The first `limit` misclassified images (uint8 `N x C x H x W`, gray or RGB), titled
+    `true -> predicted` by name or index, as one mosaic (one `imshow` is much faster than a
+    subplot each); the count."""
     wrong = torch.nonzero(targets != predictions).flatten()[:limit]
     cols = 6
     rows = max(1, -(-len(wrong) // cols))
-    height, width = images.shape[-2:]
+    channels, height, width = images.shape[1:]
     band, gap = 9, 2  # pixels above each image for its title, between images
     cell_h, cell_w = height + band + gap, width + gap
-    mosaic = np.full((rows * cell_h, cols * cell_w), 255, dtype=np.uint8)
+    mosaic = np.full((rows * cell_h, cols * cell_w, channels), 255, dtype=np.uint8)
     figure, canvas = _figure(cols * 1.1, rows * 1.35 + 0.4)
     ax = figure.add_axes((0, 0, 1, 1 - 0.4 / (rows * 1.35 + 0.4)))
     for n, index in enumerate(wrong.tolist()):
         top, left = (n // cols) * cell_h + band, (n % cols) * cell_w
-        mosaic[top : top + height, left : left + width] = 255 - images[index, 0].numpy()
+        pixels = images[index].permute(1, 2, 0).numpy()  # H x W x C
+        mosaic[top : top + height, left : left + width] = 255 - pixels
         pair = (int(targets[index]), int(predictions[index]))
         title = " -> ".join(class_names[k] if class_names else str(k) for k in pair)
         ax.text(left + width / 2, top - 1, title, ha="center", va="bottom", fontsize=8)
-    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    shown_mosaic = mosaic[..., 0] if channels == 1 else mosaic  # imshow: H x W or H x W x 3
+    ax.imshow(shown_mosaic, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_axis_off()
     total = int((targets != predictions).sum())
     shown = f"first {len(wrong)} of {total}" if total > len(wrong) else f"all {total}"

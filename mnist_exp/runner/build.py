@@ -73,7 +73,7 @@ def build(
         folder=_folder_options(cfg),
     )
     _check_classes(cfg, dataset)
-    model = _instantiate(model_arguments(cfg), "model").to(device)
+    model = _instantiate(model_arguments(cfg, dataset.channels), "model").to(device)
     if channels_last(cfg, device):
         model = model.to(memory_format=torch.channels_last)
     check_fit(cfg, model, dataset, device)
@@ -141,22 +141,27 @@ def _folder_options(cfg: DictConfig) -> image_folder.FolderOptions:
         return image_folder.FolderOptions()
     cache = cfg.data.cache_dir
     return image_folder.FolderOptions(
-        cfg.data.test_fraction, cfg.data.image_size, cache and str(cache)
+        cfg.data.test_fraction, cfg.data.image_size, cache and str(cache), cfg.data.channels
     )
 
 
 IMAGE_SIZE = "image_size"  # the model key that follows data.image_size
+IN_CHANNELS = "in_channels"  # the model key that follows the data's channels when null
 
 
-def model_arguments(cfg: DictConfig) -> dict[str, Any]:
-    """The model's `_target_` and arguments: the `model` keys, resolved, but `image_size` for a
-    class of one's own whose `__init__` does not take it (the project's files give every model
-    the key, and such a model was built without it before the ConvNet was sized by it)."""
+def model_arguments(cfg: DictConfig, channels: int) -> dict[str, Any]:
+    """The model's `_target_` and arguments: the `model` keys, resolved, `in_channels` null made
+    the data's `channels`; but `image_size` and `in_channels` for a class of one's own whose
+    `__init__` does not take them (the project's files give every model the keys, and such a
+    model was built without them before the ConvNet was sized by them)."""
     tree = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(tree, dict)
     arguments = {str(k): v for k, v in tree.items()}
-    if IMAGE_SIZE in arguments and not _takes(str(arguments["_target_"]), IMAGE_SIZE):
-        del arguments[IMAGE_SIZE]
+    for key in (IMAGE_SIZE, IN_CHANNELS):
+        if key in arguments and not _takes(str(arguments["_target_"]), key):
+            del arguments[key]
+    if arguments.get(IN_CHANNELS, channels) is None:
+        arguments[IN_CHANNELS] = channels
     return arguments
 
 
@@ -198,7 +203,7 @@ def check_fit(cfg: DictConfig, model: Module, dataset: data.Data, device: torch.
             return
         raise UserError(
             f"model {target} does not fit the data's {image} images ({one_line(exc)[:160]}): "
-            f"{_fit_fix(cfg, batch.shape[-1])}"
+            f"{_fit_fix(cfg, batch.shape[1], batch.shape[-1])}"
         ) from exc
     finally:
         model.train(was_training)
@@ -213,9 +218,17 @@ def check_fit(cfg: DictConfig, model: Module, dataset: data.Data, device: torch.
         )
 
 
-def _fit_fix(cfg: DictConfig, side: int) -> str:
-    """How to make the model fit the data's images, `side` pixels a side."""
-    if IMAGE_SIZE in model_arguments(cfg):
+def _fit_fix(cfg: DictConfig, channels: int, side: int) -> str:
+    """How to make the model fit the data's images, `channels` x `side` x `side` pixels."""
+    arguments = model_arguments(cfg, channels)
+    if arguments.get(IN_CHANNELS, channels) != channels:
+        return f"set model.{IN_CHANNELS}=null (the data's channels) or {channels}"
+    if IN_CHANNELS not in arguments and channels != 1:
+        return (
+            f"make its first layer take {channels} channels (take {IN_CHANNELS} as the ConvNet "
+            f"does), or set data.channels=1"
+        )
+    if IMAGE_SIZE in arguments:
         if cfg.model.get(IMAGE_SIZE) != side:
             return f"set model.{IMAGE_SIZE}={side}, the data's size"
         return f"make its layers fit {side}x{side} images (it was given {IMAGE_SIZE}={side})"

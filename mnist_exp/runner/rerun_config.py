@@ -67,6 +67,8 @@ def write_rerun_config(source: str, overrides: list[str], resume: bool, conf_dir
     for key, value in _BEFORE_ADDED.items():
         if OmegaConf.select(recorded, key) is None:
             OmegaConf.update(recorded, key, value)
+    if "test_fraction" in recorded.data and "channels" not in recorded.data:  # data=image_folder
+        recorded.data.channels = 1  # before the key, every image was read as gray
     if not resume:
         name = recorded_tags.get(names.RUN_NAME_TAG) or run_id
         changed = " ".join(describing(overrides))

@@ -17,7 +17,8 @@ EXAMPLES = 3  # test images kept in the model as its input example
 
 def describe(cfg: DictConfig, setup: Setup, step: int) -> ModelSpec:
     """What `report.serving` needs to serve `setup.model`, as trained at global step `step`."""
-    kwargs = model_arguments(cfg)  # as the model was built: image_size=32 for 32x32 images
+    # As the model was built: image_size=32 for 32x32 images, in_channels=3 for RGB ones.
+    kwargs = model_arguments(cfg, setup.data.channels)
     target = str(kwargs.pop("_target_"))
     images = setup.data.test.images[:EXAMPLES].cpu()
     channels, height, width = images.shape[1:]

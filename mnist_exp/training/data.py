@@ -26,7 +26,8 @@ DIGEST_CHARS = 8  # hex characters of a split's digest, as MLflow's own dataset 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 `N x 1 x H x W` (a quarter of float32's memory), labels int64."""
+    """Images as uint8 `N x C x H x W` (a quarter of float32's memory; C: 1 gray, 3 RGB), labels
+    int64."""
 
     images: Tensor
     labels: Tensor
@@ -40,7 +41,7 @@ class Split:
         max_rotation: float = 0.0,
         max_scale: float = 0.0,
     ) -> Tensor:
-        """Float32 images in [0, 1], as the seed's ToTensor gives, each moved by up to
+        """Float32 images in [0, 1] per channel, as the seed's ToTensor gives, each moved by up to
         `max_shift` whole pixels, then turned by up to `max_rotation` degrees and resized by up
         to `max_scale` of its size about its centre (bilinear), with draws from `generator`."""
         images = self.images[index]
@@ -64,6 +65,11 @@ class Data:
     val: Split | None
     test: Split
     classes: tuple[str, ...] = ()  # each label's name where the data names them (folders)
+
+    @property
+    def channels(self) -> int:
+        """The images' channels: 1 gray, 3 RGB."""
+        return int(self.train.images.shape[1])
 
 
 def load(
@@ -124,13 +130,14 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) ->
 
 def _shift(images: Tensor, max_shift: int, generator: torch.Generator | None) -> Tensor:
     """Translate each image by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
-    n, _, height, width = images.shape
+    n, channels, height, width = images.shape
     padded = torch.nn.functional.pad(images, (max_shift,) * 4)
     offsets = torch.randint(0, 2 * max_shift + 1, (2, n), generator=generator).to(images.device)
     rows = torch.arange(height, device=images.device)[None, :] + offsets[0][:, None]
     cols = torch.arange(width, device=images.device)[None, :] + offsets[1][:, None]
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(channels, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _rotate_and_scale(

@@ -1,6 +1,7 @@
 """A folder of one's own images (`DIR/train/<class>/*` and `DIR/test/<class>/*`, or
 `DIR/<class>/*` with a share held out), converted as MNIST's were made (`images.mnist_pixels`)
-into uint8 tensors, cached by the files' names, sizes and times and by the conversion."""
+into uint8 tensors, gray or RGB, cached by the files' names, sizes and times and by the
+conversion."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from mnist_exp.training.images import SIZE, mnist_pixels, read_image
 log = logging.getLogger(__name__)
 
 # Bump when the conversion changes: cached tensors of the old one are then not used.
-CONVERSION = "mnist_pixels-v1"
+CONVERSION = "mnist_pixels-v2"
 HOLD_OUT_SEED = 0  # fixes the held-out images and their order, whatever the trainer.seed
 SHOWN = 5  # unreadable images named in the message, at most
 
@@ -33,11 +34,13 @@ class FolderOptions:
     test_fraction: float = 0.2  # held out per class when there is no test/ folder
     image_size: int = SIZE
     cache_dir: str | None = None  # None: convert every time
+    channels: int | None = None  # 1 gray, 3 RGB; None: 3 if any image has colour, else 1
 
 
 @dataclass(frozen=True)
 class Images:
-    """Images uint8 `N x 1 x size x size`, labels int64 (indices into the classes)."""
+    """Images uint8 `N x C x size x size` (C: 1 gray, 3 RGB), labels int64 (indices into the
+    classes)."""
 
     images: Tensor
     labels: Tensor
@@ -62,8 +65,9 @@ def read(root: Path, options: FolderOptions) -> tuple[Images, Images, tuple[str,
                 f"{test_dir} has class folders that {train_dir} lacks ({', '.join(others)}): "
                 f"add them to {train_dir.name}/ or remove them"
             )
-        train = _converted(train_dir, classes, options)
-        test = _converted(test_dir, classes, options)
+        train, test = _same_channels(
+            _converted(train_dir, classes, options), _converted(test_dir, classes, options)
+        )
     else:
         classes = _classes(root)
         train, test = _hold_out(_converted(root, classes, options), options.test_fraction)
@@ -119,7 +123,8 @@ def _converted(folder: Path, classes: list[str], options: FolderOptions) -> Imag
     pixels, unreadable = [], []
     for path, _ in files:
         try:
-            pixels.append(mnist_pixels(read_image(Path(path)), options.image_size))
+            image = read_image(Path(path))
+            pixels.append(mnist_pixels(image, options.image_size, options.channels))
         except UserError as exc:
             unreadable.append(first_line(exc))
     if unreadable:
@@ -128,9 +133,10 @@ def _converted(folder: Path, classes: list[str], options: FolderOptions) -> Imag
             f"{len(unreadable)} of {len(files)} images cannot be read: "
             f"{'; '.join(unreadable[:SHOWN])}{more}: fix or remove them"
         )
-    array = np.stack(pixels).round().clip(0, 255).astype(np.uint8)
+    channels = max(len(p) for p in pixels)  # one image in colour makes the folder RGB
+    array = np.stack([np.broadcast_to(p, (channels, *p.shape[1:])) for p in pixels])
     images = Images(
-        torch.from_numpy(array).unsqueeze(1),
+        torch.from_numpy(array.round().clip(0, 255).astype(np.uint8)),
         torch.tensor([label for _, label in files], dtype=torch.int64),
     )
     if cache is not None:
@@ -145,7 +151,7 @@ def _cache_file(
     if options.cache_dir is None:
         return None
     content = hashlib.blake2b(digest_size=16)
-    content.update(repr((CONVERSION, options.image_size, classes)).encode())
+    content.update(repr((CONVERSION, options.image_size, options.channels, classes)).encode())
     for path, label in files:
         stat = os.stat(path)
         entry = (os.path.relpath(path, folder), label, stat.st_size, stat.st_mtime_ns)
@@ -165,6 +171,16 @@ def _store(cache: Path, images: Images) -> None:
     for old in cache.parent.glob(f"{prefix}-*.pt"):
         if old != cache:
             old.unlink(missing_ok=True)
+
+
+def _same_channels(train: Images, test: Images) -> tuple[Images, Images]:
+    """Both RGB when one is (its gray images repeated in red, green and blue), else as read."""
+    channels = max(train.images.shape[1], test.images.shape[1])
+    return _with_channels(train, channels), _with_channels(test, channels)
+
+
+def _with_channels(images: Images, channels: int) -> Images:
+    return Images(images.images.expand(-1, channels, -1, -1).contiguous(), images.labels)
 
 
 def _hold_out(images: Images, fraction: float) -> tuple[Images, Images]:

@@ -10,12 +10,13 @@ class ConvNet(nn.Module):
 
     The attribute names and layer order are part of the contract: a `model.ckpt` written by
     the seed loads into this class and the other way round. `image_size` (the images' side)
-    sizes the classifier; at 28, MNIST's, every parameter has the seed's shape.
+    sizes the classifier and `in_channels` (1 gray, 3 RGB) the first convolution; at 28 and 1,
+    MNIST's, every parameter has the seed's shape.
     """
 
-    def __init__(self, num_classes: int = 10, image_size: int = 28) -> None:
+    def __init__(self, num_classes: int = 10, image_size: int = 28, in_channels: int = 1) -> None:
         super().__init__()
-        self.layer1 = _block(1, 16)
+        self.layer1 = _block(in_channels, 16)
         self.layer2 = _block(16, 32)
         self.fc = nn.Linear(features(image_size, 32), num_classes)
 
@@ -26,8 +27,8 @@ class ConvNet(nn.Module):
 
 class WideConvNet(nn.Module):
     """The seed's design with the two blocks' widths `channels` (the seed's: 16 and 32) and
-    dropout (the share of features zeroed in training) before the classifier; `image_size`
-    as the ConvNet's."""
+    dropout (the share of features zeroed in training) before the classifier; `image_size` and
+    `in_channels` as the ConvNet's."""
 
     def __init__(
         self,
@@ -35,10 +36,11 @@ class WideConvNet(nn.Module):
         channels: Sequence[int] = (32, 64),
         dropout: float = 0.25,
         image_size: int = 28,
+        in_channels: int = 1,
     ) -> None:
         super().__init__()
         first, second = channels
-        self.layer1 = _block(1, first)
+        self.layer1 = _block(in_channels, first)
         self.layer2 = _block(first, second)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(features(image_size, second), num_classes)
