@@ -199,21 +199,23 @@ def _git(*args: str) -> str:
 
 
 def test_a_run_shows_its_source_git_state_and_system_metrics_in_mlflows_own_names(
-    where, tracking_uri: str
+    where, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What MLflow's UI shows of a run: the script that called train() as the source of the run
     and of its model (not the tracker's file), the checkout under mlflow.source.git.*, and the
     CPU and memory sampled while it trained."""
+    script = tmp_path / "experiment.py"  # the user's script calling train()
+    script.write_text("from mnist_exp.api import train\n")
+    monkeypatch.setattr(sys, "argv", [str(script)])
     result = train([
         *TINY, *where("run"), "mlflow.log_model=true", "mlflow.system_metrics_interval_s=0.1",
     ])  # fmt: skip
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
-    script = str(Path(sys.argv[0]).resolve())  # pytest's, the program calling train() here
-    assert run.data.tags["mlflow.source.name"] == script
+    assert run.data.tags["mlflow.source.name"] == str(script)
     assert run.data.tags["mlflow.source.type"] == "LOCAL"
     (model,) = client.search_logged_models([run.info.experiment_id])
-    assert model.tags["mlflow.source.name"] == script
+    assert model.tags["mlflow.source.name"] == str(script)
 
     commit = _git("rev-parse", "HEAD")
     if commit:  # CI's checkout is a clone: on its branch, with its origin
