@@ -9,7 +9,8 @@ before the sweep and 4 after, and prints per job: training images/s, start-up (j
 first step), the epoch, what came after it (testing and recording), the job's wall time and
 its overhead (wall - epoch). The
 targets: every job within 5% of a single run's images/s, and the sweep's wall time at most
-8 x (epoch + 1.5 s). `--parallel` also times a 4-job grid with joblib's n_jobs=1 and 2.
+8 x (epoch + 1.5 s). `--parallel` also times a 4-job grid with joblib's n_jobs=1 and 2, on
+`--train-samples` images (default 15,000).
 Each sweep and command writes to a new SQLite store in a temporary folder; the machine
 should be otherwise idle. `--jobs 2`, 4 or 6 sweeps the first 1, 2 or 3 learning rates only.
 """
@@ -179,10 +180,12 @@ def main(argv: list[str] | None = None) -> None:
         f"speed of {jobs} single commands"
     )
     if args.parallel:
-        par = parallel(args.data_root, 15000, 1)
+        grid_samples = args.train_samples or 15000
+        par = parallel(args.data_root, grid_samples, 1)
         figures["parallel"] = par
         print(
-            f"4-job grid (15,000 images, 1 epoch): n_jobs=1 {par['wall_s_n_jobs_1']:.1f} s, "
+            f"4-job grid ({grid_samples:,} images, 1 epoch): "
+            f"n_jobs=1 {par['wall_s_n_jobs_1']:.1f} s, "
             f"n_jobs=2 {par['wall_s_n_jobs_2']:.1f} s: {par['speedup']:.2f}x"
         )
     if args.json:
