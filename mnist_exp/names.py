@@ -143,3 +143,9 @@ def class_metric(name: str) -> str:
 def best_metric(monitor: str) -> str:
     """`<monitor>_best` (`val_accuracy_best`): the best epoch's value of `trainer.monitor`."""
     return monitor + BEST_SUFFIX
+
+
+def job_key(overrides: list[str]) -> str:
+    """A sweep's or a job's overrides (`OVERRIDES_TAG`, split) as a continued sweep matches
+    them: in any order."""
+    return " ".join(sorted(overrides))

@@ -26,7 +26,7 @@ from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner import slurm
 from mnist_exp.runner.experiment import run_experiment
 from mnist_exp.runner.source import command_source, program
-from mnist_exp.runner.sweep import refusals_leave_no_folder
+from mnist_exp.runner.sweep import interrupted, refusals_leave_no_folder
 
 log = logging.getLogger("mnist_exp")
 
@@ -70,6 +70,7 @@ def run_command(args: list[str], command: str | None = None) -> bool:
         with refusals_leave_no_folder():
             _main()
     except KeyboardInterrupt as exc:
+        interrupted()  # a sweep's parent, closed at exit, is KILLED as its job
         sys.exit(str(exc) or "interrupted")
     except (HydraException, OmegaConfBaseException) as exc:
         if not _invocation.owns_full_error:

@@ -7,11 +7,14 @@ joblib starts the command, whose two workers open a brand-new store at once.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import in_process, runs_in
+from conftest import ROOT, in_process, runs_in, stop
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -202,3 +205,53 @@ def test_parallel_local_jobs_take_a_gpu_each_and_a_share_of_the_cores() -> None:
     assert share_of_cores(OmegaConf.create({"n_jobs": 2})) == max(1, cores // 2)
     assert share_of_cores(OmegaConf.create({"n_jobs": -1})) == 1  # joblib: one job per core
     assert share_of_cores(local) == min(cores, 2)
+
+
+@pytest.mark.process
+def test_a_grid_cut_by_ctrl_c_continues_where_it_stopped(
+    train_command, mnist_train, tracking_uri, tmp_path
+):
+    """Ctrl-C while the second of three jobs trains: it and the parent end KILLED. The same
+    command again, its overrides in another order, skips the first job (said in one line),
+    resumes the second in its own run from its last complete epoch and runs the third, all
+    under the one parent."""
+    grid = ("optimizer.lr=0.001,0.002,0.003", "trainer.epochs=3", *SMALL[:2])
+    cmd, env = train_command("-m", *grid, "trainer.print_every_n_steps=0")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        second = tmp_path / "sweep" / "1" / "checkpoints" / "last.ckpt"
+        while not second.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no second job"
+            time.sleep(0.05)
+        stop(proc, signal.SIGINT)
+    finally:
+        proc.kill()
+    parent, children = _sweep(tracking_uri)
+    assert parent.info.status == "KILLED"
+    cut = {c.info.run_name: c for c in children}
+    assert {name: c.info.status for name, c in cut.items()} == {
+        "lr=0.001": "FINISHED", "lr=0.002": "KILLED"
+    }  # fmt: skip
+
+    again = mnist_train("-m", "trainer.print_every_n_steps=0", *reversed(grid))
+    assert again.code == 0, again.err
+    said = again.out + again.err
+    assert (
+        "Continuing the sweep: 1 of its jobs FINISHED before and are skipped, 1 cut short" in said
+    )
+    continued, children = _sweep(tracking_uri)
+    assert continued.info.run_id == parent.info.run_id and continued.info.status == "FINISHED"
+    assert sorted(c.info.run_name for c in children) == ["lr=0.001", "lr=0.002", "lr=0.003"]
+    assert {c.info.status for c in children} == {"FINISHED"}
+    resumed = next(c for c in children if c.info.run_name == "lr=0.002")
+    assert resumed.info.run_id == cut["lr=0.002"].info.run_id
+    assert int(resumed.data.tags["mnist_exp.resumed_from_epoch"]) >= 1
+    history = MlflowClient(tracking_uri).get_metric_history(resumed.info.run_id, "epoch")
+    assert [m.value for m in history] == [1, 2, 3]
+    assert cut["lr=0.001"].info.run_id in {c.info.run_id for c in children}  # not trained again
+    metrics = continued.data.metrics
+    assert (metrics["sweep_jobs"], metrics["sweep_finished"], metrics["sweep_failed"]) == (3, 3, 0)

@@ -138,6 +138,7 @@ class MlflowSchema:  # conf/mlflow/local.yaml
     log_model: bool = MISSING
     log_checkpoints: str = MISSING
     log_system_metrics: bool = MISSING
+    continue_sweeps: bool = MISSING
     system_metrics_interval_s: float = MISSING
     retry_for_s: int = MISSING
     request_max_retries: int = MISSING

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mnist_exp import names
 from mnist_exp.config.checks import check_config
@@ -20,7 +20,7 @@ from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import TrackingUnavailable
 from mnist_exp.runner import job_log, lifecycle
 from mnist_exp.runner.naming import SWEPT_ENV, name_from
-from mnist_exp.runner.sweep import hold_folder
+from mnist_exp.runner.sweep import earlier_job, hold_folder
 from mnist_exp.tracking import processes
 from mnist_exp.tracking.http import configure_requests
 from mnist_exp.tracking.redaction import redact
@@ -51,6 +51,17 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    earlier = earlier_job(overrides) if in_sweep else None  # a continued grid's
+    if earlier is not None and earlier["status"] == "FINISHED":
+        name = name_from(overrides, os.environ.get(SWEPT_ENV, "").split())
+        log.info(f"Job {name}: FINISHED before as MLflow run {earlier['run_id']}, skipped")
+        folder = Path(earlier["output_dir"] or out_dir)
+        return RunResult(earlier["run_id"], "FINISHED", earlier["metrics"], None, folder)
+    if earlier is not None and not cfg.trainer.resume:
+        last = Path(earlier["output_dir"] or out_dir) / names.RESUME_CHECKPOINT
+        if last.is_file():  # cut short after an epoch; else it starts again, in a new run
+            with open_dict(cfg):
+                cfg.trainer.resume = earlier["run_id"]
     uri = cfg.mlflow.tracking_uri
     tree = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(tree, dict)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mnist_exp import names
 from mnist_exp.config.checks import check_config, check_search_space
 from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import OPTUNA_PLOTS
@@ -37,6 +39,9 @@ log = logging.getLogger("mnist_exp")
 _made: list[list[Path]] = []
 # Whether the MLflow run that records this command's folder was opened (`hold_folder`).
 _held: list[Callable[[], bool]] = []
+_interrupted: list[bool] = []  # set once Ctrl-C or SIGTERM stopped the command (`interrupted`)
+# A continued grid sweep's earlier jobs, for its jobs' processes (`earlier_job`).
+EARLIER_JOBS_ENV = "MNIST_EXP_EARLIER_JOBS"
 
 
 def keep_folder() -> None:
@@ -76,14 +81,32 @@ class SweepCallback(Callback):
         os.environ[SWEPT_ENV] = " ".join(swept_keys(params, list(config.hydra.overrides.task)))
         atexit.register(self._abandon)
         log.info(f"Sweep parent run {self.parent.run_id} in {redact(config.mlflow.tracking_uri)}")
+        if self.search is None:  # a search continues its study instead
+            self._continue(config)
+
+    def _continue(self, config: DictConfig) -> None:
+        """Hand the jobs of the grid's earlier commands to this one's (`earlier_job`)."""
+        from mnist_exp.tracking.parent import earlier_jobs
+
+        assert self.parent is not None
+        jobs = earlier_jobs(self.parent, config.optimized_metric)
+        if not jobs:
+            return
+        os.environ[EARLIER_JOBS_ENV] = json.dumps(jobs)
+        done = sum(job["status"] == "FINISHED" for job in jobs.values())
+        log.info(
+            f"Continuing the sweep: {done} of its jobs FINISHED before and are skipped, "
+            f"{len(jobs) - done} cut short resume from their last complete epoch, the rest run "
+            f"(mlflow.continue_sweeps=false starts a new sweep)"
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import record_outcome
 
         parent, self.parent = self.parent, None
-        os.environ.pop(PARENT_RUN_ENV, None)
-        os.environ.pop(SWEPT_ENV, None)
+        for key in (PARENT_RUN_ENV, SWEPT_ENV, EARLIER_JOBS_ENV):
+            os.environ.pop(key, None)
         if parent is None:
             return
         lines = [record_outcome(parent, config)]
@@ -113,9 +136,21 @@ class SweepCallback(Callback):
             check_search_space(config)
 
     def _abandon(self) -> None:
-        """At exit, a parent the sweep never closed (it crashed or was interrupted) is FAILED."""
+        """At exit, a parent the sweep never closed is KILLED (Ctrl-C, SIGTERM) or FAILED."""
         if self.parent is not None:
-            self.parent.end("FAILED")
+            self.parent.end("KILLED" if _interrupted else "FAILED")
+
+
+def interrupted() -> None:
+    """The command was stopped from outside: a sweep's parent ends KILLED, as its job."""
+    _interrupted.append(True)
+
+
+def earlier_job(overrides: list[str]) -> dict[str, Any] | None:
+    """In a continued grid sweep, what an earlier command's job with these overrides left (see
+    `tracking.parent.earlier_jobs`); None for a new job, or outside such a sweep."""
+    jobs = os.environ.get(EARLIER_JOBS_ENV)
+    return json.loads(jobs).get(names.job_key(overrides)) if jobs else None
 
 
 def check_writable(folder: Path, key: str) -> None:

@@ -8,7 +8,9 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -46,7 +48,12 @@ def open_parent(config: DictConfig, source: Mapping[str, str]) -> MlflowRun:
         names.SWEEP_OPENED_TAG: str(time.time_ns() // 1_000_000),
     }
     retry_for_s = float(config.mlflow.retry_for_s)
-    earlier = _study_parent(client, experiment_id, study) if study else None
+    if study:
+        earlier = _study_parent(client, experiment_id, study)
+    elif config.mlflow.get("continue_sweeps"):
+        earlier = _grid_parent(client, experiment_id, tags)
+    else:
+        earlier = None
     if earlier is None:
         name = f"study {study_name}" if study else f"sweep {sweep_dir.parent.name}/{sweep_dir.name}"
         parent = MlflowRun.start(
@@ -69,7 +76,7 @@ def record_outcome(parent: MlflowRun, config: DictConfig) -> str:
     """Record on the parent how many jobs finished and failed, the best child by
     `optimized_metric` and the sweep's picture; returns the summary line."""
     client = parent.client
-    children = sweep_runs(client, client.get_run(parent.run_id))
+    children = latest_per_job(sweep_runs(client, client.get_run(parent.run_id)))
     # A job that failed before it could open a run left only its folder behind.
     jobs = max(len(list(Path(config.hydra.sweep.dir).glob("*/.hydra"))), len(children))
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -99,6 +106,48 @@ def record_outcome(parent: MlflowRun, config: DictConfig) -> str:
         if plot_sweep(children, metric, picture):
             parent.log_artifact(picture)
     return summary
+
+
+def earlier_jobs(parent: MlflowRun, metric: str) -> dict[str, dict[str, Any]]:
+    """The jobs a continued grid ran before, by their overrides: each one's run id, status,
+    run folder and `metric` (a finished job is skipped, a cut one resumed: `runner.sweep`)."""
+    client = parent.client
+    children = latest_per_job(sweep_runs(client, client.get_run(parent.run_id)))
+    return {
+        names.job_key(run.data.tags.get(names.OVERRIDES_TAG, "").split(" ")): {
+            "run_id": run.info.run_id,
+            "status": run.info.status,
+            "output_dir": run.data.tags.get(names.OUTPUT_DIR_TAG),
+            "metrics": {metric: run.data.metrics[metric]} if metric in run.data.metrics else {},
+        }
+        for run in children
+    }
+
+
+def latest_per_job(children: list[Run]) -> list[Run]:
+    """A sweep's children, but of a job run again (a continued sweep's cut job that had no
+    epoch to resume from) its last run only; in the order they started."""
+    latest = {r.data.tags.get(names.OVERRIDES_TAG, r.info.run_id): r for r in children}
+    return [r for r in children if r in latest.values()]
+
+
+def _grid_parent(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The id of the last parent of a grid sweep with these overrides, sweeper and kind, which
+    the same command continues (`mlflow.continue_sweeps`)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{names.SWEEP_TAG}` = 'true'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,
+    )
+    overrides = names.job_key(tags[names.SWEEP_OVERRIDES_TAG].split(" "))
+    found = [
+        r for r in runs
+        if names.STUDY_TAG not in r.data.tags
+        and r.data.tags.get(names.SWEEPER_TAG) == tags[names.SWEEPER_TAG]
+        and names.job_key(r.data.tags.get(names.SWEEP_OVERRIDES_TAG, "").split(" ")) == overrides
+    ]  # fmt: skip
+    return found[0].info.run_id if found else None
 
 
 def _study_parent(client: MlflowClient, experiment_id: str, study: dict[str, str]) -> str | None:
