@@ -150,6 +150,8 @@ def test_launcher_ray_cluster_extends_the_ray_plugin(monkeypatch) -> None:
     launcher = _launcher("ray_cluster")
     assert launcher["_target_"].endswith("ray_launcher.RayLauncher")
     assert launcher["ray"]["init"]["address"] is None
+    # Present, so the plugin does not set its own, which a running cluster refuses.
+    assert launcher["ray"]["init"]["object_store_memory"] is None
     assert launcher["ray"]["remote"] == {"num_cpus": 2, "num_gpus": 0, "max_retries": 0}
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert _launcher("ray_cluster")["ray"]["init"]["address"] == "ray://head:10001"
