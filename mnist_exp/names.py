@@ -51,6 +51,7 @@ OVERRIDES_TAG = "mnist_exp.overrides"  # the Hydra overrides of the command line
 OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are
 COMMAND_TAG = "mnist_exp.command"
 HOST_TAG, PID_TAG, PID_START_TAG = "mnist_exp.host", "mnist_exp.pid", "mnist_exp.pid_start"
+SLURM_REQUEUES_TAG = "mnist_exp.slurm_requeues"  # times SLURM requeued the job, once it has
 SLURM_JOB_TAG = "mnist_exp.slurm_job_id"  # as squeue and sacct name it (`123_4`: array task 4)
 VERSION_TAG = "mnist_exp.version."  # + a package name, or python
 DEVICE_TAG = "mnist_exp.device"  # cpu, cuda:0, ...: a parallel sweep's job gets its own GPU

@@ -139,7 +139,7 @@ def test_launcher_slurm_extends_the_submitit_plugin(monkeypatch) -> None:
     launcher = _launcher("slurm")
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["cpus_per_task"], launcher["mem_gb"], launcher["partition"]) == (4, 4, None)
-    assert launcher["max_num_timeout"] == 0  # the plugin's keys are all still there
+    assert launcher["max_num_timeout"] == 3  # requeued at most 3 times; the plugin's keys stay
     monkeypatch.setenv("SLURM_PARTITION", "gpu")
     assert _launcher("slurm")["partition"] == "gpu"
     assert _launcher("submitit_local")["_target_"].endswith("submitit_launcher.LocalLauncher")

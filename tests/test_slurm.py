@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, runs_in
 from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 from slurm_cluster import SlurmCluster
 
 from mnist_exp import names
@@ -93,7 +94,10 @@ def test_a_job_warned_of_its_time_limit_ends_killed_and_resumable(
     # Long enough to be running when warned. timeout_min=10 keeps SLURM's own warning (USR2,
     # signal_delay_s=120 before the limit) minutes away, yet counts as timed out to submitit.
     long_run = ("data.max_train_samples=512", "data.val_size=0", "trainer.epochs=200")
-    cmd, env = train_command("-m", *ON_THIS_NODE, "hydra.launcher.timeout_min=10", *long_run)
+    no_requeue = "hydra.launcher.max_num_timeout=0"  # its requeues used up
+    cmd, env = train_command(
+        "-m", *ON_THIS_NODE, "hydra.launcher.timeout_min=10", no_requeue, *long_run
+    )
     sweep = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     checkpoint = tmp_path / "sweep" / "0" / names.RESUME_CHECKPOINT
@@ -113,6 +117,39 @@ def test_a_job_warned_of_its_time_limit_ends_killed_and_resumable(
     log = "".join(p.read_text() for p in sorted(logs.glob(f"{job}_0_log.*")))
     assert f"mnist-rerun {child.info.run_id} --resume" in log
     assert "hydra.launcher.timeout_min" in log
+
+
+@pytest.mark.process
+def test_a_job_warned_of_its_time_limit_is_requeued_and_finishes_in_its_own_run(
+    slurm_cluster, train_command, tracking_uri, tmp_path
+):
+    """SLURM's warning of the time limit with requeues left: submitit requeues the job, which
+    resumes from its last complete epoch in the same MLflow run and FINISHES, every step of
+    its loss history there once."""
+    run = ("data.max_train_samples=512", "data.val_size=0", "trainer.epochs=6")
+    cmd, env = train_command("-m", *ON_THIS_NODE, "hydra.launcher.timeout_min=10", *run)
+    sweep = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for(tmp_path / "sweep" / "0" / names.RESUME_CHECKPOINT, sweep)  # an epoch is done
+        (job,) = [p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.is_dir()]
+        slurm_cluster.run("scancel", "--signal=USR2", job)
+        deadline = time.monotonic() + 120
+        while slurm_cluster.job(job).get("JobState") != "PENDING":  # requeued
+            assert time.monotonic() < deadline and sweep.poll() is None, "not requeued"
+            time.sleep(0.5)
+        # SLURM holds a requeued job back for about two minutes (Reason=BeginTime).
+        slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        _, stderr = sweep.communicate(timeout=300)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, stderr
+    parent, (child,) = _sweep(tracking_uri)
+    assert (parent.info.status, child.info.status) == ("FINISHED", "FINISHED")
+    assert child.data.tags["mnist_exp.slurm_requeues"] == "1"
+    assert int(child.data.tags[names.RESUMED_FROM_EPOCH_TAG]) >= 1
+    history = MlflowClient(tracking_uri).get_metric_history(child.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 6 * 8 + 1))  # 8 steps an epoch
 
 
 def _wait_for(path: Path, sweep: subprocess.Popen, timeout: float = 60) -> None:

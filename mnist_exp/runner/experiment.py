@@ -18,7 +18,7 @@ from mnist_exp import names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.errors import TrackingUnavailable
-from mnist_exp.runner import job_log, lifecycle
+from mnist_exp.runner import job_log, lifecycle, slurm
 from mnist_exp.runner.naming import SWEPT_ENV, name_from
 from mnist_exp.runner.sweep import earlier_job, hold_folder
 from mnist_exp.tracking import processes
@@ -62,6 +62,11 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
         if last.is_file():  # cut short after an epoch; else it starts again, in a new run
             with open_dict(cfg):
                 cfg.trainer.resume = earlier["run_id"]
+    requeues = slurm.restarts() if in_sweep else 0
+    own = out_dir / names.RESUME_CHECKPOINT
+    if requeues and not cfg.trainer.resume and own.is_file():  # this job before its requeue
+        with open_dict(cfg):
+            cfg.trainer.resume = str(own)
     uri = cfg.mlflow.tracking_uri
     tree = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(tree, dict)
@@ -71,6 +76,7 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     sampled = cfg.mlflow.get("log_system_metrics")  # absent in configs recorded before it
     system_metrics_s = float(cfg.mlflow.system_metrics_interval_s) if sampled else None
     tags = {
+        **({names.SLURM_REQUEUES_TAG: str(requeues)} if requeues else {}),
         names.OVERRIDES_TAG: " ".join(overrides),
         names.OUTPUT_DIR_TAG: str(out_dir),
         **{str(k): str(v) for k, v in cfg.mlflow.tags.items()},

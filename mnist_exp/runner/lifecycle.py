@@ -41,6 +41,11 @@ def recording(run: RemoteRun, checkpoint: Path, start_epoch: int) -> Iterator[No
     except BaseException as exc:
         if not run.opened():
             raise
+        if _requeued(exc):
+            log.warning(
+                f"requeued by SLURM: {_stopped(run, checkpoint, start_epoch, requeued=True)}"
+            )
+            raise
         if _out_of_time(exc):
             raise UserError(
                 f"SLURM is ending the job ({exc}): {_stopped(run, checkpoint, start_epoch)}; "
@@ -56,18 +61,26 @@ def recording(run: RemoteRun, checkpoint: Path, start_epoch: int) -> Iterator[No
             signal.signal(number, handler)
 
 
-def _stopped(run: RemoteRun, checkpoint: Path, start_epoch: int) -> str:
-    """Mark the run KILLED, stopped from outside; what became of it and how to resume it."""
+def _stopped(run: RemoteRun, checkpoint: Path, start_epoch: int, requeued: bool = False) -> str:
+    """Mark the run KILLED, stopped from outside; what became of it and how it resumes."""
     # A second Ctrl-C must not cut the recording of the first short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _log_again(run, checkpoint)
     job_log.upload(run, start_epoch)
     marked = _end_quietly(run, "KILLED")
+    if requeued:
+        return f"{marked}; the job continues it from its last complete epoch when it starts again"
     return (
         f"{marked}; continue it from its last complete epoch with: "
         f"mnist-rerun {run.run_id} --resume"
     )
+
+
+def _requeued(exc: BaseException) -> bool:
+    """Whether submitit requeued this SLURM job (warned of its time limit or preempted, with
+    `hydra.launcher.max_num_timeout` left) and is ending it: `sys.exit(-1)` from its handler."""
+    return isinstance(exc, SystemExit) and exc.code == -1 and "submitit" in sys.modules
 
 
 def _out_of_time(exc: BaseException) -> bool:

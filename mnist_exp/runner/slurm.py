@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 # What sbatch says on a machine that is not part of a SLURM cluster (or cannot reach it).
@@ -50,3 +51,9 @@ def warn_once() -> None:
     for old in [f for f in logger.filters if isinstance(f, Once)]:
         logger.removeFilter(old)
     logger.addFilter(Once())
+
+
+def restarts() -> int:
+    """How many times SLURM has requeued the job this process runs in (0 outside SLURM)."""
+    count = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return int(count) if count.isdigit() else 0
