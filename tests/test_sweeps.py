@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from mnist_exp import compare
 from mnist_exp.api import train as api_train
 from mnist_exp.runner.build import job_device, share_of_cores
+from mnist_exp.tracking import processes
 
 pytestmark = pytest.mark.slow  # each test runs a sweep or a run
 
@@ -255,3 +256,17 @@ def test_a_grid_cut_by_ctrl_c_continues_where_it_stopped(
     assert cut["lr=0.001"].info.run_id in {c.info.run_id for c in children}  # not trained again
     metrics = continued.data.metrics
     assert (metrics["sweep_jobs"], metrics["sweep_finished"], metrics["sweep_failed"]) == (3, 3, 0)
+
+    # The same command while the sweep runs (its parent RUNNING, its process alive: this one)
+    # is refused, rather than resuming the jobs in flight a second time.
+    client = MlflowClient(tracking_uri)
+    client.update_run(parent.info.run_id, status="RUNNING")
+    for key, value in processes.process_tags().items():
+        client.set_tag(parent.info.run_id, key, value)
+    busy = mnist_train("-m", "trainer.print_every_n_steps=0", *grid)
+    assert busy.code == 1
+    assert (
+        busy.err.strip()
+        .splitlines()[-1]
+        .startswith(f"error: this sweep is running already (parent run {parent.info.run_id}, on ")
+    ), busy.err

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from mnist_exp import names
+from mnist_exp.errors import UserError
 from mnist_exp.report import table
 from mnist_exp.report.sweep_plot import plot_sweep
 from mnist_exp.tracking import store
@@ -147,7 +148,18 @@ def _grid_parent(client: MlflowClient, experiment_id: str, tags: dict[str, str])
         and r.data.tags.get(names.SWEEPER_TAG) == tags[names.SWEEPER_TAG]
         and names.job_key(r.data.tags.get(names.SWEEP_OVERRIDES_TAG, "").split(" ")) == overrides
     ]  # fmt: skip
-    return found[0].info.run_id if found else None
+    if not found:
+        return None
+    if found[0].info.status == "RUNNING":  # its process is alive: open_store failed the dead
+        where = (
+            f"{found[0].data.tags.get(names.HOST_TAG)}, pid {found[0].data.tags.get(names.PID_TAG)}"
+        )
+        raise UserError(
+            f"this sweep is running already (parent run {found[0].info.run_id}, on {where}): "
+            f"wait for it to end and run the command again to continue it, or start a new "
+            f"sweep with mlflow.continue_sweeps=false"
+        )
+    return found[0].info.run_id
 
 
 def _study_parent(client: MlflowClient, experiment_id: str, study: dict[str, str]) -> str | None:
