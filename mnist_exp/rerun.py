@@ -15,6 +15,7 @@ from pathlib import Path
 from mnist_exp import train
 from mnist_exp.errors import exit_on_user_error
 from mnist_exp.runner.rerun_config import write_rerun_config
+from mnist_exp.runner.source import program
 
 USAGE = "usage: mnist-rerun RUN_ID_OR_RUN_DIR [--resume] [key=value ...]"
 
@@ -24,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(f"{USAGE}\n\n{(__doc__ or '').strip()}")
         sys.exit(0 if args else 2)
-    command = " ".join([Path(sys.argv[0]).name, *args])
+    command = " ".join([program(), *args])  # mnist-rerun, or python -m mnist_exp.rerun
     source, rest = args[0], args[1:]
     resume = "--resume" in rest
     overrides = [a for a in rest if a != "--resume"]
