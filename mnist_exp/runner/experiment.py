@@ -51,9 +51,10 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     out_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    swept = os.environ.get(SWEPT_ENV, "").split()  # in a sweep's job, the keys it varies
     earlier = earlier_job(overrides) if in_sweep else None  # a continued grid's
     if earlier is not None and earlier["status"] == "FINISHED":
-        name = name_from(overrides, os.environ.get(SWEPT_ENV, "").split())
+        name = name_from(overrides, swept)
         log.info(f"Job {name}: FINISHED before as MLflow run {earlier['run_id']}, skipped")
         folder = Path(earlier["output_dir"] or out_dir)
         return RunResult(earlier["run_id"], "FINISHED", earlier["metrics"], None, folder)
@@ -111,7 +112,6 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     tags |= setup.tags()
     # hydra.output_subdir=null: Hydra kept no copy of the config, so there is none to record.
     files = out_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
-    swept = os.environ.get(SWEPT_ENV, "").split()  # in a sweep's job, the keys it varies
     hold_folder(recorder.opened)  # the run about to be opened records it as its output_dir
     if state is None:
         recorder.start(

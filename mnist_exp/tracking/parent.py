@@ -76,8 +76,7 @@ def open_parent(config: DictConfig, source: Mapping[str, str]) -> MlflowRun:
 def record_outcome(parent: MlflowRun, config: DictConfig) -> str:
     """Record on the parent how many jobs finished and failed, the best child by
     `optimized_metric` and the sweep's picture; returns the summary line."""
-    client = parent.client
-    children = latest_per_job(sweep_runs(client, client.get_run(parent.run_id)))
+    children = _jobs(parent)
     # A job that failed before it could open a run left only its folder behind.
     jobs = max(len(list(Path(config.hydra.sweep.dir).glob("*/.hydra"))), len(children))
     finished = [r for r in children if r.info.status == "FINISHED"]
@@ -112,24 +111,30 @@ def record_outcome(parent: MlflowRun, config: DictConfig) -> str:
 def earlier_jobs(parent: MlflowRun, metric: str) -> dict[str, dict[str, Any]]:
     """The jobs a continued grid ran before, by their overrides: each one's run id, status,
     run folder and `metric` (a finished job is skipped, a cut one resumed: `runner.sweep`)."""
-    client = parent.client
-    children = latest_per_job(sweep_runs(client, client.get_run(parent.run_id)))
     return {
-        names.job_key(run.data.tags.get(names.OVERRIDES_TAG, "").split(" ")): {
+        _job_key(run): {
             "run_id": run.info.run_id,
             "status": run.info.status,
             "output_dir": run.data.tags.get(names.OUTPUT_DIR_TAG),
             "metrics": {metric: run.data.metrics[metric]} if metric in run.data.metrics else {},
         }
-        for run in children
+        for run in _jobs(parent)
     }
 
 
-def latest_per_job(children: list[Run]) -> list[Run]:
-    """A sweep's children, but of a job run again (a continued sweep's cut job that had no
-    epoch to resume from) its last run only; in the order they started."""
-    latest = {r.data.tags.get(names.OVERRIDES_TAG, r.info.run_id): r for r in children}
-    return [r for r in children if r in latest.values()]
+def _jobs(parent: MlflowRun) -> list[Run]:
+    """The sweep's children, but of a job run again (a continued sweep's cut job that had no
+    epoch to resume from) its last run only, matched as `names.job_key`; in start order."""
+    client = parent.client
+    children = sweep_runs(client, client.get_run(parent.run_id))
+    latest = {_job_key(r): r.info.run_id for r in children}
+    kept = set(latest.values())
+    return [r for r in children if r.info.run_id in kept]
+
+
+def _job_key(run: Run) -> str:
+    overrides = run.data.tags.get(names.OVERRIDES_TAG)
+    return names.job_key(overrides.split(" ")) if overrides is not None else run.info.run_id
 
 
 def _grid_parent(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
