@@ -16,7 +16,11 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/mypy mnist_exp
 # pytest exits 5 when it collects no test: that is a failure here, as any non-zero code.
-# One pytest-xdist worker per core, each on a core of its own (tests/conftest.py). Each file
-# runs on one worker, so its daemons and module fixtures start once, and in the order
-# tests/conftest.py sorts them: the files with the most processes first.
-.venv/bin/python -m pytest --numprocesses auto --dist loadfile --no-loadscope-reorder "$@"
+# Three pytest-xdist workers for two cores: a quarter of the time a test waits on a server,
+# a scheduler or a browser, which the extra worker fills; each worker's runs take their share
+# of the cores in torch threads (tests/conftest.py). Each file runs on one worker, so its
+# daemons and module fixtures start once, in the order tests/conftest.py sorts them: the
+# files with the most processes first.
+workers=$(($(nproc) * 3 / 2))
+.venv/bin/python -m pytest --numprocesses "$((workers > 1 ? workers : 1))" \
+  --dist loadfile --no-loadscope-reorder "$@"

@@ -63,16 +63,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (`-n N`, as scripts/test.sh runs), worker i of N keeps the cores i,
-    i+N, ...: what it trains and the commands it starts inherit them and size their threads to
-    them, so the workers' runs never spin against each other on one core."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    """Under pytest-xdist (scripts/test.sh runs more workers than cores), each worker's runs,
+    and the commands it starts, take their share of the cores in torch threads
+    (`OMP_NUM_THREADS`, which the runner follows): no run's threads spin against another's,
+    and a core left idle by a test waiting on a server or a scheduler is another worker's."""
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if worker is None or count < 2 or not hasattr(os, "sched_setaffinity"):
+    if os.environ.get("PYTEST_XDIST_WORKER") is None or count < 2:
         return
-    cores = sorted(os.sched_getaffinity(0))
-    index = int(worker.removeprefix("gw")) % len(cores)
-    os.sched_setaffinity(0, cores[index::count])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (cores or 1) // count))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from mnist_exp import compare
 from mnist_exp.api import train as api_train
-from mnist_exp.runner.build import job_device, share_of_cores
+from mnist_exp.runner.build import available_cores, job_device, share_of_cores
 from mnist_exp.tracking import processes
 
 pytestmark = pytest.mark.slow  # each test runs a sweep or a run
@@ -63,7 +63,7 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     assert best.data.params["optimizer.lr"] in parent.data.tags["mnist_exp.best_overrides"]
     artifacts = [a.path for a in MlflowClient(tracking_uri).list_artifacts(parent.info.run_id)]
     assert "sweep.png" in artifacts
-    share = max(1, len(os.sched_getaffinity(0)) // 2)  # each of 2 jobs takes half the cores
+    share = max(1, available_cores() // 2)  # each of 2 jobs takes half the cores
     assert {c.data.tags["mnist_exp.torch_threads"] for c in children} == {str(share)}
     assert {c.data.tags["mnist_exp.device"] for c in children} == {"cpu"}
 
@@ -175,9 +175,10 @@ def test_each_job_of_a_sequential_sweep_counts_only_its_own_start_up(mnist_train
         assert later.data.metrics["startup_s"] < since, (startups, since)
 
 
-def test_parallel_local_jobs_take_a_gpu_each_and_a_share_of_the_cores() -> None:
+def test_parallel_local_jobs_take_a_gpu_each_and_a_share_of_the_cores(monkeypatch) -> None:
     """Job i of a joblib or submitit_local sweep on G GPUs gets GPU i mod G (else all took the
-    first); a device asked for by number, a single run and the cluster launchers keep theirs."""
+    first); a device asked for by number, a single run and the cluster launchers keep theirs.
+    The cores shared are those the process may use, at most the user's OMP_NUM_THREADS."""
     joblib = OmegaConf.create(
         {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
          "n_jobs": 4}
@@ -201,7 +202,13 @@ def test_parallel_local_jobs_take_a_gpu_each_and_a_share_of_the_cores() -> None:
     joblib.n_jobs = 1
     assert job_device("auto", joblib, 1, 2) == "auto"  # one job at a time
 
-    cores = len(os.sched_getaffinity(0))
+    affinity = len(os.sched_getaffinity(0))
+    for limit, expected in (("1", 1), ("999", affinity), ("0", affinity), ("four", affinity)):
+        monkeypatch.setenv("OMP_NUM_THREADS", limit)
+        assert available_cores() == expected, limit
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = available_cores()
+    assert cores == affinity
     assert share_of_cores(None) == cores
     assert share_of_cores(OmegaConf.create({"n_jobs": 2})) == max(1, cores // 2)
     assert share_of_cores(OmegaConf.create({"n_jobs": -1})) == 1  # joblib: one job per core

@@ -285,10 +285,17 @@ def job_device(name: str, launcher: DictConfig | None, job_num: int, gpus: int) 
     return f"cuda:{job_num % gpus}"
 
 
+def available_cores() -> int:
+    """The cores this process may use, or fewer where the user set `OMP_NUM_THREADS` (as
+    on a shared node), which torch would follow had we not set its threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cores or 1, int(limit)) if limit.isdigit() and int(limit) > 0 else cores or 1
+
+
 def share_of_cores(launcher: DictConfig | None) -> int:
     """All cores, or in a parallel sweep this job's share, so jobs do not oversubscribe them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = available_cores()
     if launcher is None:
         return cores
     n_jobs = launcher.get("n_jobs")
