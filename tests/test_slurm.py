@@ -124,38 +124,50 @@ def test_a_job_warned_of_its_time_limit_is_requeued_and_finishes_in_its_own_run(
     slurm_cluster, train_command, tracking_uri, tmp_path
 ):
     """SLURM's warning of the time limit with requeues left: submitit requeues the job, which
-    resumes from its last complete epoch in the same MLflow run and FINISHES, every step of
-    its loss history there once."""
-    run = ("data.max_train_samples=512", "data.val_size=0", "trainer.epochs=6")
+    resumes from its last complete epoch in the same MLflow run; requeued again mid-epoch by
+    `scontrol requeue` (SIGTERM, as a preemption), it resumes once more and FINISHES, every
+    step of its loss history there once."""
+    run = ("data.max_train_samples=2048", "data.val_size=0", "trainer.epochs=6")
     cmd, env = train_command("-m", *ON_THIS_NODE, "hydra.launcher.timeout_min=10", *run)
     sweep = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    last = tmp_path / "sweep" / "0" / names.RESUME_CHECKPOINT
     try:
-        _wait_for(tmp_path / "sweep" / "0" / names.RESUME_CHECKPOINT, sweep)  # an epoch is done
+        _wait_for(last, sweep)  # an epoch is done
         (job,) = [p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.is_dir()]
         slurm_cluster.run("scancel", "--signal=USR2", job)
-        deadline = time.monotonic() + 120
-        while slurm_cluster.job(job).get("JobState") != "PENDING":  # requeued
-            assert time.monotonic() < deadline and sweep.poll() is None, "not requeued"
-            time.sleep(0.5)
-        # SLURM holds a requeued job back for about two minutes (Reason=BeginTime).
-        slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        _start_again(slurm_cluster, job, sweep)
+        written = last.stat().st_mtime_ns
+        _wait_for(last, sweep, 120, after=written)  # the job, started again, did an epoch
+        slurm_cluster.run("scontrol", "requeue", job)
+        _start_again(slurm_cluster, job, sweep)
         _, stderr = sweep.communicate(timeout=300)
     finally:
         sweep.kill()
     assert sweep.returncode == 0, stderr
     parent, (child,) = _sweep(tracking_uri)
     assert (parent.info.status, child.info.status) == ("FINISHED", "FINISHED")
-    assert child.data.tags["mnist_exp.slurm_requeues"] == "1"
-    assert int(child.data.tags[names.RESUMED_FROM_EPOCH_TAG]) >= 1
+    assert child.data.tags["mnist_exp.slurm_requeues"] == "2"
+    assert int(child.data.tags[names.RESUMED_FROM_EPOCH_TAG]) >= 2
     history = MlflowClient(tracking_uri).get_metric_history(child.info.run_id, "train_loss")
-    assert sorted(m.step for m in history) == list(range(1, 6 * 8 + 1))  # 8 steps an epoch
+    assert sorted(m.step for m in history) == list(range(1, 6 * 32 + 1))  # 32 steps an epoch
 
 
-def _wait_for(path: Path, sweep: subprocess.Popen, timeout: float = 60) -> None:
-    """Until `path` exists; fails if the sweep ends first or time runs out."""
+def _start_again(cluster, job: str, sweep: subprocess.Popen) -> None:
+    """Once SLURM has requeued `job`, start it now: SLURM holds a requeued job back for about
+    two minutes (Reason=BeginTime)."""
+    deadline = time.monotonic() + 120
+    while cluster.job(job).get("JobState") != "PENDING":
+        assert time.monotonic() < deadline and sweep.poll() is None, "not requeued"
+        time.sleep(0.5)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+
+
+def _wait_for(path: Path, sweep: subprocess.Popen, timeout: float = 60, after: int = 0) -> None:
+    """Until `path` exists (written after `after`, in ns); fails if the sweep ends first or
+    time runs out."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not path.exists() or path.stat().st_mtime_ns <= after:
         if sweep.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"no {path} within {timeout} s: {sweep.communicate()[1]}")
         time.sleep(0.5)
