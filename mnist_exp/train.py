@@ -8,7 +8,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import hydra
@@ -18,9 +20,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_exp.config.checks import check_overrides
+from mnist_exp.config.checks import check_launch, check_overrides
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import composition_refusal
+from mnist_exp.config.world import current_world
 from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner import slurm
@@ -62,7 +65,14 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     `mnist-rerun` calls. True when all is recorded; a one-line exit on bad input or Ctrl-C."""
     with exit_on_user_error():
         check_overrides(args)
+        world = current_world()
+        check_launch(args, world)
     _invocation.command = command or " ".join([program(), *args])
+    scratch = None
+    if not world.leader:  # rank 0 records; the others' Hydra job leaves nothing in outputs/
+        scratch = tempfile.mkdtemp(prefix=f"mnist-exp-rank-{world.rank}-")
+        quiet = ["hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
+        sys.argv += [f"hydra.run.dir={scratch}", *quiet]
     _invocation.recorded = False
     _invocation.owns_full_error = _FULL_ERROR not in os.environ
     _composing(True)
@@ -86,6 +96,8 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     finally:
         _composing(False)
         _invocation.owns_full_error = False
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return _invocation.recorded
 
 
@@ -104,8 +116,11 @@ def _main(cfg: DictConfig) -> float:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         cmd = _invocation.command
-        metrics = run_experiment(cfg, {COMMAND_TAG: cmd, **command_source(cmd)}).metrics
+        result = run_experiment(cfg, {COMMAND_TAG: cmd, **command_source(cmd)})
         _invocation.recorded = True
+        if not result.run_id:  # a data-parallel run's rank other than 0: rank 0 recorded it
+            return float("nan")
+        metrics = result.metrics
         key = cfg.optimized_metric
         if key not in metrics:
             raise UserError(f"optimized_metric={key!r} was never logged by this run")
