@@ -151,7 +151,9 @@ def _check_world(cfg: DictConfig, world: World) -> None:
         raise refusal("data.batch_size", batch, why)
     for key in ("trainer.cuda_graph", "trainer.compile"):
         if _get(cfg, key):
-            raise refusal(key, True, f"must be false with {world.size} processes (torchrun)")
+            raise UserError(
+                f"{key}=true cannot run as {world.size} processes (torchrun): set it false"
+            )
 
 
 def check_overrides(args: list[str]) -> None:

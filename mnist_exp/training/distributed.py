@@ -93,7 +93,8 @@ def leader_decides(decision: bool, world: World) -> bool:
 
 
 def lost_peer(exc: BaseException) -> bool:
-    """Whether `exc` says another rank went away (killed) during a collective."""
+    """Whether `exc` says another rank went away (killed) during a collective: NCCL's errors
+    are `DistError`s, gloo's a RuntimeError from its transport (a connection reset or closed)."""
     return isinstance(exc, dist.DistError) or (
-        isinstance(exc, RuntimeError) and "Connection closed by peer" in str(exc)
+        isinstance(exc, RuntimeError) and "gloo/transport/" in str(exc)
     )
