@@ -23,8 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from mnist_exp.config.checks import check_launch, check_overrides
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import composition_refusal
-from mnist_exp.config.world import current_world
-from mnist_exp.errors import UserError, exit_on_user_error
+from mnist_exp.config.world import ONE_PROCESS, World, current_world
+from mnist_exp.errors import RankLost, UserError, exit_on_user_error
 from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner import slurm
 from mnist_exp.runner.experiment import run_experiment
@@ -42,6 +42,7 @@ class _Invocation:
     # All recorded once Hydra returns: a run, or a basic-launcher sweep's job, in this process.
     recorded: bool = False
     owns_full_error: bool = False  # run_command set HYDRA_FULL_ERROR (see _composing)
+    world: World = ONE_PROCESS  # this process's place in a data-parallel run (torchrun)
 
 
 _invocation = _Invocation()
@@ -66,7 +67,11 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     with exit_on_user_error():
         check_overrides(args)
         world = current_world()
+    try:
         check_launch(args, world)
+    except UserError as exc:
+        sys.exit(_refused(exc, world))
+    _invocation.world = world
     _invocation.command = command or " ".join([program(), *args])
     scratch = None
     if not world.leader:  # rank 0 records; the others' Hydra job leaves nothing in outputs/
@@ -101,6 +106,12 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     return _invocation.recorded
 
 
+def _refused(exc: UserError, world: World) -> str | int:
+    """How a refusal ends the command: its line, but on a rank other than 0 only the status, as
+    rank 0 says the same (unless this rank's own: another rank ended)."""
+    return f"error: {exc}" if world.leader or isinstance(exc, RankLost) else 1
+
+
 def _composing(composing: bool) -> None:
     """Whether Hydra's errors are raised (to be refused in one line) or reported by Hydra."""
     if _invocation.owns_full_error and composing:
@@ -127,7 +138,7 @@ def _main(cfg: DictConfig) -> float:
         return metrics[key]
     except UserError as exc:
         if not in_sweep:
-            sys.exit(f"error: {exc}")
+            sys.exit(_refused(exc, _invocation.world))
         log.error(f"error: {exc}")
     except Exception:
         if not in_sweep:

@@ -18,7 +18,7 @@ from mnist_exp import names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
 from mnist_exp.config.world import World, current_world
-from mnist_exp.errors import TrackingUnavailable, UserError, first_line
+from mnist_exp.errors import RankLost, TrackingUnavailable
 from mnist_exp.runner import job_log, lifecycle, slurm
 from mnist_exp.runner.naming import SWEPT_ENV, name_from
 from mnist_exp.runner.sweep import earlier_job, hold_folder
@@ -77,7 +77,7 @@ def _follow(cfg: DictConfig, world: World) -> RunResult:
     except Exception as exc:
         if not distributed.lost_peer(exc):
             raise
-        raise UserError(f"rank {world.rank}: another rank ended ({first_line(exc)})") from exc
+        raise RankLost(f"rank {world.rank} stops: another process of this run ended") from exc
     return RunResult("", "FINISHED")
 
 
