@@ -20,6 +20,7 @@ from mnist_exp.config.checks import check_config, check_launch
 from mnist_exp.config.paths import compose_config
 from mnist_exp.config.world import World, current_world
 from mnist_exp.errors import UserError
+from mnist_exp.runner.build import device_of
 from mnist_exp.training import checkpoint, distributed
 
 # 125 steps an epoch of a global batch of 32 (16 a rank), 2000 test images: one image is 0.05
@@ -175,7 +176,13 @@ def test_what_cannot_run_across_processes_is_refused_in_one_line(monkeypatch) ->
         check_config(compose_config(["trainer.cuda_graph=true"]))
     with pytest.raises(UserError, match="-m: a sweep cannot run as 2 processes"):
         check_launch(["-m", "optimizer.lr=0.1,0.2"], current_world())
+    with pytest.raises(UserError, match=r"^device\.type='cuda:1' would put all 2 processes"):
+        check_config(compose_config(["device.type=cuda:1"]))
     check_config(compose_config(["data.batch_size=64"]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="^2 processes on this machine but 1 GPU"):
+        device_of(compose_config([]), None, 0, World(0, 2, 0, 2))
     monkeypatch.setenv("RANK", "one")
     with pytest.raises(UserError, match="RANK='one' is not a whole number"):
         current_world()

@@ -149,6 +149,10 @@ def _check_world(cfg: DictConfig, world: World) -> None:
     if batch % world.size:
         why = f"must be a multiple of {world.size}, to split among torchrun's processes"
         raise refusal("data.batch_size", batch, why)
+    device = _get(cfg, "device.type")
+    if str(device).startswith("cuda:"):
+        why = f"would put all {world.size} processes (torchrun) on one GPU: set device=cuda"
+        raise refusal("device.type", device, why)
     for key in ("trainer.cuda_graph", "trainer.compile"):
         if _get(cfg, key):
             raise UserError(

@@ -120,6 +120,11 @@ def device_of(
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     name = str(cfg.device.type)
     if world.size > 1 and name in ("auto", "cuda") and gpus:
+        if world.local_size > gpus:  # NCCL refuses two ranks on one GPU, and says so obscurely
+            raise UserError(
+                f"{world.local_size} processes on this machine but {gpus} GPU(s): start at most "
+                f"{gpus} (torchrun --nproc_per_node), or set device=cpu"
+            )
         name = f"cuda:{world.local_rank % gpus}"
     return compute.resolve_device(job_device(name, launcher, job_num, gpus))
 
