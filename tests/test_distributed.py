@@ -43,8 +43,11 @@ def _torchrun(module: str, *args: str, uri: str) -> list[str]:
     return [*run, "-m", module, *args, f"mlflow.tracking_uri={uri}"]
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+def _env(tmp_path: Path) -> dict[str, str]:
+    """The user's environment; temporary files (rank 1's Hydra job) under `tmp_path/tmp`."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return env | {"TMPDIR": str(tmp_path / "tmp")}
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
@@ -81,15 +84,17 @@ def test_two_processes_train_one_run_and_a_rank_killed_resumes_to_the_same_end(
         "mnist_exp.train", *common, f"hydra.run.dir={tmp_path}/whole", uri=tracking_uri
     )
     started = time.perf_counter()
-    done = subprocess.run(whole, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        whole, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     two_s = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = runs_in(tracking_uri)  # one run, not one a rank
     assert run.info.status == "FINISHED" and run.data.params[names.WORLD_SIZE] == "2"
     history = loss_history(tracking_uri, run.info.run_id)
     assert [step for step, _ in history] == list(range(1, STEPS + 1))  # each step once
-    # Rank 1 left nothing in the run folder (its Hydra job ran in a folder of its own).
-    assert (tmp_path / "whole" / "train.log").read_text().count("Epoch [2/2] done") == 1
+    # Rank 1's Hydra job ran in a temporary folder of its own, removed at its end.
+    assert not list((tmp_path / "tmp").glob("mnist-exp-rank-*"))
     accuracy = run.data.metrics[names.TEST_ACCURACY]
 
     started = time.perf_counter()
@@ -105,7 +110,12 @@ def test_two_processes_train_one_run_and_a_rank_killed_resumes_to_the_same_end(
         "mnist_exp.train", *common, f"hydra.run.dir={tmp_path}/cut", uri=tracking_uri
     )
     proc = subprocess.Popen(
-        killed, cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True
+        killed,
+        cwd=ROOT,
+        env=_env(tmp_path),
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     last = tmp_path / "cut" / names.RESUME_CHECKPOINT
     deadline = time.monotonic() + 300
@@ -129,7 +139,9 @@ def test_two_processes_train_one_run_and_a_rank_killed_resumes_to_the_same_end(
     resume = _torchrun(
         "mnist_exp.rerun", run_id, "--resume", f"hydra.run.dir={tmp_path}/resumed", uri=tracking_uri
     )
-    done = subprocess.run(resume, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        resume, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = MlflowClient(tracking_uri).get_run(run_id)
     assert resumed.info.status == "FINISHED"
