@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -46,6 +45,14 @@ class _Invocation:
 
 
 _invocation = _Invocation()
+# The Hydra job of a data-parallel run's rank other than 0: in the temporary folder, which
+# exists (nothing made, nothing left if torchrun kills it), no copy of the config, no log file.
+_WRITING_NOTHING = [
+    f"hydra.run.dir={tempfile.gettempdir()}",
+    "hydra.output_subdir=null",
+    f"hydra.job_logging.handlers.file.filename={os.devnull}",
+    "hydra.job_logging.root.level=WARNING",
+]
 # Set, Hydra raises a composition error for run_command to refuse in one line (else it prints
 # it over lines, or a stack trace); set only while Hydra composes, a user's own left alone.
 _FULL_ERROR = "HYDRA_FULL_ERROR"
@@ -73,11 +80,8 @@ def run_command(args: list[str], command: str | None = None) -> bool:
         sys.exit(_refused(exc, world))
     _invocation.world = world
     _invocation.command = command or " ".join([program(), *args])
-    scratch = None
-    if not world.leader:  # rank 0 records; the others' Hydra job leaves nothing in outputs/
-        scratch = tempfile.mkdtemp(prefix=f"mnist-exp-rank-{world.rank}-")
-        quiet = ["hydra.output_subdir=null", "hydra.job_logging.root.level=WARNING"]
-        sys.argv += [f"hydra.run.dir={scratch}", *quiet]
+    if not world.leader:  # rank 0 records; the others' Hydra jobs write no file anywhere
+        sys.argv += _WRITING_NOTHING
     _invocation.recorded = False
     _invocation.owns_full_error = _FULL_ERROR not in os.environ
     _composing(True)
@@ -101,8 +105,6 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     finally:
         _composing(False)
         _invocation.owns_full_error = False
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
     return _invocation.recorded
 
 
