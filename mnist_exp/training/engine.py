@@ -162,6 +162,8 @@ def fit(
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
         # Named "shift" as when shifts were the only augmentation: earlier runs resume exactly.
         draws = epoch_generator(seed, epoch, "shift") if augmentation else None
+        if world.size > 1:  # dropout's draws from (seed, epoch, rank) only: a resume draws the same
+            torch.manual_seed(epoch_generator(seed, epoch, f"rank {world.rank}").initial_seed())
         for cb in callbacks:
             cb.on_epoch_start(epoch, epochs, len(batches))
         model.train()
