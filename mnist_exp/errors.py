@@ -34,3 +34,7 @@ class TrackingUnavailable(UserError):
 
 class TrackerLost(UserError):
     """The process recording the run died, and no new one could take the run over."""
+
+
+class RankLost(UserError):
+    """Another process of a data-parallel run (torchrun) ended, so this one cannot go on."""

@@ -46,6 +46,9 @@ BEST_PREFIX = "best_"  # + optimized_metric: the best child's value
 # An Optuna search's parent: its study's trials that count towards n_trials, by how they ended.
 TRIALS_COMPLETE, TRIALS_PRUNED, TRIALS_FAILED = "trials_complete", "trials_pruned", "trials_failed"
 
+# A param beside the config's: the processes that trained the run (torchrun), only when several.
+WORLD_SIZE = "world_size"
+
 # Tags of every run.
 OVERRIDES_TAG = "mnist_exp.overrides"  # the Hydra overrides of the command line
 OUTPUT_DIR_TAG = "mnist_exp.output_dir"  # the run's Hydra folder, where its checkpoints are

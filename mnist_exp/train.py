@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import hydra
@@ -18,10 +19,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from mnist_exp.config.checks import check_overrides
+from mnist_exp.config.checks import check_launch, check_overrides
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import composition_refusal
-from mnist_exp.errors import UserError, exit_on_user_error
+from mnist_exp.config.world import ONE_PROCESS, World, current_world
+from mnist_exp.errors import RankLost, UserError, exit_on_user_error
 from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner import slurm
 from mnist_exp.runner.experiment import run_experiment
@@ -39,9 +41,18 @@ class _Invocation:
     # All recorded once Hydra returns: a run, or a basic-launcher sweep's job, in this process.
     recorded: bool = False
     owns_full_error: bool = False  # run_command set HYDRA_FULL_ERROR (see _composing)
+    world: World = ONE_PROCESS  # this process's place in a data-parallel run (torchrun)
 
 
 _invocation = _Invocation()
+# The Hydra job of a data-parallel run's rank other than 0: in the temporary folder, which
+# exists (nothing made, nothing left if torchrun kills it), no copy of the config, no log file.
+_WRITING_NOTHING = [
+    f"hydra.run.dir={tempfile.gettempdir()}",
+    "hydra.output_subdir=null",
+    f"hydra.job_logging.handlers.file.filename={os.devnull}",
+    "hydra.job_logging.root.level=WARNING",
+]
 # Set, Hydra raises a composition error for run_command to refuse in one line (else it prints
 # it over lines, or a stack trace); set only while Hydra composes, a user's own left alone.
 _FULL_ERROR = "HYDRA_FULL_ERROR"
@@ -62,7 +73,15 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     `mnist-rerun` calls. True when all is recorded; a one-line exit on bad input or Ctrl-C."""
     with exit_on_user_error():
         check_overrides(args)
+        world = current_world()
+    try:
+        check_launch(args, world)
+    except UserError as exc:
+        sys.exit(_refused(exc, world))
+    _invocation.world = world
     _invocation.command = command or " ".join([program(), *args])
+    if not world.leader:  # rank 0 records; the others' Hydra jobs write no file anywhere
+        sys.argv += _WRITING_NOTHING
     _invocation.recorded = False
     _invocation.owns_full_error = _FULL_ERROR not in os.environ
     _composing(True)
@@ -89,6 +108,12 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     return _invocation.recorded
 
 
+def _refused(exc: UserError, world: World) -> str | int:
+    """How a refusal ends the command: its line, but on a rank other than 0 only the status, as
+    rank 0 says the same (unless this rank's own: another rank ended)."""
+    return f"error: {exc}" if world.leader or isinstance(exc, RankLost) else 1
+
+
 def _composing(composing: bool) -> None:
     """Whether Hydra's errors are raised (to be refused in one line) or reported by Hydra."""
     if _invocation.owns_full_error and composing:
@@ -104,15 +129,18 @@ def _main(cfg: DictConfig) -> float:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         cmd = _invocation.command
-        metrics = run_experiment(cfg, {COMMAND_TAG: cmd, **command_source(cmd)}).metrics
+        result = run_experiment(cfg, {COMMAND_TAG: cmd, **command_source(cmd)})
         _invocation.recorded = True
+        if not result.run_id:  # a data-parallel run's rank other than 0: rank 0 recorded it
+            return float("nan")
+        metrics = result.metrics
         key = cfg.optimized_metric
         if key not in metrics:
             raise UserError(f"optimized_metric={key!r} was never logged by this run")
         return metrics[key]
     except UserError as exc:
         if not in_sweep:
-            sys.exit(f"error: {exc}")
+            sys.exit(_refused(exc, _invocation.world))
         log.error(f"error: {exc}")
     except Exception:
         if not in_sweep:

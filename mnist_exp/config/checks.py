@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from mnist_exp.config import schema
 from mnist_exp.config.paths import CONF_DIR
 from mnist_exp.config.refusals import MAX_SHOWN, composition_refusal, refusal
+from mnist_exp.config.world import World, current_world
 from mnist_exp.errors import UserError, first_line
 from mnist_exp.names import (
     IMAGE_CHANNELS,
@@ -107,6 +108,7 @@ def check_config(cfg: DictConfig) -> None:
     if name is not None and not str(name).strip():
         why = "must not be blank (null: named after the overrides)"
         raise refusal("mlflow.run_name", name, why)
+    _check_world(cfg, current_world())
 
 
 def _check_monitor(cfg: DictConfig) -> None:
@@ -128,6 +130,34 @@ def _check_monitor(cfg: DictConfig) -> None:
     if patience is not None and metric.startswith("val_") and not _get(cfg, "data.val_size"):
         why = f"must watch a metric that is logged: trainer.monitor={metric} needs data.val_size"
         raise refusal("trainer.early_stopping.patience", patience, why)
+
+
+def check_launch(args: list[str], world: World) -> None:
+    """Refuse a sweep launched as several processes (torchrun): each would run all of it."""
+    if world.size > 1 and {"-m", "--multirun"} & set(args):
+        raise UserError(
+            f"-m: a sweep cannot run as {world.size} processes (torchrun), each would run all "
+            f"of it: run the sweep without torchrun, or one run with torchrun"
+        )
+
+
+def _check_world(cfg: DictConfig, world: World) -> None:
+    """Refuse what a data-parallel run of `world.size` processes cannot do."""
+    if world.size == 1:
+        return
+    batch = _get(cfg, "data.batch_size")
+    if batch % world.size:
+        why = f"must be a multiple of {world.size}, to split among torchrun's processes"
+        raise refusal("data.batch_size", batch, why)
+    device = _get(cfg, "device.type")
+    if str(device).startswith("cuda:"):
+        why = f"would put all {world.size} processes (torchrun) on one GPU: set device=cuda"
+        raise refusal("device.type", device, why)
+    for key in ("trainer.cuda_graph", "trainer.compile"):
+        if _get(cfg, key):
+            raise UserError(
+                f"{key}=true cannot run as {world.size} processes (torchrun): set it false"
+            )
 
 
 def check_overrides(args: list[str]) -> None:

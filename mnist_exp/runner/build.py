@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp import names
 from mnist_exp.config.refusals import refusal
+from mnist_exp.config.world import ONE_PROCESS, World
 from mnist_exp.errors import UserError, first_line, one_line
 from mnist_exp.training import allocator, checkpoint, compute, data, image_folder
 from mnist_exp.training.monitor import Monitor
@@ -45,20 +46,24 @@ class Setup:
 
 
 def build(
-    cfg: DictConfig, state: dict[str, Any] | None, launcher: DictConfig | None, job_num: int = 0
+    cfg: DictConfig,
+    state: dict[str, Any] | None,
+    launcher: DictConfig | None,
+    job_num: int = 0,
+    world: World = ONE_PROCESS,
 ) -> Setup:
     """Data, model, optimizer, scheduler and the best epoch's monitor; restored from `state`
     when resuming.
 
     `launcher` is the sweep's launcher config inside a multirun (None for a single run): a
-    parallel job takes its share of the cores, and job `job_num` its GPU (`job_device`).
+    parallel job takes its share of the cores, and job `job_num` its GPU (`job_device`). So
+    does each rank of a data-parallel `world` on its machine (its `local_rank`).
     """
     allocator.keep_freed_memory()
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = compute.resolve_device(job_device(str(cfg.device.type), launcher, job_num, gpus))
+    device = device_of(cfg, launcher, job_num, world)
     threads = cfg.trainer.num_threads
     if not threads:
-        cores = share_of_cores(launcher)
+        cores = max(1, share_of_cores(launcher) // world.local_size)
         threads = compute.cpu_threads(cfg.data.batch_size, cores) if device.type == "cpu" else cores
     torch.set_num_threads(threads)
     compute.seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
@@ -105,6 +110,23 @@ def build(
                 f"best epoch: the best {monitor.metric} is looked for after epoch {state['epoch']}"
             )
     return Setup(model, optimizer, scheduler, dataset, device, monitor, threads)
+
+
+def device_of(
+    cfg: DictConfig, launcher: DictConfig | None, job_num: int, world: World
+) -> torch.device:
+    """The device this process trains on: `device.type`, a parallel job's GPU (`job_device`),
+    or the GPU of a data-parallel rank on its machine (its `local_rank`)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    name = str(cfg.device.type)
+    if world.size > 1 and name in ("auto", "cuda") and gpus:
+        if world.local_size > gpus:  # NCCL refuses two ranks on one GPU, and says so obscurely
+            raise UserError(
+                f"{world.local_size} processes on this machine but {gpus} GPU(s): start at most "
+                f"{gpus} (torchrun --nproc_per_node), or set device=cpu"
+            )
+        name = f"cuda:{world.local_rank % gpus}"
+    return compute.resolve_device(job_device(name, launcher, job_num, gpus))
 
 
 def _monitor(cfg: DictConfig, model: Module) -> Monitor | None:

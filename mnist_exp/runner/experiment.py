@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mnist_exp import names
 from mnist_exp.config.checks import check_config
 from mnist_exp.config.paths import PROJECT_ROOT
-from mnist_exp.errors import TrackingUnavailable
+from mnist_exp.config.world import World, current_world
+from mnist_exp.errors import RankLost, TrackingUnavailable
 from mnist_exp.runner import job_log, lifecycle, slurm
 from mnist_exp.runner.naming import SWEPT_ENV, name_from
 from mnist_exp.runner.sweep import earlier_job, hold_folder
@@ -35,7 +36,7 @@ _runs_started: list[float] = []  # when each run of this process began (perf_cou
 class RunResult:
     """What a finished run left: its MLflow run, its metrics and files."""
 
-    run_id: str
+    run_id: str  # "" on a rank other than 0 of a data-parallel run, which records nothing
     status: str
     metrics: dict[str, float] = field(default_factory=dict)  # the last value of each
     checkpoint: Path | None = None  # the final weights (a state_dict)
@@ -44,8 +45,44 @@ class RunResult:
 
 def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> RunResult:
     """Train, test and record `cfg`'s experiment as an MLflow run. Raises `UserError` (the run,
-    once it exists, FAILED) for what the user can fix, `KeyboardInterrupt` (KILLED) on a signal."""
+    once it exists, FAILED) for what the user can fix, `KeyboardInterrupt` (KILLED) on a signal.
+
+    Launched as several processes (torchrun), all train one model and rank 0 records it."""
     check_config(cfg)
+    world = current_world()
+    try:
+        return _record(cfg, extra_tags, world) if world.leader else _follow(cfg, world)
+    finally:
+        if world.size > 1:
+            from mnist_exp.training import distributed
+
+            distributed.leave()
+
+
+def _follow(cfg: DictConfig, world: World) -> RunResult:
+    """Rank `world.rank`'s part: rank 0's objects, restored from rank 0's checkpoint when it
+    resumes; trained without recording or writing anything."""
+    from mnist_exp.runner.build import build, device_of
+    from mnist_exp.runner.train_eval import follow
+    from mnist_exp.training import distributed
+
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    launcher, job_num = (hydra_cfg.launcher, hydra_cfg.job.num) if in_sweep else (None, 0)
+    try:
+        distributed.join(world, device_of(cfg, launcher, job_num, world))
+        state = distributed.from_leader(None)
+        setup = build(cfg, state, launcher, job_num, world)
+        follow(cfg, setup, (state["epoch"], state["step"]) if state else (0, 0), world)
+    except Exception as exc:
+        if not distributed.lost_peer(exc):
+            raise
+        raise RankLost(f"rank {world.rank} stops: another process of this run ended") from exc
+    return RunResult("", "FINISHED")
+
+
+def _record(cfg: DictConfig, extra_tags: dict[str, str] | None, world: World) -> RunResult:
+    """Rank 0's part, or the only process's: `run_experiment`'s run."""
     _runs_started.append(time.perf_counter())
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
@@ -98,10 +135,16 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     # The tracker process imports MLflow and opens the store while this one imports torch.
     recorder = RemoteRun(uri, cfg.mlflow.experiment_name)
     try:
-        from mnist_exp.runner.build import build
+        from mnist_exp.runner.build import build, device_of
 
         launcher = hydra_cfg.launcher if in_sweep else None
-        setup = build(cfg, state, launcher, hydra_cfg.job.num if in_sweep else 0)
+        job_num = hydra_cfg.job.num if in_sweep else 0
+        if world.size > 1:  # the other ranks start from the same checkpoint
+            from mnist_exp.training import distributed
+
+            distributed.join(world, device_of(cfg, launcher, job_num, world))
+            distributed.from_leader(state)
+        setup = build(cfg, state, launcher, job_num, world)
     except BaseException:
         recorder.close()
         raise
@@ -116,7 +159,7 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
     if state is None:
         recorder.start(
             run_name=cfg.mlflow.run_name or name_from(overrides, swept),
-            config=config,
+            config=config | ({names.WORLD_SIZE: world.size} if world.size > 1 else {}),
             tags=tags,
             project_root=PROJECT_ROOT,
             files=(files, names.HYDRA_FILES) if files else None,
@@ -146,7 +189,15 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
         record_data(cfg, setup.data, recorder, compare_with)
         callbacks = [trial] if trial else []
         test, metrics = train_and_evaluate(
-            cfg, setup, recorder, out_dir, start, in_sweep, _startup_s, callbacks=callbacks
+            cfg,
+            setup,
+            recorder,
+            out_dir,
+            start,
+            in_sweep,
+            _startup_s,
+            callbacks=callbacks,
+            world=world,
         )
         if trial:
             recorder.set_tags(trial.tags())  # pruned, and after which epoch

@@ -41,6 +41,9 @@ def recording(run: RemoteRun, checkpoint: Path, start_epoch: int) -> Iterator[No
     except BaseException as exc:
         if not run.opened():
             raise
+        if _lost_peer(exc):  # torchrun ends this rank next: it was stopped, as by SIGTERM
+            stopped = _stopped(run, checkpoint, start_epoch)
+            raise KeyboardInterrupt(f"interrupted: another rank ended: {stopped}") from None
         if _requeued(exc):
             log.warning(
                 f"requeued by SLURM: {_stopped(run, checkpoint, start_epoch, requeued=True)}"
@@ -75,6 +78,12 @@ def _stopped(run: RemoteRun, checkpoint: Path, start_epoch: int, requeued: bool 
         f"{marked}; continue it from its last complete epoch with: "
         f"mnist-rerun {run.run_id} --resume"
     )
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether another rank of a data-parallel run went away (killed) during a collective."""
+    distributed = sys.modules.get("mnist_exp.training.distributed")  # loaded with the loop
+    return distributed is not None and distributed.lost_peer(exc)
 
 
 def _requeued(exc: BaseException) -> bool:

@@ -14,6 +14,7 @@ from torch.nn import Module
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mnist_exp import names
+from mnist_exp.config.world import ONE_PROCESS, World
 from mnist_exp.report import plots
 from mnist_exp.report.console import Console, accuracy_line, wants_progress_bar
 from mnist_exp.runner import servable
@@ -35,6 +36,7 @@ def train_and_evaluate(
     startup_s: Callable[[], float],
     *,
     callbacks: Sequence[engine.Callback] = (),
+    world: World = ONE_PROCESS,
 ) -> tuple[engine.EvalResult, dict[str, float]]:
     """Train after `start` (epoch, step), checkpointing each epoch; test; save `model.ckpt`.
 
@@ -44,17 +46,11 @@ def train_and_evaluate(
 
     Then per-class test accuracy, the pictures (`mlflow.log_plots`) and the servable model
     (`mlflow.log_model`). Returns the test result and the last value of each metric logged.
+    In a `world` of several processes this is rank 0's part (`follow`: the others').
     """
     # torch.compile makes an OptimizedModule, a Module, which torch annotates as a callable.
     net = cast(Module, torch.compile(setup.model)) if cfg.trainer.compile else setup.model
-    layout = channels_last(cfg, setup.device)
-    steps = engine.StepOptions(
-        precision=str(cfg.trainer.precision),
-        channels_last=layout,
-        label_smoothing=cfg.trainer.label_smoothing,
-        check_every=cfg.trainer.log_every_n_steps,
-        cuda_graph=cfg.trainer.cuda_graph,
-    )
+    steps = _step_options(cfg, setup)
     logger = MetricsLogger(run, cfg.trainer.log_every_n_steps, startup_s)
     progress_bar = wants_progress_bar(cfg.trainer.progress_bar, in_sweep)
     monitor = setup.monitor
@@ -73,32 +69,8 @@ def train_and_evaluate(
         models,
         *callbacks,
     ]
-    epochs = cfg.trainer.epochs
-    if monitor is not None and monitor.stopped_at is not None:
-        epochs = start[0]  # it had stopped early when it was cut short: only test and record
     with logging_redirect_tqdm():
-        step = engine.fit(
-            net,
-            setup.optimizer,
-            setup.data,
-            engine.Schedule(
-                epochs=epochs,
-                batch_size=cfg.data.batch_size,
-                eval_batch_size=cfg.data.eval_batch_size,
-                seed=cfg.trainer.seed,
-                start_epoch=start[0],
-                start_step=start[1],
-            ),
-            device=setup.device,
-            steps=steps,
-            augmentation=engine.Augmentation(
-                max_shift=cfg.data.max_shift,
-                max_rotation=cfg.data.max_rotation,
-                max_scale=cfg.data.max_scale,
-            ),
-            scheduler=setup.scheduler,
-            callbacks=listeners,
-        )
+        step = _fit(cfg, setup, net, start, listeners, world)
     models.flush()  # the last kept epoch's model, its metrics all logged
     if monitor is not None and monitor.stopped_at is not None:
         stopped = {names.EARLY_STOPPED_TAG: "true"}
@@ -131,6 +103,60 @@ def train_and_evaluate(
     if cfg.mlflow.log_plots:
         _record_plots(run, test, confusion, setup.data.test.images, classes, out_dir / names.PLOTS)
     return test, logger.latest | test_metrics
+
+
+def follow(cfg: DictConfig, setup: Setup, start: tuple[int, int], world: World) -> None:
+    """Train as rank `world.rank` (not 0) of a data-parallel run: the same steps as rank 0,
+    which records, tests and saves; this rank records and writes nothing."""
+    _fit(cfg, setup, setup.model, start, [], world)
+
+
+def _fit(
+    cfg: DictConfig,
+    setup: Setup,
+    net: Module,
+    start: tuple[int, int],
+    listeners: Sequence[engine.Callback],
+    world: World,
+) -> int:
+    """`engine.fit` as `cfg` says, after `start` (epoch, step); returns the global step."""
+    epochs = cfg.trainer.epochs
+    if setup.monitor is not None and setup.monitor.stopped_at is not None:
+        epochs = start[0]  # it had stopped early when it was cut short: only test and record
+    return engine.fit(
+        net,
+        setup.optimizer,
+        setup.data,
+        engine.Schedule(
+            epochs=epochs,
+            batch_size=cfg.data.batch_size,
+            eval_batch_size=cfg.data.eval_batch_size,
+            seed=cfg.trainer.seed,
+            start_epoch=start[0],
+            start_step=start[1],
+        ),
+        device=setup.device,
+        steps=_step_options(cfg, setup),
+        augmentation=engine.Augmentation(
+            max_shift=cfg.data.max_shift,
+            max_rotation=cfg.data.max_rotation,
+            max_scale=cfg.data.max_scale,
+        ),
+        scheduler=setup.scheduler,
+        callbacks=listeners,
+        world=world,
+    )
+
+
+def _step_options(cfg: DictConfig, setup: Setup) -> engine.StepOptions:
+    """How each step computes, as `cfg` says, on `setup.device`."""
+    return engine.StepOptions(
+        precision=str(cfg.trainer.precision),
+        channels_last=channels_last(cfg, setup.device),
+        label_smoothing=cfg.trainer.label_smoothing,
+        check_every=cfg.trainer.log_every_n_steps,
+        cuda_graph=cfg.trainer.cuda_graph,
+    )
 
 
 def _test(

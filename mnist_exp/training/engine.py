@@ -6,7 +6,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from mnist_exp.config.world import ONE_PROCESS, World
 from mnist_exp.names import EPOCH_SECONDS, TRAIN_IMAGES_PER_S, VAL_ACCURACY, VAL_LOSS
-from mnist_exp.training import cuda_graph
+from mnist_exp.training import cuda_graph, distributed
 from mnist_exp.training.compute import autocast, step_kernels
 from mnist_exp.training.data import Data, Split, batch_indices
 
@@ -115,6 +116,7 @@ def fit(
     augmentation: Augmentation = Augmentation(),
     scheduler: LRScheduler | None = None,
     callbacks: Sequence[Callback] = (),
+    world: World = ONE_PROCESS,
 ) -> int:
     """Train until epoch `schedule.epochs`, after `start_epoch` epochs (and steps) done;
     returns the global step.
@@ -131,18 +133,26 @@ def fit(
     On CUDA the step is made ready first (`cuda_graph.prepare`: a captured graph or a
     warm-up), so `epoch_seconds` leaves out CUDA's start-up and compiling. On a CPU,
     `compute.step_kernels` picks the steps' convolutions (evaluation keeps oneDNN's).
+
+    In a `world` of several processes, each trains DDP's copy of `model` on its rows of every
+    global batch of `schedule.batch_size` (`distributed.sharded`); the losses are the global
+    batch's on every rank, and a stop raised on rank 0 ends training on all. Only rank 0
+    validates: the others' callbacks see no `val_*`.
     """
     epochs, batch_size, seed = schedule.epochs, schedule.batch_size, schedule.seed
     precision, channels_last = steps.precision, steps.channels_last
     train = data.train.to(device)
     val = data.val.to(device) if data.val is not None else None
-    loss_of = functools.partial(
-        _loss, model, train, precision, channels_last, steps.label_smoothing
+    net = distributed.wrap(model, device, world)
+    loss_of: Callable[..., Tensor] = functools.partial(
+        _loss, net, train, precision, channels_last, steps.label_smoothing
     )
+    if world.size > 1:
+        loss_of = distributed.sharded(loss_of, world)
     augment = asdict(augmentation)  # max_shift, max_rotation, max_scale
     captured = None
     model.train()
-    if device.type == "cuda" and schedule.start_epoch < epochs:
+    if device.type == "cuda" and schedule.start_epoch < epochs and world.size == 1:
         captured = cuda_graph.prepare(
             model, loss_of, len(train), batch_size, device, steps.cuda_graph, bool(augmentation)
         )
@@ -152,6 +162,8 @@ def fit(
         batches = batch_indices(len(train), batch_size, epoch_generator(seed, epoch))
         # Named "shift" as when shifts were the only augmentation: earlier runs resume exactly.
         draws = epoch_generator(seed, epoch, "shift") if augmentation else None
+        if world.size > 1:  # dropout's draws from (seed, epoch, rank) only: a resume draws the same
+            torch.manual_seed(epoch_generator(seed, epoch, f"rank {world.rank}").initial_seed())
         for cb in callbacks:
             cb.on_epoch_start(epoch, epochs, len(batches))
         model.train()
@@ -164,7 +176,7 @@ def fit(
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_of(index, generator=draws, **augment)
                     loss.backward()
-                    loss = loss.detach()
+                    loss = distributed.batch_loss(loss.detach(), world)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
@@ -180,7 +192,7 @@ def fit(
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         metrics = {TRAIN_IMAGES_PER_S: len(train) / seconds, EPOCH_SECONDS: seconds}
-        if val is not None:
+        if val is not None and world.leader:
             result = evaluate(
                 model,
                 val,
@@ -195,8 +207,9 @@ def fit(
                 cb.on_epoch_end(epoch, step, metrics)
             except StopTraining as exc:
                 stop = stop or exc
-        if stop is not None:
-            log.info(f"Training stops after epoch {epoch}: {stop}")
+        if distributed.leader_decides(stop is not None, world):
+            if stop is not None:
+                log.info(f"Training stops after epoch {epoch}: {stop}")
             break
     return step
 
@@ -278,10 +291,16 @@ def _loss(
     index: Tensor,
     *,
     cache: bool = True,
+    rows: slice | None = None,
     **augmentation: Any,
 ) -> Tensor:
     """The training loss of the batch `index`: the loop's, the warm-up's and the graph's.
-    `augmentation` goes to `Split.inputs`; `cache=False` for a graph (no autocast cache)."""
+    `augmentation` goes to `Split.inputs`; `cache=False` for a graph (no autocast cache).
+    With `rows`, the loss of those rows only, their images augmented with the whole batch's
+    draws (as one process draws them)."""
     with autocast(split.images.device, precision, cache):
-        outputs = model(split.inputs(index, channels_last, **augmentation))
-        return F.cross_entropy(outputs, split.labels[index], label_smoothing=label_smoothing)
+        inputs, labels = split.inputs(index, channels_last, **augmentation), split.labels[index]
+        if rows is not None:
+            inputs, labels = inputs[rows], labels[rows]
+        outputs = model(inputs)
+        return F.cross_entropy(outputs, labels, label_smoothing=label_smoothing)
