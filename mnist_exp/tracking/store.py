@@ -50,6 +50,7 @@ def open_store(
     A server away is waited for up to `retry_for_s`. A new experiment on a SQLite store keeps
     its artifacts in `artifacts/` beside the database, not in `./mlruns` of the current folder.
     """
+    quiet_mlflow()  # again: a notebook's earlier call may have restored the environment since
     db = sqlite_path(tracking_uri)
     artifact_location = (db.parent / "artifacts").resolve().as_uri() if db else None
     try:
