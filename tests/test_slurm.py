@@ -100,10 +100,8 @@ def test_a_job_warned_of_its_time_limit_ends_killed_and_resumable(
     )
     sweep = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    checkpoint = tmp_path / "sweep" / "0" / names.RESUME_CHECKPOINT
     try:
-        _wait_for(checkpoint, sweep)  # an epoch is done
-        (job,) = [p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.is_dir()]
+        job = _job_after_an_epoch(sweep, tmp_path / "sweep")
         slurm_cluster.run("scancel", "--signal=USR2", job)  # as SLURM warns of the limit
         _, stderr = sweep.communicate(timeout=60)
     finally:
@@ -133,8 +131,7 @@ def test_a_job_warned_of_its_time_limit_is_requeued_and_finishes_in_its_own_run(
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     last = tmp_path / "sweep" / "0" / names.RESUME_CHECKPOINT
     try:
-        _wait_for(last, sweep)  # an epoch is done
-        (job,) = [p.name for p in (tmp_path / "sweep" / ".submitit").iterdir() if p.is_dir()]
+        job = _job_after_an_epoch(sweep, tmp_path / "sweep")
         slurm_cluster.run("scancel", "--signal=USR2", job)
         _start_again(slurm_cluster, job, sweep)
         written = last.stat().st_mtime_ns
@@ -151,6 +148,14 @@ def test_a_job_warned_of_its_time_limit_is_requeued_and_finishes_in_its_own_run(
     assert int(child.data.tags[names.RESUMED_FROM_EPOCH_TAG]) >= 2
     history = MlflowClient(tracking_uri).get_metric_history(child.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, 6 * 32 + 1))  # 32 steps an epoch
+
+
+def _job_after_an_epoch(sweep: subprocess.Popen, sweep_dir: Path) -> str:
+    """The SLURM job id of a one-job sweep, once the job has completed an epoch (written its
+    resume checkpoint)."""
+    _wait_for(sweep_dir / "0" / names.RESUME_CHECKPOINT, sweep)
+    (job,) = [p.name for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
+    return job
 
 
 def _start_again(cluster, job: str, sweep: subprocess.Popen) -> None:

@@ -9,6 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -62,7 +63,7 @@ def run_experiment(cfg: DictConfig, extra_tags: dict[str, str] | None = None) ->
 def _follow(cfg: DictConfig, world: World) -> RunResult:
     """Rank `world.rank`'s part: rank 0's objects, restored from rank 0's checkpoint when it
     resumes; trained without recording or writing anything."""
-    from mnist_exp.runner.build import build, device_of
+    from mnist_exp.runner.build import build
     from mnist_exp.runner.train_eval import follow
     from mnist_exp.training import distributed
 
@@ -70,8 +71,7 @@ def _follow(cfg: DictConfig, world: World) -> RunResult:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     launcher, job_num = (hydra_cfg.launcher, hydra_cfg.job.num) if in_sweep else (None, 0)
     try:
-        distributed.join(world, device_of(cfg, launcher, job_num, world))
-        state = distributed.from_leader(None)
+        state = _join(cfg, None, launcher, job_num, world)
         setup = build(cfg, state, launcher, job_num, world)
         follow(cfg, setup, (state["epoch"], state["step"]) if state else (0, 0), world)
     except Exception as exc:
@@ -79,6 +79,22 @@ def _follow(cfg: DictConfig, world: World) -> RunResult:
             raise
         raise RankLost(f"rank {world.rank} stops: another process of this run ended") from exc
     return RunResult("", "FINISHED")
+
+
+def _join(
+    cfg: DictConfig,
+    state: dict[str, Any] | None,
+    launcher: DictConfig | None,
+    job_num: int,
+    world: World,
+) -> dict[str, Any] | None:
+    """Join the data-parallel run's process group on this rank's device; returns rank 0's
+    `state` (the checkpoint it resumes from, or None) on every rank."""
+    from mnist_exp.runner.build import device_of
+    from mnist_exp.training import distributed
+
+    distributed.join(world, device_of(cfg, launcher, job_num, world))
+    return distributed.from_leader(state)
 
 
 def _record(cfg: DictConfig, extra_tags: dict[str, str] | None, world: World) -> RunResult:
@@ -135,15 +151,12 @@ def _record(cfg: DictConfig, extra_tags: dict[str, str] | None, world: World) ->
     # The tracker process imports MLflow and opens the store while this one imports torch.
     recorder = RemoteRun(uri, cfg.mlflow.experiment_name)
     try:
-        from mnist_exp.runner.build import build, device_of
+        from mnist_exp.runner.build import build
 
         launcher = hydra_cfg.launcher if in_sweep else None
         job_num = hydra_cfg.job.num if in_sweep else 0
         if world.size > 1:  # the other ranks start from the same checkpoint
-            from mnist_exp.training import distributed
-
-            distributed.join(world, device_of(cfg, launcher, job_num, world))
-            distributed.from_leader(state)
+            _join(cfg, state, launcher, job_num, world)
         setup = build(cfg, state, launcher, job_num, world)
     except BaseException:
         recorder.close()
