@@ -16,8 +16,8 @@ fi
 .venv/bin/ruff format --check .
 .venv/bin/mypy mnist_exp
 # pytest exits 5 when it collects no test: that is a failure here, as any non-zero code.
-# Three pytest-xdist workers for two cores: a quarter of the time a test waits on a server,
-# a scheduler or a browser, which the extra worker fills; each worker's runs take their share
+# Three pytest-xdist workers for two cores: while a test waits on a server, a scheduler or a
+# browser, the extra worker uses its core (docs/performance.md); each worker's runs take their share
 # of the cores in torch threads (tests/conftest.py). Each file runs on one worker, so its
 # daemons and module fixtures start once, in the order tests/conftest.py sorts them: the
 # files with the most processes first.
