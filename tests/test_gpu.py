@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -114,27 +115,44 @@ class _Losses(Callback):
         self.values.append(loss.item())
 
 
-def _fit_on_gpu(cuda_graph: bool) -> tuple[list[float], dict]:
+def _fit_on_gpu(cuda_graph: bool, optimizer: str) -> tuple[list[float], dict]:
     """Two epochs of 100 images at batch size 32 (3 full batches, then 4 images), one-cycle."""
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (100, 1, 28, 28), generator=g, dtype=torch.uint8)
     split = Split(images, torch.randint(0, 10, (100,), generator=g))
     seed_everything(0)
     model = ConvNet().cuda()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8)
+    if optimizer == "adam":
+        optim: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=0.01, fused=True)
+    else:
+        optim = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optim, max_lr=0.01, total_steps=8)
     losses = _Losses()
-    fit(model, optimizer, Data(split, None, split),
+    fit(model, optim, Data(split, None, split),
         Schedule(epochs=2, batch_size=32, eval_batch_size=50, seed=0),
         device=torch.device("cuda"), steps=StepOptions(cuda_graph=cuda_graph),
         scheduler=scheduler, callbacks=[losses])  # fmt: skip
     return losses.values, model.state_dict()
 
 
-def test_a_step_replayed_from_a_cuda_graph_trains_as_the_launched_one():
-    """Each epoch's short last batch is launched between replays: the graph's gradients hold."""
-    replayed, graph_weights = _fit_on_gpu(cuda_graph=True)
-    launched, weights = _fit_on_gpu(cuda_graph=False)
+# A convolution's bias before batch norm changes no output: its gradients are rounding noise,
+# which Adam scales up, so two exact-up-to-rounding runs part there (and in the running mean).
+NOISE = {"layer1.0.bias", "layer1.1.running_mean", "layer2.0.bias", "layer2.1.running_mean"}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_step_replayed_from_a_cuda_graph_trains_as_the_launched_one(optimizer: str, caplog):
+    """Each epoch's short last batch is launched between replays: the graph's gradients and
+    the optimizer's state hold. One-cycle moves Adam's lr and beta1 every step: the graph
+    replays them (Adam's update is in the graph; SGD's is launched after each replay)."""
+    with caplog.at_level(logging.INFO, logger="mnist_exp.training.cuda_graph"):
+        replayed, graph_weights = _fit_on_gpu(True, optimizer)
+    assert "not replayed" not in caplog.text
+    assert ("steps after each replay" in caplog.text) == (optimizer == "sgd")
+    launched, weights = _fit_on_gpu(False, optimizer)
     assert replayed == pytest.approx(launched, rel=1e-4)
-    for key, value in weights.items():
-        torch.testing.assert_close(graph_weights[key], value, rtol=1e-3, atol=1e-4)
+    # Weights compared as a whole: a few elements part by rounding (max-pool's ties, Adam's
+    # tiny second moments), where a missing or doubled update would move them all.
+    for key in weights.keys() - NOISE:
+        apart = torch.linalg.vector_norm((graph_weights[key] - weights[key]).double())
+        assert apart <= 1e-2 * torch.linalg.vector_norm(weights[key].double()) + 1e-6, key

@@ -1,6 +1,8 @@
 """The training step on CUDA, made ready before the clock starts: captured as a graph, or
 warmed up. A small network's step is a hundred kernel launches from Python, which take more
-time than the arithmetic; a graph's replay launches them at once (the optimizer steps as ever).
+time than the arithmetic; a graph's replay launches them at once. Where `graph_adam` can do the
+optimizer's update, the graph holds the whole step (forward, backward and update); else the
+optimizer steps as ever after each replay.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from mnist_exp.errors import one_line
+from mnist_exp.training import graph_adam
 
 log = logging.getLogger(__name__)
 
 
 def prepare(
     model: nn.Module,
+    optimizer: torch.optim.Optimizer,
     loss_of: Callable[..., Tensor],
     samples: int,
     batch_size: int,
@@ -32,8 +36,9 @@ def prepare(
     why_not = unsupported(model, augmenting) if graph else None
     if graph and why_not is None:
         try:
-            return CapturedStep(model, functools.partial(loss_of, cache=False), batch_size, device)
-        except RuntimeError as exc:  # CUDA refused to capture: the model is as it was
+            loss = functools.partial(loss_of, cache=False)
+            return CapturedStep(model, optimizer, loss, batch_size, device)
+        except RuntimeError as exc:  # CUDA refused to capture: model and optimizer are as they were
             why_not = f"capturing it failed ({one_line(exc)})"
     if why_not is not None:
         log.info(f"The training step is not replayed as a CUDA graph: {why_not}")
@@ -75,46 +80,74 @@ def unsupported(model: nn.Module, augmenting: bool) -> str | None:
 
 
 class CapturedStep:
-    """`step(index)`: the forward and backward passes of one full batch, replayed from a graph.
+    """`step(index)`: one full batch's forward and backward passes and the optimizer's update,
+    replayed from one graph (the update launched after it where `graph_adam` cannot do it).
 
-    `loss_of(index)` is captured after three warm-up passes (undone: weights and statistics
-    put back, the RNGs forked). A replay writes the gradients into the graph's own tensors,
-    which the parameters are pointed at again before each replay.
+    Captured after three warm-up steps, which are undone: weights, statistics and the
+    optimizer's state put back in place, the RNGs forked. A replay writes the gradients into
+    the graph's own tensors, which the parameters are pointed at again before each replay.
     """
 
     def __init__(
         self,
         model: nn.Module,
+        optimizer: torch.optim.Optimizer,
         loss_of: Callable[[Tensor], Tensor],
         batch_size: int,
         device: torch.device,
     ) -> None:
         self._index = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self._optimizer = optimizer
+        why_not = graph_adam.unsupported(optimizer)
+        if why_not is not None:
+            log.info(f"The optimizer steps after each replay of the CUDA graph: {why_not}")
+        self._update = graph_adam.GraphAdam(optimizer) if why_not is None else None
         weights = {k: v.clone() for k, v in model.state_dict().items()}
+        state = _tensors(optimizer)
+        saved = [t.clone() for t in state]
         try:
-            self._graph, self._loss = _capture(model, lambda: loss_of(self._index), device)
+            self._graph, self._loss = _capture(
+                model, lambda: loss_of(self._index), self._update, device
+            )
         finally:  # captured or not, training goes on from where it was
             model.load_state_dict(weights)
+            if state:
+                with torch.no_grad():
+                    torch._foreach_copy_(state, saved)
             torch.cuda.synchronize(device)
         self._grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
 
     def __call__(self, index: Tensor) -> Tensor:
-        """Forward and backward on the batch `index` (of the captured size); its loss, detached."""
+        """The whole step on the batch `index` (of the captured size); its loss, detached."""
         self._index.copy_(index)
         for param, grad in self._grads:
             param.grad = grad
+        if self._update is not None:
+            self._update.load_hyperparameters()
         self._graph.replay()
+        if self._update is None:
+            self._optimizer.step()
         return self._loss.clone()
 
 
-def _capture(
-    model: nn.Module, loss: Callable[[], Tensor], device: torch.device
-) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-    """Three warm-up passes on a side stream, then one captured; the graph and its loss."""
+def _tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The tensors of `optimizer`'s state, which a warm-up step changes."""
+    return [t for s in optimizer.state.values() for t in s.values() if isinstance(t, Tensor)]
 
-    def passes() -> Tensor:
+
+def _capture(
+    model: nn.Module,
+    loss: Callable[[], Tensor],
+    update: graph_adam.GraphAdam | None,
+    device: torch.device,
+) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """Three warm-up steps on a side stream, then one captured; the graph and its loss."""
+
+    def step() -> Tensor:
         value = loss()
         value.backward()
+        if update is not None:
+            update.step()
         return value.detach()
 
     with torch.random.fork_rng(devices=[device]):
@@ -123,11 +156,11 @@ def _capture(
         with torch.cuda.stream(side):
             for _ in range(3):
                 model.zero_grad(set_to_none=True)
-                passes()
+                step()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Gradients of None: the captured backward creates them in the graph's memory.
         model.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
-            captured_loss = passes()
+            captured_loss = step()
     return graph, captured_loss

@@ -23,6 +23,10 @@ from mnist_exp.training.data import Data, Split, batch_indices
 
 log = logging.getLogger(__name__)
 
+# Off the CPU a check of the losses is a wait for every step queued before it: there, the loop
+# checks at most this often, so the device keeps steps queued.
+DEVICE_CHECK_EVERY = 100
+
 
 class Callback:
     """Receives what the loop measures. Override what you need; the rest is a no-op."""
@@ -125,10 +129,11 @@ def fit(
     generator. Evaluates on the validation split after each epoch (plain cross-entropy, not
     smoothed). A callback raising `StopTraining` at an epoch's end makes that epoch the last.
 
-    Every `steps.check_every` steps, and before an epoch's end is reported, the losses since
-    the last check are read in one device sync: a bad one raises `NonFiniteLossError` before
-    the callbacks see its step. At the epoch's end the weights are checked too, so no
-    listener is handed diverged weights to save.
+    Every `steps.check_every` steps (off the CPU, every `DEVICE_CHECK_EVERY` at the least), and
+    before an epoch's end is reported, the losses since the last check are read in one device
+    sync: a bad one raises `NonFiniteLossError` before the callbacks see the checked step. At
+    the epoch's end the weights are checked too, so no listener is handed diverged weights to
+    save.
 
     On CUDA the step is made ready first (`cuda_graph.prepare`: a captured graph or a
     warm-up), so `epoch_seconds` leaves out CUDA's start-up and compiling. On a CPU,
@@ -154,8 +159,18 @@ def fit(
     model.train()
     if device.type == "cuda" and schedule.start_epoch < epochs and world.size == 1:
         captured = cuda_graph.prepare(
-            model, loss_of, len(train), batch_size, device, steps.cuda_graph, bool(augmentation)
+            model,
+            optimizer,
+            loss_of,
+            len(train),
+            batch_size,
+            device,
+            steps.cuda_graph,
+            bool(augmentation),
         )
+    check_every = steps.check_every
+    if device.type != "cpu":
+        check_every = max(check_every, DEVICE_CHECK_EVERY)
     step = schedule.start_step
     unchecked: list[Tensor] = []  # losses not yet read back from the device
     for epoch in range(schedule.start_epoch + 1, epochs + 1):
@@ -171,18 +186,18 @@ def fit(
         with step_kernels(device, batch_size, precision):
             for batch, index in enumerate(_on(device, batches), start=1):
                 if captured is not None and len(index) == batch_size:
-                    loss = captured(index)  # the forward and backward passes
+                    loss = captured(index)  # forward, backward and the optimizer's step
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_of(index, generator=draws, **augment)
                     loss.backward()
                     loss = distributed.batch_loss(loss.detach(), world)
-                optimizer.step()
+                    optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
                 step += 1
                 unchecked.append(loss)
-                if len(unchecked) >= steps.check_every:
+                if len(unchecked) >= check_every:
                     _check_losses(unchecked, step, epoch)
                 for cb in callbacks:
                     cb.on_train_step(step, epoch, batch, loss)
