@@ -153,11 +153,10 @@ def _check_world(cfg: DictConfig, world: World) -> None:
     if str(device).startswith("cuda:"):
         why = f"would put all {world.size} processes (torchrun) on one GPU: set device=cuda"
         raise refusal("device.type", device, why)
-    for key in ("trainer.cuda_graph", "trainer.compile"):
-        if _get(cfg, key):
-            raise UserError(
-                f"{key}=true cannot run as {world.size} processes (torchrun): set it false"
-            )
+    if _get(cfg, "trainer.compile"):
+        raise UserError(
+            f"trainer.compile=true cannot run as {world.size} processes (torchrun): set it false"
+        )
 
 
 def check_overrides(args: list[str]) -> None:
