@@ -333,7 +333,7 @@ def command(args: list[str], store: str, run_dir: str) -> tuple[float, int, int]
     """Wall seconds, exit code and the peak memory (KB) of one `mnist-train` command.
 
     The memory is the largest sum, sampled every 50 ms, of the resident memory of the command's
-    processes: training and its MLflow tracker.
+    processes: training and its MLflow tracker. Its stderr is kept in `run_dir`.stderr.
     """
     cmd = [
         sys.executable,
@@ -344,11 +344,12 @@ def command(args: list[str], store: str, run_dir: str) -> tuple[float, int, int]
         f"hydra.run.dir={run_dir}",
     ]
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss_kb(proc.pid))
-        time.sleep(0.05)
+    with open(f"{run_dir}.stderr", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss_kb(proc.pid))
+            time.sleep(0.05)
     return time.perf_counter() - start, proc.returncode, peak
 
 
@@ -405,7 +406,9 @@ def fast_runs(root: str, store: str, tmp: str, *overrides: str) -> list[dict]:
         args = [f"data.root={root}", "experiment=fast", *overrides, f"trainer.seed={seed}"]
         wall, code, _ = command(args, store, f"{tmp}/fast{seed}")
         if code:
-            sys.exit(f"mnist-train {' '.join(args)} failed (exit {code})")
+            said = Path(f"{tmp}/fast{seed}.stderr").read_text().strip().splitlines()
+            why = said[-1] if said else "it printed nothing"
+            sys.exit(f"mnist-train {' '.join(args)} failed (exit {code}): {why}")
         run = _last_run(client)
         fast.append(
             {
