@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 
 from mnist_exp import compare
 from mnist_exp.api import train as api_train
-from mnist_exp.runner.build import available_cores, job_device, share_of_cores
+from mnist_exp.config.world import SWEEP_CORES_ENV, available_cores
+from mnist_exp.runner.build import job_device, share_of_cores
 from mnist_exp.tracking import processes
 
 pytestmark = pytest.mark.slow  # each test runs a sweep or a run
@@ -213,6 +214,13 @@ def test_parallel_local_jobs_take_a_gpu_each_and_a_share_of_the_cores(monkeypatc
     assert share_of_cores(OmegaConf.create({"n_jobs": 2})) == max(1, cores // 2)
     assert share_of_cores(OmegaConf.create({"n_jobs": -1})) == 1  # joblib: one job per core
     assert share_of_cores(local) == min(cores, 2)
+    # In a joblib worker of a sweep on 16 cores at n_jobs=4, joblib set OMP_NUM_THREADS to the
+    # worker's share (4): that share is the job's, not divided again.
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.setenv(SWEEP_CORES_ENV, "16")
+    assert share_of_cores(OmegaConf.create({"n_jobs": 4})) == 4
+    assert share_of_cores(OmegaConf.create({"n_jobs": -1})) == 1
+    assert share_of_cores(local) == min(cores, 2)  # submitit: the job's own node decides
 
 
 @pytest.mark.process

@@ -1,5 +1,5 @@
 """Which process of a data-parallel launch this one is, read from the environment (no torch):
-torchrun's variables, or a SLURM step's with several tasks."""
+torchrun's variables, or a SLURM step's with several tasks; and the cores it may use."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from mnist_exp.errors import UserError
 
+# Set by a sweep for its jobs: the cores the whole sweep may use (`available_cores` there), as
+# joblib's workers find only their own share in OMP_NUM_THREADS.
+SWEEP_CORES_ENV = "MNIST_EXP_SWEEP_CORES"
 # Where a one-node SLURM step's ranks meet, derived from its job id: two jobs do not meet.
 _FIRST_PORT, _PORTS = 20000, 20000
 
@@ -79,3 +82,11 @@ def _whole(env: Mapping[str, str], name: str, default: int) -> int:
     except ValueError:
         why = f"{name}={value!r} is not a whole number: unset it or fix the launch"
         raise UserError(why) from None
+
+
+def available_cores() -> int:
+    """The cores this process may use, or fewer where the user set `OMP_NUM_THREADS` (as
+    on a shared node), which torch would follow had we not set its threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(cores or 1, int(limit)) if limit.isdigit() and int(limit) > 0 else cores or 1

@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from mnist_exp import names
 from mnist_exp.config.refusals import refusal
-from mnist_exp.config.world import ONE_PROCESS, World
+from mnist_exp.config.world import ONE_PROCESS, SWEEP_CORES_ENV, World, available_cores
 from mnist_exp.errors import UserError, first_line, one_line
 from mnist_exp.training import allocator, checkpoint, compute, data, image_folder
 from mnist_exp.training.monitor import Monitor
@@ -307,14 +307,6 @@ def job_device(name: str, launcher: DictConfig | None, job_num: int, gpus: int) 
     return f"cuda:{job_num % gpus}"
 
 
-def available_cores() -> int:
-    """The cores this process may use, or fewer where the user set `OMP_NUM_THREADS` (as
-    on a shared node), which torch would follow had we not set its threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    return min(cores or 1, int(limit)) if limit.isdigit() and int(limit) > 0 else cores or 1
-
-
 def share_of_cores(launcher: DictConfig | None) -> int:
     """All cores, or in a parallel sweep this job's share, so jobs do not oversubscribe them."""
     cores = available_cores()
@@ -324,6 +316,8 @@ def share_of_cores(launcher: DictConfig | None) -> int:
     if not n_jobs:  # submitit and Ray reserve cores per job (SLURM also pins them)
         per_job = launcher.get("cpus_per_task") or OmegaConf.select(launcher, "ray.remote.num_cpus")
         return min(cores, per_job or cores)
+    # joblib's workers see their share already in OMP_NUM_THREADS: divide the sweep's cores.
+    cores = int(os.environ.get(SWEEP_CORES_ENV) or cores)
     if n_jobs < 0:  # joblib: -1 is all cores, -2 all but one, ...
         n_jobs = max(1, cores + 1 + n_jobs)
     return max(1, cores // n_jobs)

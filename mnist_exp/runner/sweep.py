@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mnist_exp import names
 from mnist_exp.config.checks import check_config, check_search_space
+from mnist_exp.config.world import SWEEP_CORES_ENV, available_cores
 from mnist_exp.errors import UserError, exit_on_user_error
 from mnist_exp.names import OPTUNA_PLOTS
 from mnist_exp.runner import slurm
@@ -77,6 +78,7 @@ class SweepCallback(Callback):
             self.parent = open_parent(config, command_source(program()))
         keep_folder()
         os.environ[PARENT_RUN_ENV] = self.parent.run_id
+        os.environ[SWEEP_CORES_ENV] = str(available_cores())
         params = config.hydra.sweeper.get("params") or {}
         os.environ[SWEPT_ENV] = " ".join(swept_keys(params, list(config.hydra.overrides.task)))
         atexit.register(self._abandon)
@@ -105,7 +107,7 @@ class SweepCallback(Callback):
         from mnist_exp.tracking.parent import record_outcome
 
         parent, self.parent = self.parent, None
-        for key in (PARENT_RUN_ENV, SWEPT_ENV, EARLIER_JOBS_ENV):
+        for key in (PARENT_RUN_ENV, SWEPT_ENV, EARLIER_JOBS_ENV, SWEEP_CORES_ENV):
             os.environ.pop(key, None)
         if parent is None:
             return
