@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONVNET_NOISE
 
 from mnist_exp.training import checkpoint, cuda_graph
 from mnist_exp.training.checkpoint import restore_training_state, training_state
@@ -343,11 +344,6 @@ def test_a_step_is_captured_as_a_cuda_graph_only_where_it_can_be(monkeypatch, ca
     assert "compile" in cuda_graph.unsupported(torch.compile(model), augmenting=False)
 
 
-# A convolution's bias before batch norm changes no output: its gradients are rounding noise,
-# which Adam scales up, so two exact-up-to-rounding runs part there (and in the running mean).
-NOISE = {"layer1.0.bias", "layer1.1.running_mean", "layer2.0.bias", "layer2.1.running_mean"}
-
-
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_a_captured_step_undoes_its_warm_up_and_replays_on_the_batch_it_is_given(
     monkeypatch, optimizer: str
@@ -387,7 +383,7 @@ def test_a_captured_step_undoes_its_warm_up_and_replays_on_the_batch_it_is_given
         launched_optimizer.step()
         torch.testing.assert_close(loss, expected.detach(), **close)
         got, want = model.state_dict(), launched.state_dict()
-        for key in want.keys() - NOISE:
+        for key in want.keys() - CONVNET_NOISE:
             torch.testing.assert_close(got[key], want[key], **close)
         model.zero_grad(set_to_none=True)  # as fit does before a short batch's launched step
 

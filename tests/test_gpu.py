@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, in_process, loss_history, only_run, runs_in
+from conftest import CONVNET_NOISE, SMALL, in_process, loss_history, only_run, runs_in
 from mlflow.tracking import MlflowClient
 
 from mnist_exp import api, rerun
@@ -135,11 +135,6 @@ def _fit_on_gpu(cuda_graph: bool, optimizer: str) -> tuple[list[float], dict]:
     return losses.values, model.state_dict()
 
 
-# A convolution's bias before batch norm changes no output: its gradients are rounding noise,
-# which Adam scales up, so two exact-up-to-rounding runs part there (and in the running mean).
-NOISE = {"layer1.0.bias", "layer1.1.running_mean", "layer2.0.bias", "layer2.1.running_mean"}
-
-
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_a_step_replayed_from_a_cuda_graph_trains_as_the_launched_one(optimizer: str, caplog):
     """Each epoch's short last batch is launched between replays: the graph's gradients and
@@ -153,6 +148,6 @@ def test_a_step_replayed_from_a_cuda_graph_trains_as_the_launched_one(optimizer:
     assert replayed == pytest.approx(launched, rel=1e-4)
     # Weights compared as a whole: a few elements part by rounding (max-pool's ties, Adam's
     # tiny second moments), where a missing or doubled update would move them all.
-    for key in weights.keys() - NOISE:
+    for key in weights.keys() - CONVNET_NOISE:
         apart = torch.linalg.vector_norm((graph_weights[key] - weights[key]).double())
         assert apart <= 1e-2 * torch.linalg.vector_norm(weights[key].double()) + 1e-6, key
