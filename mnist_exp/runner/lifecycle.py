@@ -32,6 +32,7 @@ def recording(run: RemoteRun, checkpoint: Path, start_epoch: int) -> Iterator[No
     """
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    ending = False  # torchrun is ending this rank: SIGTERM stays ignored after the block
     try:
         yield
     except KeyboardInterrupt:
@@ -43,6 +44,9 @@ def recording(run: RemoteRun, checkpoint: Path, start_epoch: int) -> Iterator[No
             raise
         if _lost_peer(exc):  # torchrun ends this rank next: it was stopped, as by SIGTERM
             stopped = _stopped(run, checkpoint, start_epoch)
+            # torchrun's SIGTERM comes any moment: at its default it would kill this rank
+            # before the command says how the run resumes.
+            ending = True
             raise KeyboardInterrupt(f"interrupted: another rank ended: {stopped}") from None
         if _requeued(exc):
             log.warning(
@@ -61,7 +65,8 @@ def recording(run: RemoteRun, checkpoint: Path, start_epoch: int) -> Iterator[No
         raise error from exc
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            if not (ending and number == signal.SIGTERM):
+                signal.signal(number, handler)
 
 
 def _stopped(run: RemoteRun, checkpoint: Path, start_epoch: int, requeued: bool = False) -> str:
