@@ -42,6 +42,7 @@ class GraphAdam:
         # An LR scheduler warns of a skipped first step unless `optimizer.step()` was called;
         # this update is that step.
         optimizer._opt_called = True  # type: ignore[attr-defined]
+        adamw = isinstance(optimizer, torch.optim.AdamW)
         self._groups = []
         for group in optimizer.param_groups:
             params = list(group["params"])
@@ -55,28 +56,26 @@ class GraphAdam:
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             lr = torch.zeros((), dtype=torch.float32, device=device)
             beta1 = torch.zeros((), dtype=torch.float32, device=device)
-            self._groups.append((group, params, lr, beta1))
+            decoupled = group.get("decoupled_weight_decay", adamw)
+            self._groups.append((group, params, lr, beta1, decoupled))
         self.load_hyperparameters()
 
     def load_hyperparameters(self) -> None:
         """Copy each group's learning rate and beta1 into the tensors `step` reads (a fill
         kernel each, no sync)."""
-        for group, _, lr, beta1 in self._groups:
+        for group, _, lr, beta1, _ in self._groups:
             lr.fill_(group["lr"])
             beta1.fill_(group["betas"][0])
 
     @torch.no_grad()
     def step(self) -> None:
         """One Adam (or AdamW) update, as torch computes it, of parameters with gradients."""
-        decoupled = isinstance(self._optimizer, torch.optim.AdamW) or any(
-            g.get("decoupled_weight_decay", False) for g, *_ in self._groups
-        )
-        for group, all_params, lr, beta1 in self._groups:
+        for group, all_params, lr, beta1, decoupled in self._groups:
             params = [p for p in all_params if p.grad is not None]
             if not params:
                 continue
             state = [self._optimizer.state[p] for p in params]
-            grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
+            grads = [p.grad for p in params]
             exp_avgs = [s["exp_avg"] for s in state]
             exp_avg_sqs = [s["exp_avg_sq"] for s in state]
             steps = [s["step"] for s in state]
