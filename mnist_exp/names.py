@@ -74,6 +74,7 @@ EARLY_STOPPED_AT_EPOCH_TAG = "mnist_exp.early_stopped_at_epoch"
 # MLflow's own tags.
 RUN_NAME_TAG = "mlflow.runName"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"  # set by the sweep callback for the jobs it launches
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_BRANCH_TAG, GIT_REPO_URL_TAG = "mlflow.source.git.branch", "mlflow.source.git.repoURL"
 MLFLOW_GIT_DIRTY_TAG = "mlflow.source.git.dirty"  # beside MLflow's: "True" or "False"

@@ -5,6 +5,7 @@ torch and MLflow load only once Hydra has accepted the command line: a bad overr
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
@@ -28,7 +29,7 @@ from mnist_exp.names import COMMAND_TAG
 from mnist_exp.runner import slurm
 from mnist_exp.runner.experiment import run_experiment
 from mnist_exp.runner.source import command_source, program
-from mnist_exp.runner.sweep import interrupted, refusals_leave_no_folder
+from mnist_exp.runner.sweep import finished, interrupted, refusals_leave_no_folder
 
 log = logging.getLogger("mnist_exp")
 
@@ -38,7 +39,7 @@ class _Invocation:
     """What Hydra's task function needs to know of the command line it runs for."""
 
     command: str = ""  # as the user typed it, recorded with each run
-    # All recorded once Hydra returns: a run, or a basic-launcher sweep's job, in this process.
+    # All recorded once Hydra returns: a run or a sweep job in this process, or a whole sweep.
     recorded: bool = False
     owns_full_error: bool = False  # run_command set HYDRA_FULL_ERROR (see _composing)
     world: World = ONE_PROCESS  # this process's place in a data-parallel run (torchrun)
@@ -62,6 +63,8 @@ def main() -> None:
     """`mnist-train`: `run_command`, then a quick exit (no tearing down of torch's modules)."""
     gc.disable()  # start-up's objects live till the end; the runner turns it on once built
     if run_command(sys.argv[1:]):
+        if finished():  # the exit handlers of joblib's workers: its temporary folders removed
+            atexit._run_exitfuncs()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -88,6 +91,7 @@ def run_command(args: list[str], command: str | None = None) -> bool:
     try:
         with refusals_leave_no_folder():
             _main()
+        _invocation.recorded |= finished()  # a sweep's jobs ran in other processes (joblib)
     except KeyboardInterrupt as exc:
         interrupted()  # a sweep's parent, closed at exit, is KILLED as its job
         sys.exit(str(exc) or "interrupted")

@@ -7,6 +7,7 @@ joblib starts the command, whose two workers open a brand-new store at once.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -21,7 +22,10 @@ from omegaconf import OmegaConf
 from mnist_exp import compare
 from mnist_exp.api import train as api_train
 from mnist_exp.config.world import SWEEP_CORES_ENV, available_cores
+from mnist_exp.names import PARENT_RUN_ENV, PID_START_TAG, PID_TAG
 from mnist_exp.runner.build import job_device, share_of_cores
+from mnist_exp.runner.naming import SWEPT_ENV, grid_size
+from mnist_exp.runner.sweep import EARLIER_JOBS_ENV, SWEEP_ENV, SweepCallback
 from mnist_exp.tracking import processes
 
 pytestmark = pytest.mark.slow  # each test runs a sweep or a run
@@ -67,6 +71,15 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     share = max(1, available_cores() // 2)  # each of 2 jobs takes half the cores
     assert {c.data.tags["mnist_exp.torch_threads"] for c in children} == {str(share)}
     assert {c.data.tags["mnist_exp.device"] for c in children} == {"cpu"}
+    # The jobs were recorded by the trackers that joblib's workers started while the parent run
+    # was being opened, and the command stopped the workers as it ended: each tracker then ends.
+    for child in children:
+        pid, started = int(child.data.tags[PID_TAG]), child.data.tags[PID_START_TAG]
+        assert _started_at(started) < parent.info.start_time / 1000
+        deadline = time.monotonic() + 30
+        while processes.alive(pid, started):
+            assert time.monotonic() < deadline, f"tracker {pid} outlived its sweep"
+            time.sleep(0.1)
 
     shown = in_process(compare.main, ["--tracking-uri", tracking_uri, "--format", "csv"], capfd)
     assert shown.code == 0, shown.err
@@ -74,6 +87,12 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     assert header.split(",")[:4] == ["run_id", "run_name", "status", "optimizer.lr"]
     assert rows[0].split(",")[0] == best.info.run_id
     assert len(rows) == 2
+
+
+def _started_at(ticks: str) -> float:
+    """The wall-clock time at which a process started, from its start in clock ticks (Linux)."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + int(ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_failed_job_is_counted_and_the_sweep_goes_on(mnist_train, tracking_uri):
@@ -285,3 +304,35 @@ def test_a_grid_cut_by_ctrl_c_continues_where_it_stopped(
         .splitlines()[-1]
         .startswith(f"error: this sweep is running already (parent run {parent.info.run_id}, on ")
     ), busy.err
+
+
+def test_a_job_takes_its_sweeps_environment_in_any_worker(monkeypatch) -> None:
+    """joblib's workers start before the sweep has its parent run (warmed meanwhile), and may
+    outlive an earlier sweep: each job takes this sweep's environment from the callback."""
+    for key in SWEEP_ENV:  # set first, so that monkeypatch removes what the job sets
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    callback = SweepCallback()
+    callback.parent = object()  # the parent run: MLflow's client stays in the sweep's process
+    callback.env = {PARENT_RUN_ENV: "new", SWEPT_ENV: "optimizer.lr", SWEEP_CORES_ENV: "2"}
+    in_worker = pickle.loads(pickle.dumps(callback))
+    assert in_worker.parent is None
+    monkeypatch.setenv(PARENT_RUN_ENV, "earlier")  # left by an earlier sweep's job
+    monkeypatch.setenv(EARLIER_JOBS_ENV, "{}")
+    in_worker.on_job_start(config=OmegaConf.create())
+    given = {key: os.environ.get(key) for key in SWEEP_ENV}
+    assert given == callback.env | {EARLIER_JOBS_ENV: None}
+    SweepCallback().on_job_start(config=OmegaConf.create())  # a single run's: nothing changes
+    assert os.environ[PARENT_RUN_ENV] == "new"
+
+
+def test_a_grids_jobs_are_counted_before_it_starts() -> None:
+    """As many joblib workers are warmed as the grid has jobs (at most n_jobs)."""
+    swept = ["optimizer.lr=0.1,0.2", "trainer.seed=range(3)", "trainer.epochs=2"]
+    assert grid_size({}, swept) == 6
+    assert grid_size({"optimizer.lr": "0.1,0.2,0.3"}, ["optimizer.lr=0.1,0.2"]) == 2
+    assert grid_size({"trainer.seed": "0,1"}, ["optimizer.lr=0.1,0.2"]) == 4
+    assert grid_size({}, ["model=glob(*)"]) is None  # the group's files tell
+    assert grid_size({}, ["optimizer.lr=interval(0.1,0.2)"]) is None  # not a grid
+    assert grid_size({}, ["optimizer.lr=0.1,"]) is None  # Hydra refuses it, in its words
+    assert grid_size({}, []) == 1

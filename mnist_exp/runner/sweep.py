@@ -22,9 +22,9 @@ from mnist_exp import names
 from mnist_exp.config.checks import check_config, check_search_space
 from mnist_exp.config.world import SWEEP_CORES_ENV, available_cores
 from mnist_exp.errors import UserError, exit_on_user_error
-from mnist_exp.names import OPTUNA_PLOTS
-from mnist_exp.runner import slurm
-from mnist_exp.runner.naming import SWEPT_ENV, swept_keys
+from mnist_exp.names import OPTUNA_PLOTS, PARENT_RUN_ENV
+from mnist_exp.runner import slurm, workers
+from mnist_exp.runner.naming import SWEPT_ENV, grid_size, swept_keys
 from mnist_exp.runner.source import command_source, program
 from mnist_exp.search import PLUGIN_NAME
 from mnist_exp.tracking.http import configure_requests
@@ -41,8 +41,10 @@ _made: list[list[Path]] = []
 # Whether the MLflow run that records this command's folder was opened (`hold_folder`).
 _held: list[Callable[[], bool]] = []
 _interrupted: list[bool] = []  # set once Ctrl-C or SIGTERM stopped the command (`interrupted`)
+_finished: list[bool] = []  # set once this command's sweep has wholly ended (`finished`)
 # A continued grid sweep's earlier jobs, for its jobs' processes (`earlier_job`).
 EARLIER_JOBS_ENV = "MNIST_EXP_EARLIER_JOBS"
+SWEEP_ENV = (PARENT_RUN_ENV, SWEEP_CORES_ENV, SWEPT_ENV, EARLIER_JOBS_ENV)  # what jobs are given
 
 
 def keep_folder() -> None:
@@ -62,6 +64,20 @@ class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent: MlflowRun | None = None
         self.search: Settings | None = None
+        self.env: dict[str, str] = {}  # what the sweep's jobs find in their environment
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a job in another process gets: the environment, not the parent run, whose MLflow
+        client would import MLflow there, on the cores the other jobs start on."""
+        return {"parent": None, "search": None, "env": self.env}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep's job gets the sweep's environment, also in a process started before it was
+        set (`workers.warm`) or left from an earlier sweep (joblib keeps its workers)."""
+        if self.env:
+            for key in SWEEP_ENV:
+                os.environ.pop(key, None)
+            os.environ.update(self.env)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         with exit_on_user_error():
@@ -71,20 +87,30 @@ class SweepCallback(Callback):
         with exit_on_user_error():
             self.check(config)
         slurm.warn_once()
-        from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import open_parent
 
-        with exit_on_user_error():
-            self.parent = open_parent(config, command_source(program()))
-        keep_folder()
-        os.environ[PARENT_RUN_ENV] = self.parent.run_id
-        os.environ[SWEEP_CORES_ENV] = str(available_cores())
         params = config.hydra.sweeper.get("params") or {}
-        os.environ[SWEPT_ENV] = " ".join(swept_keys(params, list(config.hydra.overrides.task)))
+        overrides = list(config.hydra.overrides.task)
+        at_once = self.search.n_jobs if self.search else grid_size(params, overrides)
+        ready = workers.warm(config.hydra.launcher, at_once)  # on cores the parent leaves idle
+        try:
+            with exit_on_user_error():
+                self.parent = open_parent(config, command_source(program()))
+        except SystemExit:
+            workers.stop(config.hydra.launcher)
+            raise
+        keep_folder()
+        self.env = {
+            PARENT_RUN_ENV: self.parent.run_id,
+            SWEEP_CORES_ENV: str(available_cores()),
+            SWEPT_ENV: " ".join(swept_keys(params, overrides)),
+        }
         atexit.register(self._abandon)
         log.info(f"Sweep parent run {self.parent.run_id} in {redact(config.mlflow.tracking_uri)}")
         if self.search is None:  # a search continues its study instead
             self._continue(config)
+        os.environ.update(self.env)
+        ready()
 
     def _continue(self, config: DictConfig) -> None:
         """Hand the jobs of the grid's earlier commands to this one's (`earlier_job`)."""
@@ -94,7 +120,7 @@ class SweepCallback(Callback):
         jobs = earlier_jobs(self.parent, config.optimized_metric)
         if not jobs:
             return
-        os.environ[EARLIER_JOBS_ENV] = json.dumps(jobs)
+        self.env[EARLIER_JOBS_ENV] = json.dumps(jobs)
         done = sum(job["status"] == "FINISHED" for job in jobs.values())
         log.info(
             f"Continuing the sweep: {done} of its jobs FINISHED before and are skipped, "
@@ -103,12 +129,12 @@ class SweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
         from mnist_exp.tracking.parent import record_outcome
 
         parent, self.parent = self.parent, None
-        for key in (PARENT_RUN_ENV, SWEPT_ENV, EARLIER_JOBS_ENV, SWEEP_CORES_ENV):
+        for key in self.env:
             os.environ.pop(key, None)
+        self.env = {}
         if parent is None:
             return
         lines = [record_outcome(parent, config)]
@@ -124,6 +150,8 @@ class SweepCallback(Callback):
             lines.insert(0, found.line)
         parent.end("FINISHED")
         log.info("\n".join([*lines, f"Compare them: mnist-compare {parent.run_id}"]))
+        if workers.stop(config.hydra.launcher):  # (Ray's own processes end at Python's exit)
+            _finished.append(True)
 
     def check(self, config: DictConfig) -> None:
         """Refuse (`UserError`) a sweep that cannot work, before anything of it exists."""
@@ -146,6 +174,12 @@ class SweepCallback(Callback):
 def interrupted() -> None:
     """The command was stopped from outside: a sweep's parent ends KILLED, as its job."""
     _interrupted.append(True)
+
+
+def finished() -> bool:
+    """Whether this command's sweep has ended recorded, with its workers (joblib's) stopped:
+    then nothing of it runs any more, and the command may end without tearing down."""
+    return bool(_finished)
 
 
 def earlier_job(overrides: list[str]) -> dict[str, Any] | None:
@@ -178,6 +212,7 @@ def refusals_leave_no_folder() -> Iterator[None]:
     folder that was there before, or that a run holds (`keep_folder`, `hold_folder`), stays."""
     _made.clear()
     _held.clear()
+    _finished.clear()
     try:
         yield
     except (SystemExit, UserError):

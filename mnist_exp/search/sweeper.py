@@ -26,13 +26,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_exp.config.checks import check_search_space
 from mnist_exp.errors import exit_on_user_error
-from mnist_exp.names import STUDY_PARENT_RUN_ATTR
+from mnist_exp.names import PARENT_RUN_ENV, STUDY_PARENT_RUN_ATTR
 from mnist_exp.search import PLUGIN_NAME
 from mnist_exp.search import study as studies
 from mnist_exp.search.settings import Settings
 from mnist_exp.search.space import SearchSpace, parse
 from mnist_exp.search.summary import best_trial
-from mnist_exp.tracking.mlflow_run import PARENT_RUN_ENV
 from mnist_exp.tracking.redaction import redact
 
 log = logging.getLogger("mnist_exp")

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from mnist_exp.report.model_spec import ModelSpec
     from mnist_exp.tracking.datasets import DataSplit
 
-PARENT_RUN_ENV = "MNIST_EXP_PARENT_RUN_ID"  # set by the sweep callback for the jobs it launches
 # MLflow's limits on one call.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -45,7 +44,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class MlflowRun:
-    """One MLflow run (in a sweep, `PARENT_RUN_ENV` set, a child of its parent run); a call is
+    """One MLflow run (in a sweep, `names.PARENT_RUN_ENV` set, a child of its parent run); a call is
     retried while the server is away, up to `retry_for_s` (then `TrackingUnavailable`)."""
 
     def __init__(
@@ -84,8 +83,8 @@ class MlflowRun:
     ) -> MlflowRun:
         """Create the run with its params (credentials in values are redacted) and tags."""
         tags = {k: redact(str(v)) for k, v in tags.items()} | processes.process_tags()
-        if os.environ.get(PARENT_RUN_ENV):
-            tags.setdefault(names.PARENT_RUN_TAG, os.environ[PARENT_RUN_ENV])
+        if os.environ.get(names.PARENT_RUN_ENV):
+            tags.setdefault(names.PARENT_RUN_TAG, os.environ[names.PARENT_RUN_ENV])
         outage = Outage(str(client.tracking_uri), retry_for_s)
         info = outage.call(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
         run = cls(client, info.info, {}, retry_for_s, tags)
