@@ -19,7 +19,7 @@ from mnist_exp.runner.lifecycle import recording
 from mnist_exp.tracking import tracker
 from mnist_exp.tracking.messages import Store
 from mnist_exp.tracking.remote import RemoteRun
-from mnist_exp.tracking.store import open_store
+from mnist_exp.tracking.store import created, open_store
 
 
 def test_a_run_ended_on_a_tracking_server_gets_no_view_run_lines_of_mlflows(
@@ -120,3 +120,18 @@ def test_a_tracker_that_cannot_be_replaced_fails_the_run_from_the_training_proce
     recorded = MlflowClient(tracking_uri).get_run(run.run_id)
     assert recorded.info.status == "FAILED"
     assert "a new one could not continue" in recorded.data.tags["mnist_exp.error"]
+
+
+def test_a_stores_tables_are_made_once_then_it_opens_in_many_processes_at_once(
+    tmp_path: Path,
+) -> None:
+    """open_store holds the lock beside a SQLite store only while it is without its tables: a
+    sweep's parallel jobs then open it at once, not one after another."""
+    db = tmp_path / "store" / "mlflow.db"
+    assert not created(db) and not db.exists()  # asked, not made
+    db.parent.mkdir()
+    db.write_bytes(b"")  # a file that MLflow has not filled yet
+    assert not created(db)
+    client, experiment_id = open_store(f"sqlite:///{db}", "mnist-exp")
+    assert created(db)
+    assert open_store(f"sqlite:///{db}", "mnist-exp")[1] == experiment_id

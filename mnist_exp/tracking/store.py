@@ -8,6 +8,7 @@ import getpass
 import logging
 import os
 import platform
+import sqlite3
 import subprocess
 import sys
 from importlib import metadata
@@ -59,9 +60,12 @@ def open_store(
             return outage.call(lambda: _open(tracking_uri, experiment_name, artifact_location))
         db.parent.mkdir(parents=True, exist_ok=True)
         # MLflow creates a new SQLite store's tables on first use, and two processes doing
-        # that at once fail: one process at a time, by a lock file beside the database.
+        # that at once fail: one process at a time, by a lock file beside the database. Once
+        # they exist, the store opens in many processes at once (a sweep's parallel jobs).
         with FileLock(f"{db}.lock"):
-            return _open(tracking_uri, experiment_name, artifact_location)
+            if not created(db):
+                return _open(tracking_uri, experiment_name, artifact_location)
+        return _open(tracking_uri, experiment_name, artifact_location)
     except UserError:
         raise
     except Exception as exc:
@@ -75,6 +79,17 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a `sqlite:///` store; None for any other kind of store."""
     prefix = "sqlite:///"
     return Path(tracking_uri.removeprefix(prefix)) if tracking_uri.startswith(prefix) else None
+
+
+def created(db: Path) -> bool:
+    """Whether MLflow has created the tables of the SQLite store `db` (their schema's version
+    is recorded); asked while no process creates them."""
+    read_only = f"{db.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(read_only, uri=True)) as con:
+            return con.execute("SELECT 1 FROM alembic_version").fetchone() is not None
+    except sqlite3.Error:
+        return False
 
 
 def _open(
