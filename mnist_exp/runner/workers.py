@@ -4,6 +4,7 @@ job imports, and stopped once the sweep has ended."""
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import sys
@@ -64,6 +65,7 @@ def _prepare() -> None:
     seconds, and a quick exit once the sweep stops it."""
     from mnist_exp.tracking import tracker
 
+    gc.disable()  # as mnist-train starts: what the imports make lives on; the job's run turns it on
     atexit.register(_exit_at_once)
     if not tracker.idle:
         tracker.idle.append(tracker.start())
