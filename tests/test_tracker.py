@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from mnist_exp import UserError
 from mnist_exp.errors import TrackerLost
 from mnist_exp.runner.lifecycle import recording
-from mnist_exp.tracking import tracker
+from mnist_exp.tracking import store, tracker
 from mnist_exp.tracking.messages import Store
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.tracking.store import created, open_store
@@ -135,3 +135,23 @@ def test_a_stores_tables_are_made_once_then_it_opens_in_many_processes_at_once(
     client, experiment_id = open_store(f"sqlite:///{db}", "mnist-exp")
     assert created(db)
     assert open_store(f"sqlite:///{db}", "mnist-exp")[1] == experiment_id
+
+
+def test_ctrl_c_while_a_new_store_is_made_waits_till_it_is_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep's process makes a new store itself: Ctrl-C in the middle of MLflow's migrations
+    left tables half made, and every later command on that store failed."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    making = store._open
+
+    def interrupted(*args: object) -> object:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as MLflow starts on the tables
+        return making(*args)
+
+    monkeypatch.setattr(store, "_open", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        open_store(uri, "mnist-exp")
+    monkeypatch.undo()
+    assert created(tmp_path / "mlflow.db")
+    open_store(uri, "mnist-exp")

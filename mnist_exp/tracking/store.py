@@ -8,9 +8,12 @@ import getpass
 import logging
 import os
 import platform
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -64,7 +67,8 @@ def open_store(
         # they exist, the store opens in many processes at once (a sweep's parallel jobs).
         with FileLock(f"{db}.lock"):
             if not created(db):
-                return _open(tracking_uri, experiment_name, artifact_location)
+                with _uninterrupted():
+                    return _open(tracking_uri, experiment_name, artifact_location)
         return _open(tracking_uri, experiment_name, artifact_location)
     except UserError:
         raise
@@ -79,6 +83,26 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a `sqlite:///` store; None for any other kind of store."""
     prefix = "sqlite:///"
     return Path(tracking_uri.removeprefix(prefix)) if tracking_uri.startswith(prefix) else None
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait till MLflow has made a new store's tables: cut halfway, they
+    left a store that no command could open ("table ... already exists"). Only the main
+    thread handles signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda number, _: caught.append(number)) for s in stops}
+    try:
+        yield
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+        for number in caught:
+            signal.raise_signal(number)  # now to the handler it was meant for
 
 
 def created(db: Path) -> bool:
