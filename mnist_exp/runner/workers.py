@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,6 +29,8 @@ def warm(launcher: DictConfig, jobs: int | None) -> Callable[[], None]:
         return lambda: None
     from joblib import Parallel, delayed
 
+    # Ctrl-C before they are ready cancels them: nothing a user should read about.
+    warnings.filterwarnings("ignore", r"\d+ tasks which were still being processed", UserWarning)
     workers = min(settings["n_jobs"], jobs or settings["n_jobs"])
     started = Parallel(**settings, return_as="generator_unordered")(
         delayed(_prepare)() for _ in range(workers)
