@@ -150,8 +150,13 @@ def test_ctrl_c_while_a_new_store_is_made_waits_till_it_is_whole(
         return making(*args)
 
     monkeypatch.setattr(store, "_open", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        open_store(uri, "mnist-exp")
+    # As in a command (pytest-xdist's workers ignore Ctrl-C, which reaches the controller).
+    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            open_store(uri, "mnist-exp")
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     monkeypatch.undo()
     assert created(tmp_path / "mlflow.db")
     open_store(uri, "mnist-exp")
