@@ -71,11 +71,10 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     share = max(1, available_cores() // 2)  # each of 2 jobs takes half the cores
     assert {c.data.tags["mnist_exp.torch_threads"] for c in children} == {str(share)}
     assert {c.data.tags["mnist_exp.device"] for c in children} == {"cpu"}
-    # The jobs were recorded by the trackers that joblib's workers started while the parent run
-    # was being opened, and the command stopped the workers as it ended: each tracker then ends.
+    # The command stopped joblib's workers and the trackers' forker as it ended: the trackers
+    # that recorded the jobs then end too.
     for child in children:
         pid, started = int(child.data.tags[PID_TAG]), child.data.tags[PID_START_TAG]
-        assert _started_at(started) < parent.info.start_time / 1000
         deadline = time.monotonic() + 30
         while processes.alive(pid, started):
             assert time.monotonic() < deadline, f"tracker {pid} outlived its sweep"
@@ -87,12 +86,6 @@ def test_a_parallel_grid_is_one_parent_with_a_child_per_job(train, tracking_uri,
     assert header.split(",")[:4] == ["run_id", "run_name", "status", "optimizer.lr"]
     assert rows[0].split(",")[0] == best.info.run_id
     assert len(rows) == 2
-
-
-def _started_at(ticks: str) -> float:
-    """The wall-clock time at which a process started, from its start in clock ticks (Linux)."""
-    uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return time.time() - uptime + int(ticks) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_failed_job_is_counted_and_the_sweep_goes_on(mnist_train, tracking_uri):

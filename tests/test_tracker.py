@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from mnist_exp import UserError
 from mnist_exp.errors import TrackerLost
 from mnist_exp.runner.lifecycle import recording
-from mnist_exp.tracking import store, tracker
+from mnist_exp.tracking import forker, store, tracker
 from mnist_exp.tracking.messages import Store
 from mnist_exp.tracking.remote import RemoteRun
 from mnist_exp.tracking.store import created, open_store
@@ -160,3 +160,44 @@ def test_ctrl_c_while_a_new_store_is_made_waits_till_it_is_whole(
     monkeypatch.undo()
     assert created(tmp_path / "mlflow.db")
     open_store(uri, "mnist-exp")
+
+
+@pytest.mark.slow  # forks a forker, which forks two trackers
+def test_a_tracker_forked_for_a_sweeps_job_records_the_run_and_a_dead_one_is_replaced(
+    tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A joblib sweep's jobs take their trackers from one forker, which imported MLflow once:
+    each records its run as a tracker of its own would, and one killed is replaced."""
+    open_store(tracking_uri, "mnist-exp")
+    monkeypatch.setattr(tracker, "idle", [])  # none kept from an earlier test
+    monkeypatch.setattr(forker, "_running", [])
+    forker._fork(tracker.serve)  # forker.start() refuses: this process runs other threads
+    try:
+        (forker_pid, _, _), *_ = forker._running
+        run = RemoteRun(tracking_uri, "mnist-exp")
+        run.start(run_name="t", config={"a": 1}, tags={}, project_root=tmp_path)
+        first = run.pid
+        assert _parent_of(first) == forker_pid
+        for step in range(1, 101):
+            run.log_metric("train_loss", 1 / step, step)
+        run.sync()
+        os.kill(first, signal.SIGKILL)
+        with caplog.at_level(logging.WARNING, "mnist_exp"):
+            for step in range(101, 201):
+                run.log_metric("train_loss", 1 / step, step)
+            run.end("FINISHED")
+        assert "ended unexpectedly (exit code -9); a new one" in caplog.text
+        assert _parent_of(run.pid) == forker_pid != _parent_of(os.getpid())
+    finally:
+        forker.stop()
+    recorded = MlflowClient(tracking_uri).get_run(run.run_id)
+    assert recorded.info.status == "FINISHED"
+    assert recorded.data.tags["mnist_exp.pid"] == str(run.pid) != str(first)
+    assert loss_history(tracking_uri, run.run_id) == [(s, 1 / s) for s in range(1, 201)]
+    for process, conn in tracker.idle:  # the idle tracker ends with its socket
+        conn.close()
+        assert process.wait(timeout=30) == 0
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -29,6 +29,10 @@ def warm(launcher: DictConfig, jobs: int | None) -> Callable[[], None]:
         return lambda: None
     from joblib import Parallel, delayed
 
+    from mnist_exp.tracking import forker, tracker
+
+    forker.start(tracker.serve)  # before the workers, which find it through the environment
+
     # Ctrl-C before they are ready cancels them: nothing a user should read about.
     warnings.filterwarnings("ignore", r"\d+ tasks which were still being processed", UserWarning)
     workers = min(settings["n_jobs"], jobs or settings["n_jobs"])
@@ -64,17 +68,17 @@ def _wait(started: Iterable[None]) -> None:
 
 
 def _prepare() -> None:
-    """In a worker: an idle tracker (importing MLflow meanwhile), the imports of a job's first
-    seconds, and a quick exit once the sweep stops it."""
-    from mnist_exp.tracking import tracker
-
+    """In a worker: the imports of a job's first seconds, an idle tracker (from the sweep's
+    forker, meanwhile importing MLflow), and a quick exit once the sweep stops it."""
     gc.disable()  # as mnist-train starts: what the imports make lives on; the job's run turns it on
     atexit.register(_exit_at_once)
-    if not tracker.idle:
-        tracker.idle.append(tracker.start())
     import torch._dynamo  # noqa: F401  (the first optimizer imports it)
 
     from mnist_exp.runner import build, train_eval  # noqa: F401
+    from mnist_exp.tracking import tracker
+
+    if not tracker.idle:
+        tracker.idle.append(tracker.start())
 
 
 def _exit_at_once() -> None:
@@ -93,5 +97,8 @@ def stop(launcher: DictConfig) -> bool:
         return False
     from joblib.externals.loky import get_reusable_executor
 
+    from mnist_exp.tracking import forker
+
     get_reusable_executor(reuse=True).terminate()
+    forker.stop()
     return True

@@ -13,11 +13,11 @@ import subprocess
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from mnist_exp import names
 from mnist_exp.errors import TrackingUnavailable, UserError, one_line
-from mnist_exp.tracking import system_metrics
+from mnist_exp.tracking import forker, system_metrics
 from mnist_exp.tracking.messages import End, Open, Request, SetTags, Store
 from mnist_exp.tracking.unsent import Journal
 
@@ -29,10 +29,10 @@ log = logging.getLogger("mnist_exp")
 COMMAND = (sys.executable, "-m", "mnist_exp.tracking.tracker")  # and the socket's descriptor
 ORPHANED = "the training process ended without closing the run (killed or crashed)"
 # Tracker processes whose run has ended, each with its socket: the next run takes one.
-idle: list[tuple[subprocess.Popen[bytes], Connection]] = []
+idle: list[tuple[Process, Connection]] = []
 
 
-def take(store: Store, reuse: bool = True) -> tuple[subprocess.Popen[bytes], Connection]:
+def take(store: Store, reuse: bool = True) -> tuple[Process, Connection]:
     """An idle tracker process (or a new one), sent `store`, and this end of its socket."""
     while reuse and idle:
         process, conn = idle.pop()
@@ -47,8 +47,23 @@ def take(store: Store, reuse: bool = True) -> tuple[subprocess.Popen[bytes], Con
     return process, conn
 
 
-def start() -> tuple[subprocess.Popen[bytes], Connection]:
-    """A new tracker process and the training process's end of its socket."""
+class Process(Protocol):
+    """A tracker process: started here (`subprocess.Popen`) or by a sweep's `forker`."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def kill(self) -> None: ...
+
+
+def start() -> tuple[Process, Connection]:
+    """A new tracker process and the training process's end of its socket: forked by the
+    sweep's forker where there is one (MLflow imported already), else a new Python."""
+    if address := os.environ.get(forker.FORKER_ENV):
+        with contextlib.suppress(OSError, EOFError):  # gone: the sweep is ending
+            return forker.connect(address)
     # A process of its own, not a multiprocessing child: inside a sweep's job the start
     # method may be a launcher's (joblib's loky), which a spawned child cannot take on.
     mine, theirs = socket.socketpair()
@@ -58,7 +73,7 @@ def start() -> tuple[subprocess.Popen[bytes], Connection]:
     return process, Connection(mine.detach())
 
 
-def _serve(conn: Connection) -> None:
+def serve(conn: Connection) -> NoReturn:
     """The tracker process: record runs one after another (a sweep's jobs) while it may."""
     # Ctrl-C, SIGTERM and SLURM's time-limit warning (SIGUSR2) reach the whole process group;
     # the training process handles them and then tells this one how the run ended.
@@ -69,6 +84,10 @@ def _serve(conn: Connection) -> None:
     gc.disable()
     while _record_one(conn):
         pass
+    # All is recorded: skip tearing down MLflow's modules, about a second the run waits for.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _record_one(conn: Connection) -> bool:
@@ -150,8 +169,4 @@ def _error(exc: Exception) -> UserError:
 
 
 if __name__ == "__main__":
-    _serve(Connection(int(sys.argv[1])))
-    # All is recorded: skip tearing down MLflow's modules, about a second the run waits for.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    serve(Connection(int(sys.argv[1])))
