@@ -71,18 +71,15 @@ def test_a_killed_tracker_is_replaced_and_every_unconfirmed_value_recorded_once(
     open_store(tracking_uri, "mnist-exp")
     run = RemoteRun(tracking_uri, "mnist-exp")
     run.start(run_name="t", config={"a": 1}, tags={}, project_root=tmp_path)
-    for step in range(1, 301):
-        run.log_metric("train_loss", 1 / step, step)
+    _log_losses(run, range(1, 301))
     run.sync()
     old = run.pid
     os.kill(old, signal.SIGSTOP)  # what is sent now stays unconfirmed
-    for step in range(301, 601):
-        run.log_metric("train_loss", 1 / step, step)
+    _log_losses(run, range(301, 601))
     run.flush()
     os.kill(old, signal.SIGKILL)
     with caplog.at_level(logging.WARNING, "mnist_exp"):
-        for step in range(601, 901):
-            run.log_metric("train_loss", 1 / step, step)
+        _log_losses(run, range(601, 901))
         run.set_tags({"after": "yes"})
     run.end("FINISHED")
 
@@ -178,13 +175,11 @@ def test_a_tracker_forked_for_a_sweeps_job_records_the_run_and_a_dead_one_is_rep
         run.start(run_name="t", config={"a": 1}, tags={}, project_root=tmp_path)
         first = run.pid
         assert _parent_of(first) == forker_pid
-        for step in range(1, 101):
-            run.log_metric("train_loss", 1 / step, step)
+        _log_losses(run, range(1, 101))
         run.sync()
         os.kill(first, signal.SIGKILL)
         with caplog.at_level(logging.WARNING, "mnist_exp"):
-            for step in range(101, 201):
-                run.log_metric("train_loss", 1 / step, step)
+            _log_losses(run, range(101, 201))
             run.end("FINISHED")
         assert "ended unexpectedly (exit code -9); a new one" in caplog.text
         assert _parent_of(run.pid) == forker_pid != _parent_of(os.getpid())
@@ -197,6 +192,11 @@ def test_a_tracker_forked_for_a_sweeps_job_records_the_run_and_a_dead_one_is_rep
     for process, conn in tracker.idle:  # the idle tracker ends with its socket
         conn.close()
         assert process.wait(timeout=30) == 0
+
+
+def _log_losses(run: RemoteRun, steps: range) -> None:
+    for step in steps:
+        run.log_metric("train_loss", 1 / step, step)
 
 
 def _parent_of(pid: int) -> int:

@@ -24,7 +24,10 @@ from typing import Any, NoReturn
 from mnist_exp.tracking import processes
 
 FORKER_ENV = "MNIST_EXP_TRACKER_FORKER"  # the socket at which a job's process asks for a tracker
-_REAP_EVERY_S = 1.0  # how often the forker collects its ended trackers while idle
+_REAP_EVERY_S = 1.0  # how often the forker looks for its ended trackers while idle
+# An ended tracker is left a zombie this long before the forker collects it: its job's process,
+# which is not its parent, reads its exit code meanwhile.
+_KEEP_ENDED_S = 30.0
 _running: list[tuple[int, int, str]] = []  # this process's forker: pid, control pipe, folder
 
 
@@ -132,22 +135,31 @@ def _serve(
         signal.signal(number, signal.SIG_IGN)  # the jobs' Ctrl-C: their trackers record it
     from mnist_exp.tracking import messages, mlflow_run, store  # noqa: F401  (MLflow, once)
 
+    ended: dict[int, float | None] = {}  # each tracker's pid: since when it is a zombie
     while True:
         ready, _, _ = select.select([listener.fileno(), control], [], [], _REAP_EVERY_S)
-        with contextlib.suppress(ChildProcessError):
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
+        now = time.monotonic()
+        for pid, since in list(ended.items()):
+            if since is None and processes.start_ticks(pid) is None:
+                ended[pid] = now
+            elif since is not None and now - since > _KEEP_ENDED_S:
+                os.waitpid(pid, 0)
+                del ended[pid]
         if control in ready:
             break
         if listener.fileno() in ready:
             sock, _ = listener.accept()
-            if os.fork() == 0:  # a tracker
+            pid = os.fork()
+            if pid == 0:  # a tracker
                 listener.close()
                 os.close(control)
                 conn = Connection(sock.detach())
                 conn.send((os.getpid(), str(processes.start_ticks(os.getpid()))))
                 _only(serve, conn)
+            ended[pid] = None
             sock.close()
+    for pid in ended:  # the sweep has ended: no job asks any more (the others still record)
+        os.waitpid(pid, os.WNOHANG)
     os._exit(0)
 
 
