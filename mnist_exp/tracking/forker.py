@@ -94,7 +94,7 @@ def _fork(serve: Callable[[Connection], NoReturn]) -> None:
     pid = os.fork()
     if pid == 0:  # the forker
         os.close(kept)
-        _only(_serve, listener, control, serve)
+        _only(_serve, listener, control, serve, folder)
     os.close(control)
     listener.close()
     _running.append((pid, kept, folder))
@@ -127,10 +127,11 @@ def connect(address: str) -> tuple[Forked, Connection]:
 
 
 def _serve(
-    listener: socket.socket, control: int, serve: Callable[[Connection], NoReturn]
+    listener: socket.socket, control: int, serve: Callable[[Connection], NoReturn], folder: str
 ) -> NoReturn:
     """The forker: import what a tracker needs, then fork one for each connection, until the
-    process that started it ends (its pipe closes)."""
+    process that started it ends (its pipe closes, also if it was killed); then its socket's
+    `folder` goes."""
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(number, signal.SIG_IGN)  # the jobs' Ctrl-C: their trackers record it
     from mnist_exp.tracking import messages, mlflow_run, store  # noqa: F401  (MLflow, once)
@@ -160,6 +161,7 @@ def _serve(
             sock.close()
     for pid in ended:  # the sweep has ended: no job asks any more (the others still record)
         os.waitpid(pid, os.WNOHANG)
+    shutil.rmtree(folder, ignore_errors=True)
     os._exit(0)
 
 
