@@ -18,7 +18,6 @@ import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, NoReturn
 
 from mnist_exp.tracking import processes
@@ -41,7 +40,7 @@ class Forked:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            ended = _exit_code(self.pid, self._started)
+            ended = processes.exit_code(self.pid, self._started)
             if ended is not None or not processes.alive(self.pid, self._started):
                 self.returncode = ended if ended is not None else 0  # reaped: no telling
         return self.returncode
@@ -57,19 +56,6 @@ class Forked:
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-
-
-def _exit_code(pid: int, started: str) -> int | None:
-    """The exit code of an ended process not yet reaped by its parent (a zombie), as
-    `subprocess` gives it (-N: killed by signal N); None if it runs or was reaped (Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] != "Z" or fields[19] != started or len(fields) < 50:
-        return None
-    status = int(fields[49])  # field 52, exit_code
-    return -(status & 0x7F) if status & 0x7F else status >> 8
 
 
 def start(serve: Callable[[Connection], NoReturn]) -> bool:

@@ -11,11 +11,29 @@ from mnist_exp.names import HOST_TAG, PID_START_TAG, PID_TAG, SLURM_JOB_TAG
 
 def start_ticks(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (Linux); None if it has ended."""
+    fields = _stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):  # a zombie has ended
+        return None
+    return int(fields[19])
+
+
+def exit_code(pid: int, started: str) -> int | None:
+    """The exit code of the process that started at `started` ticks, ended but not yet reaped
+    by its parent (a zombie), as `subprocess` gives it (-N: killed by signal N); None if it
+    runs or was reaped (Linux)."""
+    fields = _stat(pid)
+    if fields is None or fields[0] != "Z" or fields[19] != started or len(fields) < 50:
+        return None
+    status = int(fields[49])  # field 52, exit_code
+    return -(status & 0x7F) if status & 0x7F else status >> 8
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name, the first its state (Linux)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has ended
 
 
 def age() -> float | None:
